@@ -1,0 +1,3 @@
+from moa.cli import main
+
+raise SystemExit(main())
