@@ -1,0 +1,82 @@
+"""`moa <step> ...`: thin argparse wrappers over typed functions. Bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from moa.errors import MoaError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SOURCE_HELP = ("model source: an HF directory, a .gguf file, a hub id (org/name), "
+               "'smollm2-135m-instruct' (default, packaged) or random:PRESET")
+
+
+def model_convert(args: argparse.Namespace) -> None:
+    from moa.model import load_pretrained, save_hf_dir
+
+    start = time.perf_counter()
+    model, tokenizer = load_pretrained(args.source, DTYPES[args.dtype])
+    out = save_hf_dir(model, tokenizer, args.out, DTYPES[args.dtype])
+    print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
+
+
+def model_info(args: argparse.Namespace) -> None:
+    from moa.generate import greedy
+    from moa.model import load_pretrained
+
+    start = time.perf_counter()
+    model, tokenizer = load_pretrained(args.source, DTYPES[args.dtype])
+    loaded = time.perf_counter() - start
+    config = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"architecture  {config.model_type} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_attention_heads} heads / {config.num_key_value_heads} kv heads, vocab {config.vocab_size})")
+    print(f"parameters    {n_params / 1e6:.1f} M")
+    print(f"dtype         {model.lm_head.weight.dtype}".replace("torch.", ""))
+    print(f"loaded in     {loaded:.1f} s")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    stop = {t for t in (tokenizer.eos_token_id, config.eos_token_id) if isinstance(t, int)}
+    answer = greedy(model, [tokenizer.encode(prompt)], args.max_new_tokens, stop, tokenizer.pad_token_id)[0]
+    print(f"user          {args.prompt}")
+    print(f"assistant     {tokenizer.decode(answer).strip()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moa", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    steps = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+
+    model = steps.add_parser("model", help="inspect or convert a base model")
+    actions = model.add_subparsers(dest="action", required=True, metavar="ACTION")
+    convert = actions.add_parser("convert", help="write a Hugging Face-format directory that "
+                                 "transformers and moa load as is")
+    convert.add_argument("source", help=SOURCE_HELP)
+    convert.add_argument("out", help="output directory (written atomically)")
+    convert.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype on disk")
+    convert.set_defaults(run=model_convert)
+
+    info = actions.add_parser("info", help="print architecture, size, dtype and a short greedy chat reply")
+    info.add_argument("source", nargs="?", default=None, help=SOURCE_HELP)
+    info.add_argument("--dtype", choices=DTYPES, default="float32")
+    info.add_argument("--prompt", default="What is the capital of France?")
+    info.add_argument("--max-new-tokens", type=int, default=24)
+    info.set_defaults(run=model_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], None] = args.run
+    try:
+        run(args)
+    except MoaError as err:
+        if args.debug:
+            raise
+        print(f"moa: error: {err}", file=sys.stderr)
+        return 2
+    return 0
