@@ -1,0 +1,213 @@
+"""A linear layer with N LoRA experts and several ways to route between them in one forward pass.
+
+Expert i: A_i [r_i, in], B_i [out, r_i], scaling s_i = alpha_i / r_i (alpha_i / sqrt(r_i) with rsLoRA);
+y = W0 x + b + s_i B_i A_i dropout(x). The route attribute selects how the experts are applied:
+
+- ``None``: base layer only;
+- ``int`` i: expert i (the fast path, the same arithmetic as PEFT);
+- integer tensor [B]: expert index per sequence (a mixed-task batch in one pass);
+- float tensor [N] or [B, N]: weighted sum of all experts' outputs (global or per sequence).
+
+A delta can also be folded into W0 (``fold``), after which forward is a plain linear until ``unfold``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moa.errors import MoaError
+
+Route = Union[None, int, Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """Rank, alpha and scaling rule of one LoRA expert."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+class LoRALinear(nn.Module):
+    """nn.Linear plus LoRA experts; keeps ``weight``/``bias`` so base checkpoints load unchanged."""
+
+    def __init__(self, base: nn.Linear, experts: Sequence[ExpertSpec] = (), dropout: float = 0.0) -> None:
+        """Wrap ``base``, reusing its weight and bias Parameters (no copy, so ties survive), frozen."""
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight.requires_grad_(False)
+        self.bias = None if base.bias is None else base.bias.requires_grad_(False)
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        self.specs: list[ExpertSpec] = []
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._route: Route = None
+        self._folded: Tensor | None = None  # expert weights [N] of the delta folded into W0
+        self._cache: dict[str, tuple[tuple, tuple[Tensor, ...]]] = {}
+        for spec in experts:
+            self.add_expert(spec)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.specs)
+
+    @property
+    def folded(self) -> bool:
+        return self._folded is not None
+
+    def add_expert(self, spec: ExpertSpec) -> int:
+        """Append an expert initialised like PEFT (A kaiming-uniform, B zero); returns its index.
+
+        The first expert becomes the route, as PEFT activates its first adapter."""
+        self._check_not_folded("add an expert")
+        if spec.rank < 1:
+            raise MoaError(f"LoRA rank must be >= 1, got {spec.rank}; fix lora.rank in the config")
+        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        a = torch.empty(spec.rank, self.in_features, **kw)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A.append(nn.Parameter(a))
+        self.lora_B.append(nn.Parameter(torch.zeros(self.out_features, spec.rank, **kw)))
+        self.specs.append(spec)
+        if self.n_experts == 1 and self._route is None:
+            self._route = 0
+        return self.n_experts - 1
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    @property
+    def route(self) -> Route:
+        return self._route
+
+    @route.setter
+    def route(self, route: Route | Sequence[float]) -> None:
+        self._route = check_route(route, self.n_experts)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        route = self._route
+        if route is None or self._folded is not None:
+            return y
+        if isinstance(route, int):
+            h = F.linear(self.dropout(x), self.lora_A[route])
+            return y + F.linear(h, self.lora_B[route]) * self.specs[route].scaling
+        if route.device != x.device:
+            route = self._route = route.to(x.device)  # move once, not in every forward
+        if route.is_floating_point():
+            return y + self._weighted(self.dropout(x), route.to(x.dtype))
+        return y + self._per_sequence(self.dropout(x), route)
+
+    def _per_sequence(self, x: Tensor, idx: Tensor) -> Tensor:
+        a, b = self._stacked()  # [N, r_max, in], [N, out, r_max] with s_i folded into B
+        h = torch.einsum("b...i,bri->b...r", x, a[idx])  # [B, ..., r_max]
+        return torch.einsum("b...r,bor->b...o", h, b[idx])  # [B, ..., out]
+
+    def _weighted(self, x: Tensor, weights: Tensor) -> Tensor:
+        a, b, scale, ranks = self._concat()
+        col = torch.repeat_interleave(weights * scale, ranks, dim=-1)  # [R] or [B, R]
+        if col.dim() == 2:
+            col = col.view(col.shape[0], *([1] * (x.dim() - 2)), col.shape[1])  # [B, 1.., R]
+        return F.linear(F.linear(x, a) * col, b)
+
+    # -- stacked / concatenated factors, cached while no gradient is needed -------------------------
+
+    def _stacked(self) -> tuple[Tensor, Tensor]:
+        def build() -> tuple[Tensor, ...]:
+            r_max = max(s.rank for s in self.specs)
+            a = torch.stack([F.pad(p, (0, 0, 0, r_max - p.shape[0])) for p in self.lora_A])
+            b = torch.stack([F.pad(p * s.scaling, (0, r_max - p.shape[1])) for p, s in zip(self.lora_B, self.specs)])
+            return a, b
+
+        return self._cached("stacked", build)
+
+    def _concat(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        def build() -> tuple[Tensor, ...]:
+            dev = self.weight.device
+            scale = torch.tensor([s.scaling for s in self.specs], device=dev, dtype=self.lora_A[0].dtype)
+            ranks = torch.tensor([s.rank for s in self.specs], device=dev)
+            return torch.cat(list(self.lora_A)), torch.cat(list(self.lora_B), dim=1), scale, ranks
+
+        return self._cached("concat", build)
+
+    def _cached(self, name: str, build: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        params = (*self.lora_A, *self.lora_B)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return build()  # training: the factors must be part of this step's autograd graph
+        # The key changes on any in-place update (optimizer step, copy_ under no_grad) or move.
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        hit = self._cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._cache[name] = (key, build())
+        return hit[1]
+
+    # -- folding -----------------------------------------------------------------------------------
+
+    def delta(self, weights: Tensor) -> Tensor:
+        """Dense update sum_i w_i s_i B_i A_i [out, in] for expert weights [N]."""
+        a, b, scale, ranks = self._concat()
+        return (b * torch.repeat_interleave(weights.to(scale) * scale, ranks)) @ a
+
+    @torch.no_grad()
+    def fold(self, route: int | Tensor | Sequence[float]) -> None:
+        """Add one expert's (int) or a weighted combination's ([N]) delta into W0.
+
+        Until ``unfold`` the forward is a plain linear whatever the route, and the factors are locked."""
+        self._check_not_folded("fold again")
+        weights = _expert_weights(check_route(route, self.n_experts), self.n_experts, self.weight.device)
+        self.weight.add_(self.delta(weights).to(self.weight.dtype))
+        self._folded = weights
+
+    @torch.no_grad()
+    def unfold(self) -> None:
+        """Subtract the folded delta again (exact up to float rounding)."""
+        if self._folded is not None:
+            self.weight.sub_(self.delta(self._folded).to(self.weight.dtype))
+            self._folded = None
+
+    def _check_not_folded(self, action: str) -> None:
+        if self._folded is not None:
+            raise MoaError(f"cannot {action} on a layer with a folded LoRA delta; unfold it first")
+
+    def extra_repr(self) -> str:
+        ranks = [s.rank for s in self.specs]
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, ranks={ranks}"
+
+
+def check_route(route: Route | Sequence[float], n_experts: int) -> Route:
+    """Validate a route for ``n_experts`` experts (shape and dtype only: no device sync)."""
+    if route is None:
+        return None
+    if isinstance(route, int) and not isinstance(route, bool):
+        if not 0 <= route < n_experts:
+            raise MoaError(f"route expert {route} out of range: the model has {n_experts} LoRA experts")
+        return route
+    route = route if isinstance(route, Tensor) else torch.tensor(route, dtype=torch.float32)
+    if route.is_floating_point() and route.dim() in (1, 2) and route.shape[-1] == n_experts:
+        return route
+    if route.dtype in (torch.int64, torch.int32) and route.dim() == 1:
+        return route.long()
+    raise MoaError(
+        f"route must be an expert index, indices [B] (int) or weights [N]/[B, N] (float) with N={n_experts}; "
+        f"got {route.dtype} {list(route.shape)}"
+    )
+
+
+def _expert_weights(route: Route, n_experts: int, device: torch.device) -> Tensor:
+    if isinstance(route, int):
+        return F.one_hot(torch.tensor(route, device=device), n_experts).float()
+    if route is None or not route.is_floating_point() or route.dim() != 1:
+        raise MoaError("fold needs one expert index or expert weights [N]; per-sequence routes cannot be folded")
+    return route.to(device)
