@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random models (moa's own and transformers-written) and the real SmolLM2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moa.model import Transformer, Tokenizer, default_gguf, load_pretrained, random_model
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> tuple[Transformer, Tokenizer]:
+    return random_model("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[Transformer, Tokenizer]:
+    return load_pretrained()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return default_gguf()
+
+
+def hf_tiny_dir(tmp_path: Path, arch: str, **overrides: object) -> Path:
+    """A random transformers model of the given family, saved as an HF directory."""
+    import transformers
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**(common | overrides)))
+    out = tmp_path / arch
+    model.save_pretrained(out)
+    _write_byte_tokenizer(out)
+    return out
+
+
+def _write_byte_tokenizer(directory: Path) -> None:
+    from moa.model.tokenizer import byte_tokenizer
+
+    byte_tokenizer().save(directory)
