@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (see scripts/setup.sh) and run the whole test suite; extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck disable=SC1091
+. scripts/setup.sh
+python -m pytest "$@"
