@@ -1,0 +1,1 @@
+"""Tasks, data sources (hf, local, synthetic), preprocessing to Parquet, and training batches."""
