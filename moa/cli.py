@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,27 @@ def model_info(args: argparse.Namespace) -> None:
     print(f"assistant     {tokenizer.decode(answer).strip()}")
 
 
+def prepare_data(args: argparse.Namespace) -> None:
+    from moa.config import load_config
+    from moa.data.prepare import prepare_task
+    from moa.model import load_tokenizer
+
+    config = load_config(args.config, args.set)
+    out = prepare_task(config, args.task, load_tokenizer(config["model"]["source"]))
+    stats = json.loads((out / "stats.json").read_text())["splits"]
+    rows = ", ".join(f"{split} {s['rows_out']}" for split, s in stats.items())
+    print(f"wrote {out} ({rows} rows)")
+
+
+def add_step(steps: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A pipeline step: every one takes --config and any number of --set overrides."""
+    step = steps.add_parser(name, help=help, description=help)
+    step.add_argument("--config", required=True, help="experiment config (YAML, see config/)")
+    step.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key, e.g. --set data.sizes.train=200 (typed by the schema)")
+    return step
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moa", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -66,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--prompt", default="What is the capital of France?")
     info.add_argument("--max-new-tokens", type=int, default=24)
     info.set_defaults(run=model_info)
+
+    data = add_step(steps, "prepare-data", "build data/{task}/{split}.parquet and stats.json for one task")
+    data.add_argument("--task", required=True, help="a task name from the config's tasks section")
+    data.set_defaults(run=prepare_data)
     return parser
 
 

@@ -11,7 +11,7 @@ import torch
 from moa.errors import MoaError
 from moa.model.checkpoint import empty_model, load_hf_dir, load_state
 from moa.model.config import ModelConfig, preset
-from moa.model.gguf_file import read_gguf
+from moa.model.gguf_file import open_gguf, read_gguf, read_tokenizer
 from moa.model.llama import Transformer
 from moa.model.tokenizer import Tokenizer, byte_tokenizer
 
@@ -86,6 +86,21 @@ def load_pretrained(source: str | Path | None = None, dtype: torch.dtype = torch
         return load_hub(source, dtype)
     raise MoaError(f"model source {source!r}: no such file or directory (expected an HF model directory, "
                    f"a .gguf file, a hub id like org/name, {DEFAULT_MODEL!r} or random:PRESET)")
+
+
+def load_tokenizer(source: str | Path | None = None) -> Tokenizer:
+    """Only the tokenizer of `source` (same forms as load_pretrained), without reading any weights."""
+    source = str(source or DEFAULT_MODEL)
+    if source == DEFAULT_MODEL:
+        source = str(default_gguf())
+    if source.startswith(RANDOM_PREFIX):
+        return byte_tokenizer()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return Tokenizer.from_dir(path)
+    if path.is_file():
+        return read_tokenizer(open_gguf(path), path)
+    return load_pretrained(source)[1]
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
