@@ -59,6 +59,28 @@ def prepare_data(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({rows} rows)")
 
 
+def set_threads(threads: int | None) -> None:
+    """Torch's intra-op threads follow the job's threads (Snakemake passes {threads})."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def train_lora(args: argparse.Namespace) -> None:
+    from moa.config import load_config
+    from moa.train.lora import train_lora as train
+
+    set_threads(args.threads)
+    print(f"wrote {train(load_config(args.config, args.set), args.task)}")
+
+
+def train_mixed(args: argparse.Namespace) -> None:
+    from moa.config import load_config
+    from moa.train.lora import train_mixed as train
+
+    set_threads(args.threads)
+    print(f"wrote {train(load_config(args.config, args.set))}")
+
+
 def add_step(steps: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """A pipeline step: every one takes --config and any number of --set overrides."""
     step = steps.add_parser(name, help=help, description=help)
@@ -92,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     data = add_step(steps, "prepare-data", "build data/{task}/{split}.parquet and stats.json for one task")
     data.add_argument("--task", required=True, help="a task name from the config's tasks section")
     data.set_defaults(run=prepare_data)
+
+    lora = add_step(steps, "train-lora", "train one task's LoRA -> adapters/{task}/ (PEFT format) + "
+                    "train_log.parquet; rerunning after an interruption resumes from the last checkpoint")
+    lora.add_argument("--task", required=True, help="a task name from the config's tasks section")
+    lora.set_defaults(run=train_lora)
+    mixed = add_step(steps, "train-mixed", "train one LoRA on all tasks' data, balanced -> adapters/_mixed/ "
+                     "(the Single-LoRA (mixed) baseline); resumable like train-lora")
+    mixed.set_defaults(run=train_mixed)
+    for step in (lora, mixed):
+        step.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     return parser
 
 

@@ -301,3 +301,9 @@ def test_adapter_for_another_base_is_refused(tiny, tmp_path: Path) -> None:
     save_adapter(tmp_path / "a", model, arch_fingerprint=preset("smollm2-135m").fingerprint())
     with pytest.raises(MoaError, match=r"adapter_model\.safetensors: adapter was saved for head_dim=64 but the base model has head_dim=16"):
         attach_adapter(copy.deepcopy(tiny[0]), tmp_path / "a", arch_fingerprint=model.config.fingerprint())
+
+
+def test_injected_layers_follow_the_model_mode(tiny) -> None:
+    model = copy.deepcopy(tiny[0]).eval()
+    inject_lora(model, rank=2, dropout=0.5)
+    assert not any(layer.training for layer in lora_layers(model).values())

@@ -65,7 +65,8 @@ def inject_lora(
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(linears[name], specs, dropout))
+        layer = LoRALinear(linears[name], specs, dropout)
+        setattr(parent, child, layer.train(linears[name].training))  # an eval-mode model stays in eval mode
     return names
 
 

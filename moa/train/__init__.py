@@ -1,0 +1,1 @@
+"""Training: the resumable trainer, per-task and mixed-data LoRAs."""

@@ -1,0 +1,84 @@
+"""`moa train-lora` (one LoRA per task) and `moa train-mixed` (one LoRA on all tasks' data, balanced)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from moa.config import Config, experiment_dir
+from moa.data.batching import Example, encode_examples
+from moa.data.prepare import read_split
+from moa.io import atomic_dir
+from moa.lora import inject_lora, mark_only_lora_as_trainable, save_adapter
+from moa.model import Tokenizer, Transformer, load_pretrained
+from moa.train.trainer import Trainer, TrainSettings
+
+MIXED = "_mixed"  # adapters/_mixed/: the paper's "Single-LoRA (mixed)" baseline
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def lora_model(config: Config) -> tuple[Transformer, Tokenizer]:
+    """The base model with one fresh LoRA expert (seeded init); only the LoRA factors train, in fp32."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config["model"]["dtype"]]
+    model, tokenizer = load_pretrained(config["model"]["source"], dtype, seed=config["seed"])
+    lora = config["lora"]
+    torch.manual_seed(config["seed"])
+    inject_lora(model, lora["target_modules"], rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"],
+                use_rslora=lora["use_rslora"])
+    mark_only_lora_as_trainable(model)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # optimizer state follows the parameters' dtype
+    return model.to(device()), tokenizer
+
+
+def task_examples(config: Config, task: str, split: str, tokenizer: Tokenizer, index: int = 0) -> list[Example]:
+    frame = read_split(config, task, split)
+    return encode_examples(frame.prompt.tolist(), frame.target.tolist(), tokenizer,
+                           chat_template=config["data"]["chat_template"], tasks=[index] * len(frame))
+
+
+def train_and_save(config: Config, model: Transformer, train: list[Example], validation: list[Example],
+                   name: str) -> Path:
+    """Train, then write adapters/{name}/ (PEFT format + train_log.parquet) in one atomic step."""
+    root = experiment_dir(config)
+    trainer = Trainer(model, train, validation, TrainSettings.from_config(config["training"]), config["seed"],
+                      root / "checkpoints" / name, desc=f"train {name}")
+    log = trainer.run()
+    out = root / "adapters" / name
+    with atomic_dir(out) as tmp:
+        save_adapter(tmp, model, base_model_name_or_path=config["model"]["source"],
+                     arch_fingerprint=model.config.fingerprint())
+        log.to_parquet(tmp / "train_log.parquet", index=False)
+    trainer.discard_checkpoints()
+    return out
+
+
+def train_lora(config: Config, task: str) -> Path:
+    model, tokenizer = lora_model(config)
+    return train_and_save(config, model, task_examples(config, task, "train", tokenizer),
+                          task_examples(config, task, "validation", tokenizer), task)
+
+
+def balanced(per_task: list[list[Example]], seed: int) -> list[Example]:
+    """Every task upsampled (seeded, whole copies first) to the largest task's size."""
+    largest = max(map(len, per_task))
+    rng = random.Random(f"balance:{seed}")
+    mixed = []
+    for examples in per_task:
+        copies, rest = divmod(largest, len(examples))
+        mixed += examples * copies + rng.sample(examples, rest)
+    return mixed
+
+
+def train_mixed(config: Config) -> Path:
+    model, tokenizer = lora_model(config)
+    tasks = list(config["tasks"])
+    train = balanced([task_examples(config, t, "train", tokenizer, i) for i, t in enumerate(tasks)], config["seed"])
+    validation = [e for i, t in enumerate(tasks) for e in task_examples(config, t, "validation", tokenizer, i)]
+    return train_and_save(config, model, train, validation, MIXED)

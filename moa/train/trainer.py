@@ -1,0 +1,209 @@
+"""The training loop: AdamW, linear warm-up then cosine decay, clipping, gradient accumulation,
+validation loss, bf16 autocast, and checkpoints that make a killed run resume bitwise identically."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from moa.data.batching import Batch, Example, bucket, lm_loss, pack
+from moa.errors import MoaError
+from moa.io import atomic_dir
+
+LossFn = Callable[[nn.Module, Batch], Tensor]  # summed loss over the batch's loss tokens
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The config's `training` section (see workflow/schemas/config.schema.yaml)."""
+
+    steps: int | None
+    epochs: float
+    batch_size: int
+    seq_len: int
+    batching: str
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    min_lr_ratio: float
+    max_grad_norm: float | None
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    precision: str
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> TrainSettings:
+        return cls(**{f.name: section[f.name] for f in fields(cls)})
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+
+def batches_for(examples: Sequence[Example], settings: TrainSettings, seed: int, epoch: int) -> list[Batch]:
+    if settings.batching == "pack":
+        return pack(examples, settings.seq_len, settings.batch_size, seed=seed, epoch=epoch)
+    return bucket(examples, settings.seq_len * settings.batch_size, seed=seed, epoch=epoch)
+
+
+def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
+    return settings.steps or max(1, math.ceil(settings.epochs * batches_per_epoch / settings.grad_accum))
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    """Trains the parameters of `model` that require grad; `run()` resumes from `checkpoint_dir`."""
+
+    def __init__(self, model: nn.Module, train: Sequence[Example], validation: Sequence[Example],
+                 settings: TrainSettings, seed: int, checkpoint_dir: Path, loss_fn: LossFn | None = None,
+                 desc: str = "train") -> None:
+        self.model, self.train_examples, self.settings, self.seed = model, train, settings, seed
+        self.checkpoint_dir, self.desc = Path(checkpoint_dir), desc
+        self.loss_fn = loss_fn or (lambda m, b: lm_loss(m, b, reduction="sum"))
+        self.device = next(model.parameters()).device
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise MoaError("nothing to train: the model has no parameter that requires grad")
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.total = total_steps(settings, len(batches_for(train, settings, seed, 0)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total, settings.warmup_steps, settings.min_lr_ratio))
+        self.val_batches = batches_for(validation, settings, seed, 0)[:settings.eval_batches] if validation else []
+        self.step, self.epoch, self.position = 0, 0, 0  # position: next batch within the epoch
+        self.log: list[dict[str, float]] = []
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> pd.DataFrame:
+        """Train to the end (resuming from the last checkpoint if there is one) and return the log."""
+        self._resume()
+        batches = batches_for(self.train_examples, self.settings, self.seed, self.epoch)
+        self.model.train()
+        bar = tqdm(total=self.total, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True)
+        while self.step < self.total:
+            micro, batches = self._next_batches(batches)
+            start = time.perf_counter()
+            loss, grad_norm = self._optimize(micro)
+            seconds = time.perf_counter() - start
+            tokens = sum(b.real_tokens for b in micro)
+            row = {"step": self.step + 1, "epoch": self.epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                   "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                   "pad_fraction": sum(b.input_ids.numel() - b.real_tokens for b in micro)
+                   / sum(b.input_ids.numel() for b in micro)}
+            self.scheduler.step()
+            self.step += 1
+            if self.val_batches and (self.step % self.settings.eval_every == 0 or self.step == self.total):
+                row["val_loss"] = self.validation_loss()
+            self.log.append(row)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update()
+            if self.step % self.settings.checkpoint_every == 0 and self.step < self.total:
+                self._checkpoint()
+        bar.close()
+        self.model.eval()
+        return pd.DataFrame(self.log)
+
+    def _next_batches(self, batches: list[Batch]) -> tuple[list[Batch], list[Batch]]:
+        """The step's micro-batches, moving to a freshly shuffled epoch when one runs out."""
+        micro = []
+        for _ in range(self.settings.grad_accum):
+            if self.position == len(batches):
+                self.epoch, self.position = self.epoch + 1, 0
+                batches = batches_for(self.train_examples, self.settings, self.seed, self.epoch)
+            micro.append(batches[self.position])
+            self.position += 1
+        return micro, batches
+
+    def _optimize(self, micro: list[Batch]) -> tuple[float, float]:
+        """One optimizer step over the micro-batches; the loss is the mean over all their loss tokens."""
+        n_tokens = sum(b.loss_tokens for b in micro)
+        dtype = self.settings.autocast_dtype(self.device)
+        total = 0.0
+        for batch in micro:
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = self.loss_fn(self.model, batch.to(self.device)) / n_tokens
+            if not torch.isfinite(loss):
+                raise MoaError(f"{self.desc}: the loss is {loss.item()} at step {self.step + 1}; lower training.lr "
+                               f"or use precision fp32 (checkpoints in {self.checkpoint_dir} are intact)")
+            loss.backward()
+            total += loss.item()
+        norm = (torch.nn.utils.clip_grad_norm_(self.params.values(), self.settings.max_grad_norm)
+                if self.settings.max_grad_norm else torch.tensor(float("nan")))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, float(norm)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss per target token over the fixed validation batches (dropout off)."""
+        self.model.eval()
+        dtype = self.settings.autocast_dtype(self.device)
+        total, tokens = 0.0, 0
+        for batch in self.val_batches:
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                total += self.loss_fn(self.model, batch.to(self.device)).item()
+            tokens += batch.loss_tokens
+        self.model.train()
+        return total / tokens
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        state = {
+            "params": {n: p.detach().clone() for n, p in self.params.items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(), "step": self.step, "epoch": self.epoch, "position": self.position,
+            "total": self.total, "log": self.log,
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        with atomic_dir(self.checkpoint_dir) as tmp:
+            torch.save(state, tmp / STATE_FILE)
+
+    def _resume(self) -> None:
+        path = self.checkpoint_dir / STATE_FILE
+        if not path.is_file():
+            return
+        try:
+            state = torch.load(path, weights_only=True, map_location=self.device)  # never unpickle code
+        except Exception as err:  # torch raises several types on a damaged file
+            raise MoaError(f"{path}: unreadable checkpoint ({err}); delete {self.checkpoint_dir} to start over") from err
+        if state["total"] != self.total or state["params"].keys() != self.params.keys():
+            raise MoaError(f"{path}: checkpoint of a different run (steps or trainable parameters differ); "
+                           f"delete {self.checkpoint_dir} to start over")
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"].cpu())
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.epoch, self.position, self.log = state["step"], state["epoch"], state["position"], state["log"]
+        tqdm.write(f"{self.desc}: resuming from step {self.step} ({path})", file=sys.stderr)
+
+    def discard_checkpoints(self) -> None:
+        """Called once the final outputs are written: the checkpoint has served its purpose."""
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""The trainer: the loss falls, a killed run resumes bitwise identically, a NaN stops cleanly, and the
+adapter train-lora writes loads in transformers+PEFT with moa's logits."""
+
+from __future__ import annotations
+
+import copy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from moa.config import load_config
+from moa.data.prepare import prepare_task
+from moa.errors import MoaError
+from moa.lora import attach_adapter
+from moa.model import load_pretrained, save_hf_dir
+from moa.model.tokenizer import byte_tokenizer
+from moa.train.lora import train_lora
+from moa.train.trainer import lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["training.steps=24", "training.seq_len=512", "training.batch_size=4", "training.warmup_steps=4",
+        "training.eval_every=8", "training.checkpoint_every=6", "training.lr=0.003", "lora.dropout=0.1"]
+
+
+@pytest.fixture
+def smoke(tmp_path: Path) -> Path:
+    """The smoke config with its outputs under tmp_path and the sentiment data prepared."""
+    config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    config["results_dir"] = str(tmp_path / "results")
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config))
+    prepare_task(load_config(path), "sentiment", byte_tokenizer())
+    return path
+
+
+def adapter_of(config_path: Path) -> dict[str, torch.Tensor]:
+    return load_file(Path(load_config(config_path)["results_dir"]) / "smoke/adapters/sentiment/adapter_model.safetensors")
+
+
+def test_schedule_warms_up_then_decays() -> None:
+    factors = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:])) and factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_loss_decreases_and_the_log_is_complete(smoke: Path) -> None:
+    config = load_config(smoke, FAST)
+    out = train_lora(config, "sentiment")
+    log = pd.read_parquet(out / "train_log.parquet")
+    assert list(log.step) == list(range(1, 25))
+    assert log.loss.iloc[-4:].mean() < log.loss.iloc[:4].mean() - 0.5
+    assert log.val_loss.notna().sum() == 3 and log.val_loss.dropna().iloc[-1] < log.val_loss.dropna().iloc[0]
+    assert not (Path(config["results_dir"]) / "smoke/checkpoints/sentiment").exists()
+
+
+def test_killed_run_resumes_to_a_bitwise_identical_adapter(smoke: Path, tmp_path: Path) -> None:
+    train_lora(load_config(smoke, FAST), "sentiment")
+    uninterrupted = adapter_of(smoke)
+    adapter_dir = Path(load_config(smoke)["results_dir"]) / "smoke/adapters/sentiment"
+    for file in adapter_dir.iterdir():
+        file.unlink()
+    # A real SIGKILL in a real `moa train-lora` process, right after the optimizer step 15 (checkpoint at 12).
+    killer = (
+        "import os, signal, moa.train.trainer as t\n"
+        "step = t.Trainer._optimize\n"
+        "def dying(self, micro):\n"
+        "    out = step(self, micro)\n"
+        "    if self.step == 14: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return out\n"
+        "t.Trainer._optimize = dying\n"
+        "from moa.cli import main\n"
+        f"main(['train-lora', '--config', {str(smoke)!r}, '--task', 'sentiment', "
+        f"{', '.join(repr(a) for pair in zip(['--set'] * len(FAST), FAST) for a in pair)}])\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (adapter_dir / "adapter_model.safetensors").exists()
+    resumed = subprocess.run([sys.executable, "-m", "moa", "train-lora", "--config", str(smoke), "--task", "sentiment",
+                              *[a for pair in zip(["--set"] * len(FAST), FAST) for a in pair]],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 12" in resumed.stderr
+    again = adapter_of(smoke)
+    assert again.keys() == uninterrupted.keys()
+    assert all(torch.equal(again[k], uninterrupted[k]) for k in again)
+    log = pd.read_parquet(adapter_dir / "train_log.parquet")
+    assert list(log.step) == list(range(1, 25))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(smoke: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import moa.train.trainer as trainer
+
+    real = trainer.lm_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, reduction="mean"):
+        calls["n"] += 1
+        loss = real(model, batch, reduction=reduction)
+        return loss * float("nan") if calls["n"] > 8 else loss
+
+    monkeypatch.setattr(trainer, "lm_loss", poisoned)
+    config = load_config(smoke, FAST)
+    with pytest.raises(MoaError, match=r"the loss is nan at step \d+; lower training.lr"):
+        train_lora(config, "sentiment")
+    assert (Path(config["results_dir"]) / "smoke/checkpoints/sentiment/state.pt").is_file()
+    assert not (Path(config["results_dir"]) / "smoke/adapters/sentiment").exists()
+
+
+def test_trained_adapter_loads_in_peft_with_moa_logits(smoke: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    config = load_config(smoke, FAST)
+    out = train_lora(config, "sentiment")
+    base, tokenizer = load_pretrained("random:tiny")
+    ours = copy.deepcopy(base)
+    attach_adapter(ours, out, arch_fingerprint=base.config.fingerprint())
+    base_dir = save_hf_dir(base, tokenizer, tmp_path / "tiny-hf")
+    reference = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), out).eval()
+    ids = torch.tensor([tokenizer.encode("Review: a fine film\nSentiment:")])
+    with torch.no_grad():
+        assert (ours(ids) - reference(ids).logits).abs().max().item() <= 1e-5
+        assert (ours(ids) - base(ids)).abs().max().item() > 1e-3  # the adapter learned something
