@@ -55,9 +55,11 @@ class TrainSettings:
         return None
 
 
-def batches_for(examples: Sequence[Example], settings: TrainSettings, seed: int, epoch: int) -> list[Batch]:
+def batches_for(examples: Sequence[Example], settings: TrainSettings, seed: int, epoch: int,
+                by_task: bool = False) -> list[Batch]:
+    """by_task: every row holds one task (bucketing always has one example per row)."""
     if settings.batching == "pack":
-        return pack(examples, settings.seq_len, settings.batch_size, seed=seed, epoch=epoch)
+        return pack(examples, settings.seq_len, settings.batch_size, seed=seed, epoch=epoch, by_task=by_task)
     return bucket(examples, settings.seq_len * settings.batch_size, seed=seed, epoch=epoch)
 
 
@@ -78,8 +80,9 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train: Sequence[Example], validation: Sequence[Example],
                  settings: TrainSettings, seed: int, checkpoint_dir: Path, loss_fn: LossFn | None = None,
-                 desc: str = "train") -> None:
+                 desc: str = "train", by_task: bool = False) -> None:
         self.model, self.train_examples, self.settings, self.seed = model, train, settings, seed
+        self.by_task = by_task
         self.checkpoint_dir, self.desc = Path(checkpoint_dir), desc
         self.loss_fn = loss_fn or (lambda m, b: lm_loss(m, b, reduction="sum"))
         self.device = next(model.parameters()).device
@@ -87,19 +90,22 @@ class Trainer:
         if not self.params:
             raise MoaError("nothing to train: the model has no parameter that requires grad")
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
-        self.total = total_steps(settings, len(batches_for(train, settings, seed, 0)))
+        self.total = total_steps(settings, len(self._batches(train, 0)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total, settings.warmup_steps, settings.min_lr_ratio))
-        self.val_batches = batches_for(validation, settings, seed, 0)[:settings.eval_batches] if validation else []
+        self.val_batches = self._batches(validation, 0)[:settings.eval_batches] if validation else []
         self.step, self.epoch, self.position = 0, 0, 0  # position: next batch within the epoch
         self.log: list[dict[str, float]] = []
+
+    def _batches(self, examples: Sequence[Example], epoch: int) -> list[Batch]:
+        return batches_for(examples, self.settings, self.seed, epoch, self.by_task)
 
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> pd.DataFrame:
         """Train to the end (resuming from the last checkpoint if there is one) and return the log."""
         self._resume()
-        batches = batches_for(self.train_examples, self.settings, self.seed, self.epoch)
+        batches = self._batches(self.train_examples, self.epoch)
         self.model.train()
         bar = tqdm(total=self.total, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True)
         while self.step < self.total:
@@ -131,7 +137,7 @@ class Trainer:
         for _ in range(self.settings.grad_accum):
             if self.position == len(batches):
                 self.epoch, self.position = self.epoch + 1, 0
-                batches = batches_for(self.train_examples, self.settings, self.seed, self.epoch)
+                batches = self._batches(self.train_examples, self.epoch)
             micro.append(batches[self.position])
             self.position += 1
         return micro, batches
