@@ -81,6 +81,14 @@ def train_mixed(args: argparse.Namespace) -> None:
     print(f"wrote {train(load_config(args.config, args.set))}")
 
 
+def train_router(args: argparse.Namespace) -> None:
+    from moa.config import load_config
+    from moa.train.router import train_router as train
+
+    set_threads(args.threads)
+    print(f"wrote {train(load_config(args.config, args.set))}")
+
+
 def add_step(steps: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """A pipeline step: every one takes --config and any number of --set overrides."""
     step = steps.add_parser(name, help=help, description=help)
@@ -122,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     mixed = add_step(steps, "train-mixed", "train one LoRA on all tasks' data, balanced -> adapters/_mixed/ "
                      "(the Single-LoRA (mixed) baseline); resumable like train-lora")
     mixed.set_defaults(run=train_mixed)
-    for step in (lora, mixed):
+    router = add_step(steps, "train-router", "MoA stage 2: train a router before every block on the task LoRAs "
+                      "(teacher forcing) -> moa/ (routers, experts, router accuracy, confusion matrix); resumable")
+    router.set_defaults(run=train_router)
+    for step in (lora, mixed, router):
         step.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     return parser
 

@@ -1,0 +1,159 @@
+"""MoA stage 2: routers learn the tasks on the tiny model, joint mode trains the experts (routers mode
+leaves them bitwise alone), the reports are complete, and pooling reads each packed document alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from moa.cli import main
+from moa.config import load_config
+from moa.data.batching import Example, pack
+from moa.data.prepare import prepare_task
+from moa.errors import MoaError
+from moa.lora import ExpertSpec, inject_lora, use_route
+from moa.model import random_model
+from moa.model.tokenizer import byte_tokenizer
+from moa.train.lora import train_lora
+from moa.train.router import Routers, RouterSpec, decide, load_routers, route_scores, train_router
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["math", "qa", "sentiment"]  # the config's order (yaml.safe_dump sorts keys): experts 0, 1, 2
+FAST = ["training.steps=4", "training.seq_len=512", "training.batch_size=4", "training.warmup_steps=2",
+        "training.eval_every=20", "training.checkpoint_every=100", "training.lr=0.003"]
+ROUTER = ["router.steps=40", "router.lr=0.03"]
+H, L = 64, 2  # the tiny preset
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke config (prompts cut to 384 tokens to fit seq_len 512) with data and task LoRAs."""
+    tmp = tmp_path_factory.mktemp("router")
+    config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    config["results_dir"] = str(tmp / "results")
+    config["data"]["max_prompt_tokens"] = 384
+    path = tmp / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(path, FAST)
+    assert list(loaded["tasks"]) == TASKS
+    for task in TASKS:
+        prepare_task(loaded, task, byte_tokenizer())
+        train_lora(loaded, task)
+    return path
+
+
+def results(path: Path) -> Path:
+    return Path(load_config(path)["results_dir"]) / "smoke"
+
+
+def accuracy(evaluation: pd.DataFrame, strategy: str, routing: str = "teacher_forced") -> float:
+    rows = evaluation[(evaluation.metric == "accuracy") & (evaluation.routing == routing)
+                      & (evaluation.strategy == strategy) & (evaluation.task == "all")]
+    assert len(rows) == 1
+    return float(rows.value.iloc[0])
+
+
+def test_routers_learn_the_tasks_and_leave_the_experts_alone(smoke: Path, capsys: pytest.CaptureFixture) -> None:
+    args = [a for item in FAST + ROUTER for a in ("--set", item)]
+    assert main(["train-router", "--config", str(smoke), *args, "--threads", "2"]) == 0
+    out = results(smoke) / "moa"
+    assert f"wrote {out}" in capsys.readouterr().out
+    evaluation = pd.read_parquet(out / "router_eval.parquet")
+    held_out = sum(len(pd.read_parquet(results(smoke) / f"data/{t}/validation.parquet")) for t in TASKS)
+    print(evaluation[evaluation.task == "all"].to_string())
+    assert accuracy(evaluation, "last") >= 0.95
+    assert accuracy(evaluation, "last", routing="routed") >= 0.95  # from the prompt alone, no labels
+    for routing in ("teacher_forced", "routed"):
+        layers = evaluation[(evaluation.routing == routing) & (evaluation.strategy == "layer")]
+        assert sorted(set(layers.layer)) == list(range(L)) and set(layers.task) == {"all", *TASKS}
+        assert (layers[layers.task == "all"].n == held_out).all()
+    n_params = L * (H * 3 + 3)
+    assert evaluation[evaluation.metric == "parameters"].value.tolist() == [n_params]
+    confusion = pd.read_parquet(out / "confusion.parquet")
+    last = confusion[(confusion.routing == "teacher_forced") & (confusion.strategy == "last")]
+    assert len(last) == 9 and last["count"].sum() == held_out
+    correct = last[last.true_task == last.predicted_task]["count"].sum()
+    assert correct / held_out == pytest.approx(accuracy(evaluation, "last"))
+
+    config = json.loads((out / "router_config.json").read_text())
+    assert config["parameters"] == n_params and config["tasks"] == TASKS and config["n_experts"] == 3
+    assert config["type"] == "linear" and config["pooling"] == "mean" and config["n_layers"] == L
+    saved = load_file(out / "routers.safetensors")
+    assert sorted(saved) == [f"routers.{layer}.{p}" for layer in range(L) for p in ("bias", "weight")]
+    routers = load_routers(out)
+    assert all(torch.equal(routers.state_dict()[k], v) for k, v in saved.items())
+    for task in TASKS:  # routers mode: the experts are the inputs, bit for bit
+        given, kept = results(smoke) / "adapters" / task, out / "experts" / task
+        assert (kept / "adapter_model.safetensors").read_bytes() == (given / "adapter_model.safetensors").read_bytes()
+        assert json.loads((kept / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    log = pd.read_parquet(out / "train_log.parquet")
+    assert list(log.step) == list(range(1, 41))
+    assert not (results(smoke) / "checkpoints/_router").exists()
+
+
+def test_joint_mode_trains_the_experts_and_an_mlp_router(smoke: Path) -> None:
+    sets = ["router.mode=joint", "router.type=mlp", "router.hidden=16", "router.activation=relu",
+            "router.pooling=mean"]
+    out = train_router(load_config(smoke, FAST + ROUTER + sets))
+    evaluation = pd.read_parquet(out / "router_eval.parquet")
+    # Mean pooling lets even the first router see the prompt, so routing without labels works too.
+    assert accuracy(evaluation, "last", routing="routed") >= 0.95
+    assert evaluation[evaluation.metric == "parameters"].value.tolist() == [L * (H * 16 + 16 + 16 * 3 + 3)]
+    assert json.loads((out / "router_config.json").read_text())["hidden"] == 16
+    for task in TASKS:
+        given = load_file(results(smoke) / "adapters" / task / "adapter_model.safetensors")
+        tuned = load_file(out / "experts" / task / "adapter_model.safetensors")
+        assert given.keys() == tuned.keys()
+        assert any(not torch.equal(given[k], tuned[k]) for k in given)
+
+
+def test_a_missing_task_adapter_is_one_line_naming_it(smoke: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    config = yaml.safe_load(smoke.read_text())
+    config["tasks"]["dialogue"] = {"source": {"type": "synthetic"}}
+    path = tmp_path / "more.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(MoaError, match="adapters/dialogue: no trained adapter .* run `moa train-lora"):
+        train_router(load_config(path))
+    assert main(["train-router", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(results(smoke) / "adapters/dialogue") in err
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_pooling_reads_each_packed_document_alone(pooling: str) -> None:
+    model, _ = random_model("tiny", seed=0)
+    inject_lora(model, experts=[ExpertSpec(4, 8.0)] * 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # non-zero B: the experts differ
+    routers = Routers(RouterSpec("linear", pooling, L, H, ("a", "b")))
+    gen = torch.Generator().manual_seed(0)
+    examples = [Example(torch.randint(3, 300, (int(n),), generator=gen).tolist(), [5, 6, 2][: 1 + k % 3], k % 2)
+                for k, n in enumerate(torch.randint(4, 30, (10,), generator=gen))]
+    batch = pack(examples, 80, 8, by_task=True)[0]
+    assert batch.n_examples == 10 and bool((batch.doc_ids.amax(1) > 0).any())  # packed
+    with use_route(model, batch.tasks):
+        packed = route_scores(model, routers, batch, follow=False)
+    for d, i in enumerate(batch.example_index):
+        ex = examples[i]
+        for alone in (ex, Example(ex.prompt_ids, [], ex.task)):  # with or without the target
+            with use_route(model, ex.task):
+                single = route_scores(model, routers, pack([alone], 80, 1)[0], follow=False)
+            torch.testing.assert_close(packed[:, d], single[:, 0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(MoaError, match="one document per row"):
+        route_scores(model, routers, batch)
+
+
+def test_strategies_last_and_vote() -> None:
+    scores = torch.tensor([[[2.0, 0, 0]], [[0, 3.0, 0]], [[0, 2.0, 0]], [[0, 0, 9.0]]])  # [L=4, D=1, N=3]
+    assert decide(scores, "last").tolist() == [2] and decide(scores, "vote").tolist() == [1]
+    assert decide(scores[2:], "vote").tolist() == [2]  # a tie goes to the higher mean probability
+    with pytest.raises(MoaError, match="unknown routing strategy"):
+        decide(scores, "oracle")
