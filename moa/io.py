@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from moa.errors import MoaError
 
 
 def _umask() -> int:
@@ -51,3 +55,13 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """Parse a JSON file; a missing or malformed one is a MoaError naming it and saying `fix`."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MoaError(f"{path}: not found; {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MoaError(f"{path}: not valid JSON ({err}); {fix}") from None

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from moa.errors import MoaError
-from moa.io import atomic_file
+from moa.io import atomic_file, read_json
 from moa.lora.inject import (
     PEFT_PREFIX,
     add_expert,
@@ -145,14 +145,10 @@ def load_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Tens
     """Read a PEFT LoRA adapter directory (moa's or PEFT's); checks files, config and ranks."""
     path = Path(path)
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            raise MoaError(f"{file}: not found; a PEFT adapter directory needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        raw = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoaError(f"{config_file}: not valid JSON ({e}); re-save the adapter") from None
-    config = AdapterConfig.from_peft_json(raw, config_file)
+    hint = f"a PEFT adapter directory needs {CONFIG_FILE} and {WEIGHTS_FILE}"
+    config = AdapterConfig.from_peft_json(read_json(config_file, hint), config_file)
+    if not weights_file.is_file():
+        raise MoaError(f"{weights_file}: not found; {hint}")
     try:
         with safe_open(weights_file, framework="pt") as f:
             metadata = f.metadata() or {}

@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from moa.errors import MoaError
-from moa.io import atomic_dir
+from moa.io import atomic_dir, read_json
 from moa.model.config import ModelConfig
 from moa.model.llama import Transformer
 from moa.model.tokenizer import Tokenizer
@@ -62,10 +62,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as err:
-            raise MoaError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from err
+        weight_map = read_json(index, "re-download or re-convert the model").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise MoaError(f"{index}: not a valid safetensors index (needs a 'weight_map')")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
             raise MoaError(f"{directory / missing[0]}: shard listed in {index.name} is missing")
@@ -79,12 +79,9 @@ def weight_files(directory: Path) -> list[Path]:
 
 def read_config(directory: Path) -> ModelConfig:
     path = directory / "config.json"
-    if not path.is_file():
-        raise MoaError(f"{path}: missing; a model directory needs config.json")
+    hf = read_json(path, "a model directory needs a transformers config.json")
     try:
-        return ModelConfig.from_hf(json.loads(path.read_text()))
-    except json.JSONDecodeError as err:
-        raise MoaError(f"{path}: invalid JSON ({err})") from err
+        return ModelConfig.from_hf(hf)
     except TypeError as err:
         raise MoaError(f"{path}: unexpected value ({err})") from err
 

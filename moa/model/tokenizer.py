@@ -12,6 +12,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as HFTokenizer
 
 from moa.errors import MoaError
+from moa.io import read_json
 
 # ChatML, as SmolLM2 and Qwen2 use it; the default for models that ship no template.
 CHATML_TEMPLATE = (
@@ -121,7 +122,8 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on malformed files
             raise MoaError(f"{path}: not a valid tokenizer.json ({err})") from err
-        config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").exists() else {}
+        config_path = directory / "tokenizer_config.json"
+        config = read_json(config_path, "re-save the tokenizer") if config_path.exists() else {}
         template = config.get("chat_template")
         if (directory / "chat_template.jinja").exists():  # transformers >= 4.43 writes it beside the config
             template = (directory / "chat_template.jinja").read_text()
@@ -131,13 +133,6 @@ class Tokenizer:
 
 def _token_text(token: str | dict[str, Any] | None) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise MoaError(f"{path}: cannot read JSON ({err})") from err
 
 
 def byte_level_bpe(tokens: list[str], merges: list[str], special: list[str], pre: str) -> HFTokenizer:
