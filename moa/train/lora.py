@@ -13,6 +13,7 @@ from moa.data.prepare import read_split
 from moa.io import atomic_dir
 from moa.lora import inject_lora, mark_only_lora_as_trainable, save_adapter
 from moa.model import Tokenizer, Transformer, load_pretrained
+from moa.tracking import log_step
 from moa.train.trainer import Trainer, TrainSettings
 
 MIXED = "_mixed"  # adapters/_mixed/: the paper's "Single-LoRA (mixed)" baseline
@@ -56,6 +57,10 @@ def train_and_save(config: Config, model: Transformer, train: list[Example], val
                      arch_fingerprint=model.config.fingerprint())
         log.to_parquet(tmp / "train_log.parquet", index=False)
     trainer.discard_checkpoints()
+    step = "train_mixed" if name == MIXED else f"train_lora:{name}"
+    log_step(config, step, {"moa.step": step.split(":")[0], "moa.task": name},
+             {k: config[k] for k in ("model", "lora", "training", "data", "seed")}, curves=log,
+             artifacts=[out / "train_log.parquet", out / "adapter_config.json"])
     return out
 
 

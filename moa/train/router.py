@@ -32,6 +32,7 @@ from moa.io import atomic_dir, read_json
 from moa.lora import attach_adapter, mark_only_lora_as_trainable, save_adapter, set_route, use_route
 from moa.lora.peft_io import CONFIG_FILE, WEIGHTS_FILE
 from moa.model import Tokenizer, Transformer, load_pretrained
+from moa.tracking import log_step
 from moa.train.lora import balanced, device, task_examples
 from moa.train.trainer import Trainer, TrainSettings
 
@@ -375,6 +376,9 @@ def train_router(config: Config) -> Path:
         evaluation.to_parquet(tmp / "router_eval.parquet", index=False)
         confusion.to_parquet(tmp / "confusion.parquet", index=False)
     trainer.discard_checkpoints()
+    log_step(config, "train_router", {"moa.step": "train_router"},
+             {k: config[k] for k in ("model", "router", "training", "seed")}, curves=log,
+             artifacts=[out / "router_eval.parquet", out / "confusion.parquet", out / "router_config.json"])
     return out
 
 

@@ -1,0 +1,56 @@
+"""Training runs land in a real SQLite MLflow store; an unreachable tracking server costs no result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moa.config import load_config
+from moa.data.prepare import prepare_task
+from moa.model.tokenizer import byte_tokenizer
+from moa.tracking import tracking_uri
+from moa.train.lora import train_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["training.steps=6", "training.seq_len=512", "training.batch_size=4", "training.warmup_steps=2",
+        "training.eval_every=3", "training.checkpoint_every=3"]
+
+
+@pytest.fixture
+def smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text()) | {"results_dir": str(tmp_path / "results")}
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config))
+    prepare_task(load_config(path), "sentiment", byte_tokenizer())
+    return path
+
+
+def test_train_lora_logs_a_run_with_curves_params_and_artifacts(smoke: Path) -> None:
+    from mlflow import MlflowClient
+
+    config = load_config(smoke, FAST)
+    train_lora(config, "sentiment")
+    assert tracking_uri(config) == f"sqlite:///{Path(config['results_dir']).resolve() / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name("smoke")
+    assert experiment.artifact_location.endswith("results/mlartifacts")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "train_lora:sentiment" and run.info.status == "FINISHED"
+    assert run.data.tags["moa.step"] == "train_lora" and run.data.tags["moa.task"] == "sentiment"
+    assert run.data.params["lora.rank"] == "8" and run.data.params["training.steps"] == "6"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 7))
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"train_log.parquet", "adapter_config.json"}
+
+
+def test_unreachable_tracking_server_is_a_warning(smoke: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    out = train_lora(load_config(smoke, FAST), "sentiment")
+    assert (out / "adapter_model.safetensors").is_file() and (out / "train_log.parquet").is_file()
+    assert "MLflow tracking skipped for train_lora:sentiment" in caplog.text
