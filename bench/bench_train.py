@@ -2,7 +2,7 @@
 
 SmolLM2-135M, LoRA r=8 on 7 modules, the default synthetic data (all six tasks), loss on target tokens
 only. moa: packed rows with per-document attention and the LM head only where there is a loss. Peer:
-padded batches (right padding to the longest example, labels -100 on prompt and padding) through
+shuffled, padded batches (right padding to the longest example, labels -100 on prompt and padding) through
 transformers' forward with `labels=` and a plain AdamW loop: what HF Trainer does per step.
 Each side runs in its own process (peak RSS is per process), interleaved, best of `--repeats`.
 Throughput counts real (non-pad) tokens. Run: python -m bench.bench_train [--repeats 2]
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import subprocess
 import sys
@@ -78,7 +79,9 @@ def peer_steps(data: list, precision: str) -> tuple[int, float]:
                            LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(DEFAULT_TARGETS)))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batches = [padded(data[i:i + PEER_BATCH]) for i in range(0, len(data), PEER_BATCH)]
+    order = list(data)
+    random.Random(0).shuffle(order)  # HF Trainer's RandomSampler: batches mix lengths (and tasks)
+    batches = [padded(order[i:i + PEER_BATCH]) for i in range(0, len(order), PEER_BATCH)]
 
     def step(batch) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
