@@ -128,3 +128,27 @@ def test_trained_adapter_loads_in_peft_with_moa_logits(smoke: Path, tmp_path: Pa
     with torch.no_grad():
         assert (ours(ids) - reference(ids).logits).abs().max().item() <= 1e-5
         assert (ours(ids) - base(ids)).abs().max().item() > 1e-3  # the adapter learned something
+
+
+def test_balanced_upsamples_every_task_to_the_largest() -> None:
+    from moa.data.batching import Example
+    from moa.train.lora import balanced
+
+    small = [Example([1], [2], task=0)] * 3
+    large = [Example([1, 1], [2], task=1) for _ in range(8)]
+    mixed = balanced([small, large], seed=0)
+    assert sum(e.task == 0 for e in mixed) == sum(e.task == 1 for e in mixed) == 8
+
+
+def test_train_mixed_writes_one_adapter_for_all_tasks(smoke: Path) -> None:
+    from moa.train.lora import MIXED, train_mixed
+
+    config = load_config(smoke, FAST + ["training.steps=6"])
+    for task in ("qa", "math"):
+        prepare_task(config, task, byte_tokenizer())
+    out = train_mixed(config)
+    assert out.name == MIXED and (out / "adapter_config.json").is_file()
+    log = pd.read_parquet(out / "train_log.parquet")
+    assert list(log.step) == list(range(1, 7))
+    model, _ = load_pretrained("random:tiny")
+    attach_adapter(model, out, arch_fingerprint=model.config.fingerprint())
