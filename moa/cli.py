@@ -11,8 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from moa.errors import MoaError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from moa.model.config import DTYPES
 SOURCE_HELP = ("model source: an HF directory, a .gguf file, a hub id (org/name), "
                "'smollm2-135m-instruct' (default, packaged) or random:PRESET")
 

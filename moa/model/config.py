@@ -11,7 +11,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from moa.errors import MoaError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names in configs/CLIs
 
 # model_type -> the `architectures` entry transformers expects in config.json.
 ARCHITECTURES = {

@@ -12,7 +12,7 @@ from moa.data.batching import Example, encode_examples
 from moa.data.prepare import read_split
 from moa.io import atomic_dir
 from moa.lora import inject_lora, mark_only_lora_as_trainable, save_adapter
-from moa.model import Tokenizer, Transformer, load_pretrained
+from moa.model import DTYPES, Tokenizer, Transformer, load_pretrained
 from moa.tracking import log_step
 from moa.train.trainer import Trainer, TrainSettings
 
@@ -23,18 +23,26 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def base_model(config: Config) -> tuple[Transformer, Tokenizer]:
+    return load_pretrained(config["model"]["source"], DTYPES[config["model"]["dtype"]], seed=config["seed"])
+
+
+def train_lora_factors_in_fp32(model: Transformer) -> None:
+    """Only the LoRA factors train, kept in fp32 whatever the base dtype (optimizer state follows them)."""
+    mark_only_lora_as_trainable(model)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
 def lora_model(config: Config) -> tuple[Transformer, Tokenizer]:
-    """The base model with one fresh LoRA expert (seeded init); only the LoRA factors train, in fp32."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config["model"]["dtype"]]
-    model, tokenizer = load_pretrained(config["model"]["source"], dtype, seed=config["seed"])
+    """The base model with one fresh LoRA expert (seeded init), ready to train."""
+    model, tokenizer = base_model(config)
     lora = config["lora"]
     torch.manual_seed(config["seed"])
     inject_lora(model, lora["target_modules"], rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"],
                 use_rslora=lora["use_rslora"])
-    mark_only_lora_as_trainable(model)
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()  # optimizer state follows the parameters' dtype
+    train_lora_factors_in_fp32(model)
     return model.to(device()), tokenizer
 
 

@@ -29,11 +29,11 @@ from moa.config import Config, experiment_dir
 from moa.data.batching import IGNORE, Batch, Example, bucket, lm_loss
 from moa.errors import MoaError
 from moa.io import atomic_dir, read_json
-from moa.lora import attach_adapter, mark_only_lora_as_trainable, save_adapter, set_route, use_route
+from moa.lora import attach_adapter, save_adapter, set_route, use_route
 from moa.lora.peft_io import CONFIG_FILE, WEIGHTS_FILE
-from moa.model import Tokenizer, Transformer, load_pretrained
+from moa.model import Tokenizer, Transformer
 from moa.tracking import log_step
-from moa.train.lora import balanced, device, task_examples
+from moa.train.lora import balanced, base_model, device, task_examples, train_lora_factors_in_fp32
 from moa.train.trainer import Trainer, TrainSettings
 
 ROUTERS_FILE = "routers.safetensors"
@@ -278,14 +278,10 @@ def attach_experts(model: Transformer, dirs: Sequence[Path]) -> None:
 def expert_model(config: Config, joint: bool) -> tuple[Transformer, Tokenizer]:
     """The base model with the N task LoRAs; in joint mode their factors train, in fp32 (as in train-lora)."""
     dirs = adapter_dirs(config)  # before the (slow) model load
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config["model"]["dtype"]]
-    model, tokenizer = load_pretrained(config["model"]["source"], dtype, seed=config["seed"])
+    model, tokenizer = base_model(config)
     attach_experts(model, dirs)
     if joint:
-        mark_only_lora_as_trainable(model)
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+        train_lora_factors_in_fp32(model)
     return model.to(device()), tokenizer
 
 
