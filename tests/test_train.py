@@ -21,8 +21,8 @@ from moa.errors import MoaError
 from moa.lora import attach_adapter
 from moa.model import load_pretrained, save_hf_dir
 from moa.model.tokenizer import byte_tokenizer
-from moa.train.lora import train_lora
-from moa.train.trainer import lr_factor
+from moa.train.lora import task_examples, train_lora
+from moa.train.trainer import TrainSettings, batches_for, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["training.steps=24", "training.seq_len=512", "training.batch_size=4", "training.warmup_steps=4",
@@ -152,3 +152,18 @@ def test_train_mixed_writes_one_adapter_for_all_tasks(smoke: Path) -> None:
     assert list(log.step) == list(range(1, 7))
     model, _ = load_pretrained("random:tiny")
     attach_adapter(model, out, arch_fingerprint=model.config.fingerprint())
+
+
+def test_epochs_accumulation_and_bf16_autocast(smoke: Path) -> None:
+    """steps: null trains `epochs` passes; each step accumulates grad_accum batches; bf16 autocast runs."""
+    sets = FAST + ["training.steps=null", "training.epochs=2", "training.grad_accum=2", "training.precision=bf16"]
+    config = load_config(smoke, sets)
+    settings = TrainSettings.from_config(config["training"])
+    assert settings.autocast_dtype(torch.device("cpu")) == torch.bfloat16
+    examples = task_examples(config, "sentiment", "train", byte_tokenizer())
+    per_epoch = len(batches_for(examples, settings, config["seed"], 0))
+    out = train_lora(config, "sentiment")
+    log = pd.read_parquet(out / "train_log.parquet")
+    assert len(log) == -(-2 * per_epoch // 2)  # ceil(epochs * batches / grad_accum)
+    assert log.epoch.max() == 1 and log.loss.notna().all()
+    assert (log.tokens > 0).all()
