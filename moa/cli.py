@@ -12,6 +12,7 @@ import torch
 
 from moa.errors import MoaError
 from moa.model.config import DTYPES
+
 SOURCE_HELP = ("model source: an HF directory, a .gguf file, a hub id (org/name), "
                "'smollm2-135m-instruct' (default, packaged) or random:PRESET")
 

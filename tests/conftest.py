@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moa.model import Transformer, Tokenizer, default_gguf, load_pretrained, random_model
+from moa.model import Tokenizer, Transformer, default_gguf, load_pretrained, random_model
 
 
 @pytest.fixture(autouse=True)

@@ -21,8 +21,8 @@ from moa.errors import MoaError
 from moa.io import atomic_file, read_json
 from moa.lora.inject import (
     PEFT_PREFIX,
-    add_expert,
     adapter_state_dict,
+    add_expert,
     expert_specs,
     inject_lora,
     load_adapter_state,
