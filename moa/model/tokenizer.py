@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,6 @@ class Tokenizer:
     pad_token: str | None = None
     chat_template: str | None = None
     add_bos_token: bool = False
-    extra_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
@@ -104,7 +103,7 @@ class Tokenizer:
         """Write tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads."""
         directory = Path(directory)
         self.backend.save(str(directory / "tokenizer.json"))
-        config = self.extra_config | {
+        config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
             "add_bos_token": self.add_bos_token, "chat_template": self.chat_template,
