@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from moa.data.batching import Batch, Example, bucket, lm_loss, pack
+from moa.data.batching import Batch, Example, bucket, lm_loss, pack, padding_fraction
 from moa.errors import MoaError
 from moa.io import atomic_dir
 
@@ -53,6 +53,11 @@ class TrainSettings:
         if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"):
             return torch.bfloat16
         return None
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The forward pass's precision context: bf16 autocast, or a disabled one for fp32."""
+        dtype = self.autocast_dtype(device)
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def batches_for(examples: Sequence[Example], settings: TrainSettings, seed: int, epoch: int,
@@ -116,8 +121,7 @@ class Trainer:
             tokens = sum(b.real_tokens for b in micro)
             row = {"step": self.step + 1, "epoch": self.epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                    "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / seconds,
-                   "pad_fraction": sum(b.input_ids.numel() - b.real_tokens for b in micro)
-                   / sum(b.input_ids.numel() for b in micro)}
+                   "pad_fraction": padding_fraction(micro)}
             self.scheduler.step()
             self.step += 1
             if self.val_batches and (self.step % self.settings.eval_every == 0 or self.step == self.total):
@@ -145,10 +149,9 @@ class Trainer:
     def _optimize(self, micro: list[Batch]) -> tuple[float, float]:
         """One optimizer step over the micro-batches; the loss is the mean over all their loss tokens."""
         n_tokens = sum(b.loss_tokens for b in micro)
-        dtype = self.settings.autocast_dtype(self.device)
         total = 0.0
         for batch in micro:
-            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with self.settings.autocast(self.device):
                 loss = self.loss_fn(self.model, batch.to(self.device)) / n_tokens
             if not torch.isfinite(loss):
                 raise MoaError(f"{self.desc}: the loss is {loss.item()} at step {self.step + 1}; lower training.lr "
@@ -165,10 +168,9 @@ class Trainer:
     def validation_loss(self) -> float:
         """Mean loss per target token over the fixed validation batches (dropout off)."""
         self.model.eval()
-        dtype = self.settings.autocast_dtype(self.device)
         total, tokens = 0.0, 0
         for batch in self.val_batches:
-            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with self.settings.autocast(self.device):
                 total += self.loss_fn(self.model, batch.to(self.device)).item()
             tokens += batch.loss_tokens
         self.model.train()
