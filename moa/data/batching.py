@@ -97,9 +97,14 @@ class Batch:
         least itself and no row is all-False (which would make NaNs that leak through zero weights)."""
         return document_mask(self.doc_ids)
 
+    @property
+    def docs_per_row(self) -> Tensor:
+        """[B]: how many documents each row holds (0 for a row of padding)."""
+        return self.doc_ids.amax(dim=1) + 1
+
     def document_index(self) -> Tensor:
         """[B, T]: the batch-wide document number of each position (-1 on padding)."""
-        per_row = self.doc_ids.amax(dim=1) + 1  # documents in each row
+        per_row = self.docs_per_row
         offset = torch.cumsum(per_row, 0) - per_row
         return torch.where(self.doc_ids >= 0, self.doc_ids + offset[:, None], -1)
 

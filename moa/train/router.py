@@ -197,7 +197,7 @@ def route_scores(model: Transformer, routers: Routers, batch: Batch, follow: boo
     follow=True: each layer's experts follow its own router (what inference can do without labels);
     follow=False: the model's current route, e.g. the true tasks under `use_route(model, batch.tasks)`."""
     batch = batch.to(next(model.parameters()).device)
-    if follow and bool((batch.doc_ids.amax(dim=1) > 0).any()):
+    if follow and bool((batch.docs_per_row > 1).any()):
         raise MoaError("routing by the routers' own decisions needs one document per row; do not pack prompts")
     index = prompt_index(batch)
     restore = use_route(model, None) if follow else nullcontext()  # undoes the routes the hooks set
@@ -232,8 +232,7 @@ def document_tasks(batch: Batch) -> Tensor:
     """The task of each document [D] (row-major), from the rows' tasks."""
     if bool((batch.tasks < 0).any()):
         raise MoaError("router training needs single-task rows (teacher forcing routes whole rows)")
-    per_row = (batch.doc_ids.amax(dim=1) + 1).clamp(min=0)
-    return torch.repeat_interleave(batch.tasks, per_row)
+    return torch.repeat_interleave(batch.tasks, batch.docs_per_row)
 
 
 def router_loss(model: RouterTraining, batch: Batch, eta: float) -> Tensor:
@@ -317,11 +316,9 @@ def pass_scores(model: Transformer, routers: Routers, batches: Sequence[Batch], 
                 follow: bool) -> Tensor:
     """Router logits [L, D, N] over `batches` (teacher forced unless `follow`), in the trainer's precision."""
     dev = next(model.parameters()).device
-    dtype = settings.autocast_dtype(dev)
     scores = []
     for batch in batches:
-        with nullcontext() if follow else use_route(model, batch.tasks), \
-                torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with nullcontext() if follow else use_route(model, batch.tasks), settings.autocast(dev):
             scores.append(route_scores(model, routers, batch, follow).float().cpu())
     return torch.cat(scores, dim=1)
 
