@@ -113,7 +113,7 @@ class Batch:
         return Batch(**move, example_index=self.example_index)
 
 
-def _collate(rows: list[list[int]], examples: Sequence[Example]) -> Batch:
+def collate(rows: list[list[int]], examples: Sequence[Example]) -> Batch:
     """Right-pad rows (lists of example indices) to the longest row."""
     T = max(sum(len(examples[i]) for i in row) for row in rows)
     shape = (len(rows), T)
@@ -184,7 +184,7 @@ def pack(examples: Sequence[Example], seq_len: int, batch_size: int, seed: int =
         groups.setdefault(examples[i].task if by_task else 0, []).append(i)
     rows = [row for key in sorted(groups) for row in _best_fit_decreasing(groups[key], examples, seq_len)]
     rng.shuffle(rows)  # otherwise batches would follow the packer's long-to-short order
-    batches = [_collate(rows[k:k + batch_size], examples) for k in range(0, len(rows), batch_size)]
+    batches = [collate(rows[k:k + batch_size], examples) for k in range(0, len(rows), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -203,10 +203,10 @@ def bucket(examples: Sequence[Example], max_tokens_per_batch: int, seed: int = 0
         rows: list[list[int]] = []
         for i in chunk:  # ascending lengths: the newest example is the longest of its batch
             if rows and (len(rows) + 1) * len(examples[i]) > max_tokens_per_batch:
-                batches.append(_collate(rows, examples))
+                batches.append(collate(rows, examples))
                 rows = []
             rows.append([i])
-        batches.append(_collate(rows, examples))
+        batches.append(collate(rows, examples))
     rng.shuffle(batches)
     return batches
 

@@ -1,0 +1,157 @@
+"""The inference engine: batched KV-cache decoding against transformers and against one-by-one runs,
+stop rules, seeded sampling, per-sequence and per-layer expert routes, folding, and target scoring."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moa.data.batching import encode_examples
+from moa.generate import Sampling, cut_at_stop, decode, generate, next_token, score
+from moa.lora import fold_lora, inject_lora, lora_layers, set_route, use_route
+from moa.model import load_pretrained
+from tests.conftest import hf_tiny_dir
+
+PROMPTS = ["short", "a somewhat longer prompt with more words", "x", "the middle one"]
+
+
+@pytest.fixture(scope="module")
+def experts(tiny):
+    """The tiny model with three random LoRA experts (nonzero B, so each changes the output)."""
+    model = copy.deepcopy(tiny[0])
+    torch.manual_seed(1)
+    inject_lora(model, rank=4, alpha=8, experts=3)
+    for layer in lora_layers(model).values():
+        for b in layer.lora_B:
+            torch.nn.init.normal_(b, std=0.3)
+    return model.eval(), tiny[1]
+
+
+def ids(tokenizer, texts=PROMPTS) -> list[list[int]]:
+    return [tokenizer.encode(t) for t in texts]
+
+
+def test_greedy_equals_transformers_generate(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    directory = hf_tiny_dir(tmp_path, "llama", vocab_size=320)
+    ours, tokenizer = load_pretrained(directory)
+    peer = AutoModelForCausalLM.from_pretrained(directory).eval()
+    prompts = ids(tokenizer, ["ab", "a longer one"])
+    decoded = decode(ours, prompts, Sampling(10), stop_ids=set(), pad_id=0)
+    for prompt, d in zip(prompts, decoded):
+        out = peer.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)
+        assert d.tokens == out[0, len(prompt):].tolist()
+        assert d.finish == "length"
+
+
+def test_batched_generation_equals_one_by_one_in_input_order(tiny) -> None:
+    model, tokenizer = tiny
+    prompts = ids(tokenizer)
+    sampling = Sampling(12, stop=("zz",))
+    batched = generate(model, tokenizer, prompts, sampling, batch_size=3)
+    alone = [generate(model, tokenizer, [p], sampling)[0] for p in prompts]
+    assert [g.tokens for g in batched] == [g.tokens for g in alone]
+    assert [g.prompt_tokens for g in batched] == [len(p) for p in prompts]
+    assert {g.batch for g in batched} == {0, 1} and all(g.latency_s > 0 for g in batched)
+
+
+def test_stop_strings_cut_after_leading_whitespace() -> None:
+    assert cut_at_stop("\n\nParis\n\nmore", ["\n\n"]) == ("\n\nParis", True)
+    assert cut_at_stop(" Paris. Berlin", ["\n", "."]) == (" Paris", True)
+    assert cut_at_stop(" Paris", ["\n"]) == (" Paris", False)
+
+
+def test_stop_string_ends_a_sequence_early(tiny) -> None:
+    model, tokenizer = tiny
+    free = generate(model, tokenizer, ids(tokenizer, ["hello"]), Sampling(16))[0]
+    assert free.finish == "length" and len(free.text) > 4
+    stop = free.text.lstrip()[2:4]  # a string the unconstrained text contains after its start
+    cut = generate(model, tokenizer, ids(tokenizer, ["hello"]), Sampling(16, stop=(stop,)))[0]
+    assert cut.finish == "stop" and stop not in cut.text.lstrip() and free.text.startswith(cut.text)
+    assert len(cut.tokens) < len(free.tokens)
+
+
+def test_eos_ends_a_sequence_without_the_eos(tiny) -> None:
+    model, tokenizer = tiny
+    prompts = ids(tokenizer)
+    first = decode(model, prompts, Sampling(5), stop_ids=set())
+    eos = first[1].tokens[2]  # make the third token of row 1 a stop token
+    decoded = decode(model, prompts, Sampling(5), stop_ids={eos})
+    cut = first[1].tokens.index(eos)  # its first occurrence (a random model repeats itself)
+    assert decoded[1].finish == "eos" and decoded[1].tokens == first[1].tokens[:cut]
+
+
+def test_sampling_is_seeded_and_top_p_bounds_the_nucleus(tiny) -> None:
+    model, tokenizer = tiny
+    prompts = ids(tokenizer)
+    hot = Sampling(8, temperature=1.5, seed=3)
+    a, b = (decode(model, prompts, hot, set()) for _ in range(2))
+    assert [d.tokens for d in a] == [d.tokens for d in b]
+    other = decode(model, prompts, Sampling(8, temperature=1.5, seed=4), set())
+    assert [d.tokens for d in a] != [d.tokens for d in other]
+    # a nucleus of probability mass ~0 keeps only the most likely token: greedy
+    narrow = decode(model, prompts, Sampling(8, temperature=1.5, top_p=1e-6, seed=3), set())
+    assert [d.tokens for d in narrow] == [d.tokens for d in decode(model, prompts, Sampling(8), set())]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(next_token(logits, Sampling(temperature=1.0, top_p=0.7), g)) for _ in range(200)}
+    assert draws == {0, 1}
+
+
+def test_per_sequence_experts_equal_each_sequence_with_its_expert_alone(experts) -> None:
+    model, tokenizer = experts
+    prompts = ids(tokenizer)
+    chosen = torch.tensor([2, 0, 1, 2])
+    routed = generate(model, tokenizer, prompts, Sampling(10), batch_size=4, route=lambda batch: chosen[
+        [prompts.index(p) for p in batch]])
+    for prompt, expert, g in zip(prompts, chosen.tolist(), routed):
+        with use_route(model, expert):
+            alone = generate(model, tokenizer, [prompt], Sampling(10))[0]
+        assert g.tokens == alone.tokens and g.expert == expert
+    assert len({tuple(g.tokens) for g in routed}) > 1
+
+
+def test_per_layer_route_applies_each_layers_expert(experts) -> None:
+    model, tokenizer = experts
+    prompts = ids(tokenizer, PROMPTS[:2])
+    layers = len(model.model.layers)
+    same = generate(model, tokenizer, prompts, Sampling(8), route=lambda b: torch.tensor([[1, 2]] * layers))
+    flat = generate(model, tokenizer, prompts, Sampling(8), route=lambda b: torch.tensor([1, 2]))
+    assert [g.tokens for g in same] == [g.tokens for g in flat] and same[0].expert is None
+    mixed_route = torch.tensor([[0, 0]] + [[2, 2]] * (layers - 1))
+    mixed = generate(model, tokenizer, prompts, Sampling(8), route=lambda b: mixed_route)
+    for block, route in zip(model.model.layers, mixed_route):
+        set_route(block, int(route[0]))
+    manual = generate(model, tokenizer, prompts, Sampling(8))
+    assert [g.tokens for g in mixed] == [g.tokens for g in manual]
+
+
+def test_folded_adapter_decodes_like_the_unfolded_one(experts) -> None:
+    model, tokenizer = experts
+    model = copy.deepcopy(model)
+    prompts = ids(tokenizer)
+    set_route(model, 1)
+    unfolded = decode(model, prompts, Sampling(10), set())
+    fold_lora(model, 1)
+    assert [d.tokens for d in decode(model, prompts, Sampling(10), set())] == [d.tokens for d in unfolded]
+
+
+def test_score_is_the_targets_negative_log_likelihood(experts) -> None:
+    model, tokenizer = experts
+    examples = encode_examples(PROMPTS, ["one", "two words", "three more words", "four"], tokenizer)
+    scored = score(model, examples, batch_size=3, route=lambda b: torch.tensor([1] * len(b)))
+    with use_route(model, 1), torch.no_grad():
+        for example, (nll, n) in zip(examples, scored):
+            full = torch.tensor([example.prompt_ids + example.target_ids])
+            logits = model(full)[0, len(example.prompt_ids) - 1:-1]
+            expected = F.cross_entropy(logits, torch.tensor(example.target_ids), reduction="sum")
+            assert n == len(example.target_ids) and nll == pytest.approx(float(expected), rel=1e-4)
