@@ -49,7 +49,38 @@ def validate(config: Config, source: str = "config") -> Config:
         error = jsonschema.exceptions.best_match(errors)
         key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
         raise MoaError(f"{source}: {key}: {error.message}")
+    for name in config.get("methods", {}):
+        _check_method(config, name, source)
     return config
+
+
+def method_params(config: Config, name: str) -> dict[str, Any]:
+    """A composition's parameters with `method` filled in (the entry's name unless set)."""
+    if name not in config["methods"]:
+        raise MoaError(f"methods.{name}: no such composition in the config; known: {', '.join(config['methods'])}")
+    return {"method": name} | (config["methods"][name] or {})
+
+
+_MERGE_KEYS = {"weights", "k", "density", "majority_sign_method", "seed"}
+
+
+def _check_method(config: Config, name: str, source: str) -> None:
+    """What the schema cannot say: the name is a method (or sets one), and only relevant keys are set."""
+    known = schema()["$defs"]["method"]["properties"]["method"]["enum"]
+    params = method_params(config, name)
+    method, where = params["method"], f"{source}: methods.{name}"
+    if method not in known:
+        raise MoaError(f"{where}: {name!r} is not a method; add `method:` with one of {', '.join(known)}")
+    allowed = {"method"} | ({"strategy"} if method == "moa" else _MERGE_KEYS if method not in {
+        "base", "oracle", "mixed"} else set())
+    extra = sorted(params.keys() - allowed)
+    if extra:
+        raise MoaError(f"{where}: {', '.join(extra)} does not apply to method {method!r}; remove it")
+    weights, tasks = params.get("weights"), list(config["tasks"])
+    if isinstance(weights, list) and len(weights) != len(tasks):
+        raise MoaError(f"{where}.weights: {len(weights)} weights for {len(tasks)} tasks; give one per task")
+    if isinstance(weights, dict) and weights.keys() != set(tasks):
+        raise MoaError(f"{where}.weights: keys must be exactly the tasks ({', '.join(tasks)})")
 
 
 def _schema_node(path: Sequence[str]) -> dict[str, Any]:
