@@ -54,3 +54,40 @@ def test_unreachable_tracking_server_is_a_warning(smoke: Path, monkeypatch: pyte
     out = train_lora(load_config(smoke, FAST), "sentiment")
     assert (out / "adapter_model.safetensors").is_file() and (out / "train_log.parquet").is_file()
     assert "MLflow tracking skipped for train_lora:sentiment" in caplog.text
+
+
+def test_workflow_parent_run_with_child_steps(smoke: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+
+    from moa.report import build_report
+    from moa.tracking import PARENT_RUN_ENV, end_workflow_run, start_workflow_run
+
+    config = load_config(smoke, FAST)
+    parent = start_workflow_run(config)
+    assert parent is not None
+    monkeypatch.setenv(PARENT_RUN_ENV, parent)
+    train_lora(config, "sentiment")
+    build_report(config)
+    end_workflow_run(config, parent, "FINISHED")
+    client = MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name("smoke")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert runs[client.get_run(parent).info.run_name].info.status == "FINISHED"
+    for name in ("train_lora:sentiment", "report"):
+        tags = runs[name].data.tags
+        assert tags[MLFLOW_PARENT_RUN_ID] == parent and tags["snakemake.rule"] == name.split(":")[0]
+        assert len(tags["moa.config_hash"]) == 12 and len(tags.get(MLFLOW_GIT_COMMIT, "x" * 40)) == 40
+    assert "summary.md" in {a.path for a in client.list_artifacts(runs["report"].info.run_id)}
+
+
+def test_tracking_disabled_or_failing_workflow_run_is_none(smoke: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moa.tracking import end_workflow_run, start_workflow_run
+
+    assert start_workflow_run(load_config(smoke, ["tracking.enabled=false"])) is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    config = load_config(smoke)
+    assert start_workflow_run(config) is None
+    end_workflow_run(config, None, "FAILED")  # nothing to close, no error
