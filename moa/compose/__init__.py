@@ -1,0 +1,1 @@
+"""Composing task-specific LoRA adapters into one PEFT-format adapter (routing-free merges)."""

@@ -1,0 +1,378 @@
+"""Merge PEFT-format LoRA adapters into one adapter (DESIGN.md section 4); pure functions over states.
+
+Adapter i on a module has A_i [r_i, in], B_i [out, r_i] and scaling s_i, so dW_i = s_i B_i A_i; the
+target of every method is the weighted sum dW = sum_i w_i dW_i. With Bcat = cat_i(B_i) [out, R] and
+Acat = cat_i(w_i s_i A_i) [R, in] (R = sum_i r_i), dW = Bcat Acat exactly.
+
+- concat / task_arithmetic store (Bcat, Acat) with scaling 1: exact, rank R. They differ only in the
+  default weights (1 vs 1/N).
+- linear / avg sum the factors, A = sum w_i A_i and B = sum w_i B_i, keeping s: cheap but not dW (cross
+  terms B_i A_j), and only defined for equal ranks and scalings.
+- svd: the best rank-k approximation of dW (Eckart-Young) without forming the dense out x in matrix.
+  With Bcat = Qb Rb and Acat^T = Qa Ra, dW = Qb (Rb Ra^T) Qa^T, so the SVD U S V^T of the R x R core gives
+  dW's singular values S and vectors Qb U, Qa V; ||dW - dW_k||_F^2 = sum S[k:]^2.
+- ties / dare_linear / dare_ties / magnitude_prune: PEFT's element-wise primitives (peft.utils.merge_utils,
+  reimplemented here so that moa does not depend on peft) on the dense dW_i of one module at a time, then
+  a rank-k SVD of the result.
+
+The SVD-based methods split sqrt(S) between B and A and have scaling 1 (lora_alpha = r, no rsLoRA).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moa.errors import MoaError
+from moa.lora.inject import PEFT_PREFIX, peft_key
+from moa.lora.peft_io import AdapterConfig
+
+MERGE_METHODS = ("concat", "linear", "avg", "task_arithmetic", "svd", "ties", "dare_linear", "dare_ties",
+                 "magnitude_prune")  # fmt: skip
+_EXACT = ("concat", "task_arithmetic")
+_LINEAR = ("linear", "avg")
+_DENSE = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+_SVD_BASED = ("svd", *_DENSE)
+_MEAN_BY_DEFAULT = ("avg", "task_arithmetic", "svd")
+_SIGN_METHODS = ("total", "frequency")
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """How to merge: the method and its parameters (validated on construction)."""
+
+    method: str
+    weights: tuple[float, ...] | None = None  # None = the method's default
+    k: int | None = None  # target rank of the SVD-based methods; None = the largest input rank
+    density: float = 0.5  # ties / dare / magnitude_prune: the fraction of each update's entries kept
+    majority_sign_method: str = "total"  # ties / dare_ties, as PEFT: "total" or "frequency"
+    seed: int = 0  # dare
+
+    def __post_init__(self) -> None:
+        if self.method not in MERGE_METHODS:
+            raise MoaError(f"unknown merge method {self.method!r}; use one of: {', '.join(MERGE_METHODS)}")
+        if not 0 < self.density <= 1:
+            raise MoaError(f"merge density={self.density} is outside (0, 1]; it is the fraction of entries kept")
+        if self.majority_sign_method not in _SIGN_METHODS:
+            raise MoaError(f"majority_sign_method={self.majority_sign_method!r} is unknown; use 'total' or 'frequency'")
+        if self.k is not None and self.k < 1:
+            raise MoaError(f"merge rank k={self.k} must be at least 1")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))  # a list stays hashable
+
+
+@dataclass
+class Factors:
+    """One adapter's factors on one module: A [r, in], B [out, r], update scaling * B @ A."""
+
+    A: Tensor
+    B: Tensor
+    scaling: float
+
+
+@dataclass
+class Merged:
+    """A merged module: update scaling * B @ A, with its quality against the exact weighted sum."""
+
+    A: Tensor
+    B: Tensor
+    scaling: float
+    error: float  # ||merged - dW||_F / ||dW||_F, dW = sum_i w_i dW_i
+    norm: float  # ||dW||_F
+    energy: float | None  # SVD-based methods: sum(S[:k]^2) / sum(S^2) of the matrix truncated
+
+
+def resolved_weights(spec: MergeSpec, n: int) -> list[float]:
+    """The weights of ``n`` adapters: the explicit ones, else 1/N for avg/task_arithmetic/svd and 1 otherwise."""
+    if spec.weights is None:
+        return [1.0 / n if spec.method in _MEAN_BY_DEFAULT else 1.0] * n
+    if len(spec.weights) != n:
+        raise MoaError(f"{spec.method} merge got {len(spec.weights)} weights for {n} adapters; give one per adapter")
+    return list(spec.weights)
+
+
+def target_rank(spec: MergeSpec, ranks: Sequence[int]) -> int:
+    """The rank k of an SVD-based merge of adapters of ``ranks``."""
+    k = spec.k or max(ranks)
+    if spec.method == "svd" and k > sum(ranks):
+        raise MoaError(f"svd: k={k} exceeds the sum of the adapters' ranks ({sum(ranks)}); use k <= {sum(ranks)}")
+    return k
+
+
+def merge_module(spec: MergeSpec, factors: Sequence[Factors], module_index: int) -> Merged:
+    """Merge the adapters' factors on one module; ``module_index`` seeds DARE's random pruning."""
+    if not factors:
+        raise MoaError("a merge needs at least one adapter")
+    weights = resolved_weights(spec, len(factors))
+    if spec.method in _EXACT:
+        return _concat(factors, weights)
+    if spec.method in _LINEAR:
+        return _linear(spec.method, factors, weights)
+    k = target_rank(spec, [f.A.shape[0] for f in factors])
+    if spec.method == "svd":
+        return _svd(factors, weights, k)
+    updates = [delta_weight(f) for f in factors]
+    return _truncate_dense(dense_merge(spec, updates, weights, module_index), _weighted_sum(updates, weights), k)
+
+
+def delta_weight(f: Factors) -> Tensor:
+    """The dense update in float32, computed as PEFT's get_delta_weight does (same rounding)."""
+    return (f.B.float() @ f.A.float()) * f.scaling
+
+
+def dense_merge(spec: MergeSpec, updates: Sequence[Tensor], weights: Sequence[float], module_index: int) -> Tensor:
+    """PEFT's ties / dare_linear / dare_ties / magnitude_prune of dense updates, op for op.
+
+    DARE draws one Bernoulli mask per update, in order, from a generator seeded with seed + module_index
+    (PEFT uses the global generator, so ``torch.manual_seed(seed + module_index)`` reproduces it there).
+    """
+    if spec.method in ("ties", "magnitude_prune"):
+        pruned = [_magnitude_prune(t, spec.density) for t in updates]
+    elif spec.method in ("dare_linear", "dare_ties"):
+        gen = torch.Generator().manual_seed(spec.seed + module_index)
+        pruned = [_random_prune(t, spec.density, gen) for t in updates]
+    else:
+        raise MoaError(f"{spec.method} is not an element-wise merge; use one of: {', '.join(_DENSE)}")
+    stacked = torch.stack(pruned, dim=0)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    weighted = stacked * w.view(w.shape + (1,) * (stacked.dim() - 1))
+    if spec.method in ("magnitude_prune", "dare_linear"):
+        return weighted.sum(dim=0)
+    # Sign election on the unweighted pruned updates, then the mean of the weighted entries that agree.
+    mask = _majority_sign_mask(stacked, spec.majority_sign_method)
+    return (weighted * mask).sum(dim=0) / torch.clamp(mask.sum(dim=0), min=1.0)
+
+
+def merge_adapters(
+    spec: MergeSpec, adapters: Sequence[tuple[AdapterConfig, dict[str, Tensor]]], names: Sequence[str]
+) -> tuple[AdapterConfig, dict[str, Tensor], dict[str, Any]]:
+    """Merge loaded adapters (``moa.lora.load_adapter`` results) module by module.
+
+    Returns the merged adapter's config and state (PEFT keys, float32) and a JSON-serializable report.
+    """
+    if not adapters:
+        raise MoaError("a merge needs at least one adapter; pass one or more adapter directories")
+    if len(names) != len(adapters):
+        raise MoaError(f"merge got {len(names)} names for {len(adapters)} adapters; name each adapter once")
+    _check_compatible(adapters, names)
+    state: dict[str, Tensor] = {}
+    results: list[Merged] = []
+    for index, module in enumerate(_module_names(adapters[0][1])):
+        factors = [_factors(config, st, module, name) for (config, st), name in zip(adapters, names)]
+        _check_shapes(factors, module, names)
+        merged = merge_module(spec, factors, index)
+        state[peft_key(module, "A")] = merged.A.float().contiguous()
+        state[peft_key(module, "B")] = merged.B.float().contiguous()
+        results.append(merged)
+    configs = [config for config, _ in adapters]
+    rank = results[0].A.shape[0]
+    return _merged_config(spec, configs, rank), state, _report(spec, names, configs, results, rank)
+
+
+# -- the methods ------------------------------------------------------------------------------------
+
+
+def _stacked(factors: Sequence[Factors], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """(Bcat, Acat) with Bcat @ Acat = sum_i w_i s_i B_i A_i; A scaled as PEFT's "cat" does."""
+    B = torch.cat([f.B.float() for f in factors], dim=1)
+    A = torch.cat([f.A.float() * w * f.scaling for f, w in zip(factors, weights)], dim=0)
+    return B, A
+
+
+def _concat(factors: Sequence[Factors], weights: Sequence[float]) -> Merged:
+    B, A = _stacked(factors, weights)
+    return Merged(A.contiguous(), B.contiguous(), 1.0, error=0.0, norm=_lowrank_norm(B, A), energy=None)
+
+
+def _linear(method: str, factors: Sequence[Factors], weights: Sequence[float]) -> Merged:
+    ranks = [f.A.shape[0] for f in factors]
+    scalings = [f.scaling for f in factors]
+    if len(set(ranks)) > 1 or not all(math.isclose(s, scalings[0], rel_tol=1e-9) for s in scalings):
+        raise MoaError(
+            f"{method} merge needs adapters of equal rank and scaling (got ranks {ranks}, scalings {scalings}): "
+            "summing factors of different shapes is undefined; use concat (exact) or svd (rank k)"
+        )
+    A = sum(w * f.A.float() for f, w in zip(factors, weights))
+    B = sum(w * f.B.float() for f, w in zip(factors, weights))
+    B_exact, A_exact = _stacked(factors, weights)
+    # merged - exact = [B | Bcat] @ [s A ; -Acat], a rank <= r + R product: no dense matrix needed.
+    diff = _lowrank_norm(torch.cat([B, B_exact], dim=1), torch.cat([scalings[0] * A, -A_exact], dim=0))
+    norm = _lowrank_norm(B_exact, A_exact)
+    return Merged(A, B, scalings[0], error=_relative(diff, norm), norm=norm, energy=None)
+
+
+def _svd(factors: Sequence[Factors], weights: Sequence[float], k: int) -> Merged:
+    B, A = _stacked(factors, weights)
+    qb, rb = torch.linalg.qr(B.double())
+    qa, ra = torch.linalg.qr(A.double().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    B_k, A_k = _rank_k(qb @ u, s, vh @ qa.T, k)
+    norm = float(s.norm())
+    return Merged(A_k, B_k, 1.0, error=_relative(float(s[k:].norm()), norm), norm=norm, energy=_energy(s, k))
+
+
+def _truncate_dense(merged: Tensor, exact: Tensor, k: int) -> Merged:
+    """Rank-k SVD of a dense merge; the error is against the exact weighted sum, not the pruned matrix."""
+    u, s, vh = torch.linalg.svd(merged.double(), full_matrices=False)
+    B, A = _rank_k(u, s, vh, k)
+    norm = float(torch.linalg.matrix_norm(exact))
+    diff = float(torch.linalg.matrix_norm(B.double() @ A.double() - exact))
+    return Merged(A, B, 1.0, error=_relative(diff, norm), norm=norm, energy=_energy(s, k))
+
+
+def _rank_k(u: Tensor, s: Tensor, vh: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """B = U_k sqrt(S_k), A = sqrt(S_k) Vh_k in float32; zero directions pad to rank k where there are fewer."""
+    root = s[:k].sqrt()
+    B, A = u[:, :k] * root, root[:, None] * vh[:k]
+    pad = k - root.numel()
+    return F.pad(B, (0, pad)).float().contiguous(), F.pad(A, (0, 0, 0, pad)).float().contiguous()
+
+
+# -- PEFT's element-wise primitives (peft.utils.merge_utils) ------------------------------------------
+
+
+def _magnitude_prune(t: Tensor, density: float) -> Tensor:
+    if density >= 1:  # PEFT returns the tensor unchanged
+        return t
+    mask = torch.zeros_like(t).reshape(-1)
+    top = torch.topk(t.abs().reshape(-1), k=int(density * t.numel()), largest=True)
+    mask[top[1]] = 1
+    return t * mask.reshape(t.shape)
+
+
+def _random_prune(t: Tensor, density: float, gen: torch.Generator) -> Tensor:
+    if density >= 1:  # PEFT returns the tensor unchanged, without a random draw
+        return t
+    return t * torch.bernoulli(torch.full_like(t, density), generator=gen) / density
+
+
+def _majority_sign_mask(stacked: Tensor, method: str) -> Tensor:
+    sign = stacked.sign()
+    magnitude = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    return sign == torch.where(magnitude >= 0, 1, -1)
+
+
+# -- norms and errors --------------------------------------------------------------------------------
+
+
+def _weighted_sum(updates: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    return sum(w * t.double() for t, w in zip(updates, weights))
+
+
+def _lowrank_norm(B: Tensor, A: Tensor) -> float:
+    """||B @ A||_F from the R factors of B and A^T (float64), without forming B @ A."""
+    rb = torch.linalg.qr(B.double(), mode="r")[1]
+    ra = torch.linalg.qr(A.double().T, mode="r")[1]
+    return float(torch.linalg.matrix_norm(rb @ ra.T))
+
+
+def _energy(s: Tensor, k: int) -> float:
+    total = float((s**2).sum())
+    return float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
+
+
+def _relative(diff: float, norm: float) -> float:
+    return diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
+
+
+# -- adapters ----------------------------------------------------------------------------------------
+
+
+def _module_names(state: dict[str, Tensor]) -> list[str]:
+    """Module names of a PEFT state, sorted (the module index that seeds DARE follows this order)."""
+    return sorted({key[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0] for key in state})
+
+
+def _targets(config: AdapterConfig) -> str | list[str]:
+    t = config.target_modules
+    return t if isinstance(t, str) else sorted(t)
+
+
+def _check_compatible(adapters: Sequence[tuple[AdapterConfig, dict[str, Tensor]]], names: Sequence[str]) -> None:
+    (c0, s0), n0 = adapters[0], names[0]
+    modules0 = set(_module_names(s0))
+    if not modules0:
+        raise MoaError(f"adapter {n0!r} has no LoRA tensors; re-save it")
+    for (c, s), n in zip(adapters[1:], names[1:]):
+        pair = f"adapters {n0!r} and {n!r}"
+        if c.base_model_name_or_path != c0.base_model_name_or_path:
+            raise MoaError(f"{pair} have different base models ({c0.base_model_name_or_path!r} vs "
+                           f"{c.base_model_name_or_path!r}); merge only adapters of one base model")
+        if c0.arch_fingerprint is not None and c.arch_fingerprint is not None:
+            keys = sorted(k for k in c0.arch_fingerprint.keys() | c.arch_fingerprint.keys()
+                          if c0.arch_fingerprint.get(k) != c.arch_fingerprint.get(k))
+            if keys:
+                key = keys[0]
+                raise MoaError(f"{pair} were saved for different architectures ({key}={c0.arch_fingerprint.get(key)!r}"
+                               f" vs {c.arch_fingerprint.get(key)!r}); merge only adapters of one base model")
+        differ = sorted(modules0 ^ set(_module_names(s)))
+        if differ:
+            more = ", ..." if len(differ) > 3 else ""
+            raise MoaError(f"{pair} adapt different modules ({', '.join(differ[:3])}{more}); "
+                           "merge only adapters with the same target_modules")
+        if _targets(c) != _targets(c0):
+            raise MoaError(f"{pair} have different target_modules ({_targets(c0)!r} vs {_targets(c)!r}); "
+                           "merge only adapters with the same target_modules")
+
+
+def _factors(config: AdapterConfig, state: dict[str, Tensor], module: str, name: str) -> Factors:
+    keys = peft_key(module, "A"), peft_key(module, "B")
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise MoaError(f"adapter {name!r} has no tensor {missing[0]}; re-save it with both LoRA factors")
+    return Factors(state[keys[0]], state[keys[1]], config.spec.scaling)
+
+
+def _check_shapes(factors: Sequence[Factors], module: str, names: Sequence[str]) -> None:
+    shapes = [(f.B.shape[0], f.A.shape[1]) for f in factors]
+    if len(set(shapes)) > 1:
+        listed = ", ".join(f"{n}: {o}x{i}" for n, (o, i) in zip(names, shapes))
+        raise MoaError(f"module {module} has different shapes (out x in) across adapters ({listed}); "
+                       "merge only adapters of one base model")
+
+
+def _merged_config(spec: MergeSpec, configs: Sequence[AdapterConfig], rank: int) -> AdapterConfig:
+    """linear/avg keep the inputs' scaling; every other method writes scaling 1 (lora_alpha = r)."""
+    c0 = configs[0]
+    keep = spec.method in _LINEAR
+    return AdapterConfig(
+        r=rank,
+        lora_alpha=c0.lora_alpha if keep else rank,
+        target_modules=_targets(c0),
+        lora_dropout=c0.lora_dropout,
+        use_rslora=c0.use_rslora if keep else False,
+        base_model_name_or_path=c0.base_model_name_or_path,
+        arch_fingerprint=next((c.arch_fingerprint for c in configs if c.arch_fingerprint is not None), None),
+    )
+
+
+def _report(
+    spec: MergeSpec, names: Sequence[str], configs: Sequence[AdapterConfig], results: Sequence[Merged], rank: int
+) -> dict[str, Any]:
+    absolute = [m.error * m.norm if m.norm > 0 else m.error for m in results]  # error is 0 or inf at norm 0
+    energies = [m.energy for m in results if m.energy is not None]
+    report: dict[str, Any] = {
+        "method": spec.method,
+        "adapters": list(names),
+        "weights": resolved_weights(spec, len(configs)),
+        "k": rank if spec.method in _SVD_BASED else None,
+        "rank": rank,
+        "input_ranks": [c.r for c in configs],
+        "relative_error": _relative(math.sqrt(sum(a**2 for a in absolute)), math.sqrt(sum(m.norm**2 for m in results))),
+        "max_module_relative_error": max(m.error for m in results),
+        "retained_energy": sum(energies) / len(energies) if energies else None,
+        "modules": len(results),
+    }
+    if spec.method in _DENSE:
+        report["density"] = spec.density
+    if spec.method in ("ties", "dare_ties"):
+        report["majority_sign_method"] = spec.majority_sign_method
+    if spec.method in ("dare_linear", "dare_ties"):
+        report["seed"] = spec.seed
+    return report
