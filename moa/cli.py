@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -89,6 +92,95 @@ def train_router(args: argparse.Namespace) -> None:
     print(f"wrote {train(load_config(args.config, args.set))}")
 
 
+def prepare_model(args: argparse.Namespace) -> None:
+    from moa.config import load_config
+    from moa.train.lora import prepare_model as prepare
+
+    print(f"wrote {prepare(load_config(args.config, args.set))}")
+
+
+def compose(args: argparse.Namespace) -> None:
+    from moa.compose.composition import compose as run
+    from moa.config import load_config
+
+    set_threads(args.threads)
+    print(f"wrote {run(load_config(args.config, args.set), args.method)}")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from moa.config import load_config
+    from moa.evaluate import evaluate as run
+
+    set_threads(args.threads)
+    out = run(load_config(args.config, args.set), args.method, args.task)
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    print(", ".join(f"{m} {v:.4g}" for m, v in zip(metrics.metric, metrics.value)))
+    print(f"wrote {out}")
+
+
+def report(args: argparse.Namespace) -> None:
+    from moa.config import load_config
+    from moa.report import build_report
+
+    out = build_report(load_config(args.config, args.set))
+    print(f"wrote {out}")
+
+
+def read_prompts(source: TextIO) -> Iterator[str]:
+    """Non-empty lines; a JSON object line gives its "prompt" field (JSONL files work as is)."""
+    for line in source:
+        line = line.rstrip("\n")
+        if line.lstrip().startswith("{"):
+            line = json.loads(line).get("prompt", "")
+        if line.strip():
+            yield line.replace("\\n", "\n")  # a literal \n in a one-line prompt means a line break
+
+
+def generate(args: argparse.Namespace) -> None:
+    from moa.compose.composition import load_composition
+    from moa.config import load_config
+    from moa.data.batching import prompt_texts
+    from moa.data.tasks import get_task
+    from moa.generate import Sampling, generate
+
+    set_threads(args.threads)
+    config = load_config(args.config, args.set)
+    task = get_task(config, args.task) if args.task else None
+    composed = load_composition(config, args.method, args.task, fold=config["evaluation"]["fold"])
+    evaluation = config["evaluation"]
+    sampling = Sampling(args.max_new_tokens or (task.max_new_tokens if task else 128),
+                        evaluation["temperature"] if args.temperature is None else args.temperature,
+                        evaluation["top_p"] if args.top_p is None else args.top_p, config["seed"],
+                        task.stop if task else ())
+    chat = config["data"]["chat_template"]
+
+    def answer(prompts: list[str]) -> None:
+        texts = prompt_texts(prompts, composed.tokenizer, chat)
+        ids = [composed.tokenizer.encode(t, add_bos=False if chat else None) for t in texts]
+        answers = generate(composed.model, composed.tokenizer, ids, sampling, evaluation["batch_size"],
+                           composed.route)
+        for prompt, reply in zip(prompts, answers):
+            expert = None if reply.expert is None else composed.experts[reply.expert]
+            if args.json:
+                print(json.dumps({"prompt": prompt, "text": reply.text.strip(), "expert": expert,
+                                  "new_tokens": len(reply.tokens), "latency_s": round(reply.latency_s, 4),
+                                  "finish": reply.finish}), flush=True)
+            else:
+                print(("" if expert is None else f"[{expert}] ") + reply.text.strip(), flush=True)
+
+    if args.input is None and sys.stdin.isatty():  # a conversation: answer each line as it comes
+        print("one prompt per line (\\n for a line break); Ctrl-D ends", file=sys.stderr)
+        for prompt in read_prompts(sys.stdin):
+            answer([prompt])
+        return
+    if args.input and not Path(args.input).is_file():
+        raise MoaError(f"{args.input}: prompt file not found")
+    with open(args.input) if args.input else nullcontext(sys.stdin) as source:
+        answer(list(read_prompts(source)))  # batched, answers in input order
+
+
 def add_step(steps: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """A pipeline step: every one takes --config and any number of --set overrides."""
     step = steps.add_parser(name, help=help, description=help)
@@ -133,7 +225,33 @@ def build_parser() -> argparse.ArgumentParser:
     router = add_step(steps, "train-router", "MoA stage 2: train a router before every block on the task LoRAs "
                       "(teacher forcing) -> moa/ (routers, experts, router accuracy, confusion matrix); resumable")
     router.set_defaults(run=train_router)
-    for step in (lora, mixed, router):
+    model_step = add_step(steps, "prepare-model", "write the base model once as an HF directory -> model/ "
+                          "(a GGUF is dequantized here; later steps load model/)")
+    model_step.set_defaults(run=prepare_model)
+    comp = add_step(steps, "compose", "build one composition from the trained adapters -> compositions/{method}/ "
+                    "(a PEFT adapter + merge_report.json for merges; a manifest for base, oracle and moa)")
+    comp.add_argument("--method", required=True, help="a name from the config's methods section, e.g. svd")
+    comp.set_defaults(run=compose)
+    ev = add_step(steps, "evaluate", "evaluate one composition on one task's test split -> "
+                  "eval/{method}/{task}/predictions.parquet + metrics.parquet")
+    ev.add_argument("--method", required=True, help="a name from the config's methods section")
+    ev.add_argument("--task", required=True, help="a task name from the config's tasks section")
+    ev.set_defaults(run=evaluate)
+    rep = add_step(steps, "report", "collect every evaluation -> report/metrics.parquet, summary.md and PNG plots")
+    rep.set_defaults(run=report)
+    gen = add_step(steps, "generate", "answer prompts with any composition: one prompt per line from --input "
+                   "or stdin (JSONL lines with a \"prompt\" field also work); interactive on a terminal")
+    gen.add_argument("--method", required=True, help="a composition name from the config's methods section")
+    gen.add_argument("--task", default=None, help="use this task's stop strings and token budget "
+                     "(and its LoRA for the oracle)")
+    gen.add_argument("--input", default=None, help="file of prompts (default: stdin)")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's, else 128")
+    gen.add_argument("--temperature", type=float, default=None, help="0 decodes greedily (default: the config's)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus mass when sampling (default: the config's)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per answer (text, expert, tokens, "
+                     "latency_s, finish)")
+    gen.set_defaults(run=generate)
+    for step in (lora, mixed, router, comp, ev, gen):
         step.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     return parser
 

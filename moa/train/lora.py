@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -10,9 +11,9 @@ import torch
 from moa.config import Config, experiment_dir
 from moa.data.batching import Example, encode_examples
 from moa.data.prepare import read_split
-from moa.io import atomic_dir
+from moa.io import atomic_dir, atomic_file
 from moa.lora import inject_lora, mark_only_lora_as_trainable, save_adapter
-from moa.model import DTYPES, Tokenizer, Transformer, load_pretrained
+from moa.model import DTYPES, Tokenizer, Transformer, load_pretrained, save_hf_dir
 from moa.tracking import log_step
 from moa.train.trainer import Trainer, TrainSettings
 
@@ -23,8 +24,35 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+PROVENANCE_FILE = "moa_source.json"  # in model/: which config.model it was prepared from
+
+
+def prepared_model_dir(config: Config) -> Path:
+    return experiment_dir(config) / "model"
+
+
+def prepare_model(config: Config) -> Path:
+    """results/{experiment}/model/: the base model as an HF directory (a GGUF dequantized once), which
+    every later step loads instead of the source."""
+    dtype = DTYPES[config["model"]["dtype"]]
+    model, tokenizer = load_pretrained(config["model"]["source"], dtype, seed=config["seed"])
+    out = save_hf_dir(model, tokenizer, prepared_model_dir(config), dtype)
+    with atomic_file(out / PROVENANCE_FILE) as tmp:
+        tmp.write_text(json.dumps(_provenance(config), sort_keys=True) + "\n")
+    return out
+
+
+def _provenance(config: Config) -> dict[str, object]:
+    return {"model": config["model"], "seed": config["seed"]}  # random:PRESET models depend on the seed
+
+
 def base_model(config: Config) -> tuple[Transformer, Tokenizer]:
-    return load_pretrained(config["model"]["source"], DTYPES[config["model"]["dtype"]], seed=config["seed"])
+    """The prepared model/ when it was made from this config's model, else the source itself."""
+    prepared = prepared_model_dir(config)
+    stamp = prepared / PROVENANCE_FILE
+    fresh = stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(_provenance(config)))
+    source = prepared if fresh else config["model"]["source"]
+    return load_pretrained(source, DTYPES[config["model"]["dtype"]], seed=config["seed"])
 
 
 def train_lora_factors_in_fp32(model: Transformer) -> None:

@@ -1,0 +1,188 @@
+"""`moa compose`, `moa evaluate` and `moa generate` on a tiny trained experiment: every method composes
+and loads, MoA routes per sequence, evaluations write the documented files, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from moa.cli import main
+from moa.compose.composition import compose, load_composition
+from moa.config import load_config
+from moa.data.prepare import prepare_task
+from moa.evaluate import evaluate
+from moa.generate import Sampling, generate
+from moa.lora import AdapterConfig, load_adapter, write_adapter
+from moa.model.tokenizer import byte_tokenizer
+from moa.train.lora import train_lora, train_mixed
+from moa.train.router import train_router
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["dialogue", "qa", "sentiment"]
+FAST = ["training.steps=3", "training.batch_size=4", "training.warmup_steps=1", "training.eval_every=20",
+        "training.checkpoint_every=100", "router.steps=20", "router.lr=0.03", "evaluation.limit=4",
+        "evaluation.max_new_tokens=6", "data.sizes.train=16", "data.sizes.test=4", "data.max_prompt_tokens=384"]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A config with three trained task LoRAs, the mixed LoRA and MoA routers on the tiny model."""
+    tmp = tmp_path_factory.mktemp("compose")
+    config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    config |= {"results_dir": str(tmp / "results"), "tracking": {"enabled": False}}
+    config["tasks"] = {task: {"source": {"type": "synthetic"}} for task in TASKS}
+    path = tmp / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(path, FAST)
+    for task in TASKS:
+        prepare_task(loaded, task, byte_tokenizer())
+        train_lora(loaded, task)
+    train_mixed(loaded)
+    train_router(loaded)
+    return path
+
+
+def root(path: Path) -> Path:
+    return Path(load_config(path)["results_dir"]) / "smoke"
+
+
+def test_every_method_composes_and_loads(experiment: Path) -> None:
+    config = load_config(experiment, FAST)
+    prompts = [byte_tokenizer().encode("Question: what?\nAnswer:")]
+    for name in config["methods"]:
+        out = compose(config, name)
+        manifest = json.loads((out / "composition.json").read_text())
+        assert manifest["method"] == config["methods"][name].get("method", name) if config["methods"][name] \
+            else manifest["method"] == name
+        composed = load_composition(config, name, task="qa")
+        assert len(generate(composed.model, composed.tokenizer, prompts, Sampling(3), route=composed.route)) == 1
+    svd = json.loads((root(experiment) / "compositions/svd/merge_report.json").read_text())
+    assert svd["rank"] == 8 and svd["input_ranks"] == [8, 8, 8] and 0 < svd["retained_energy"] <= 1
+    concat = json.loads((root(experiment) / "compositions/concat/merge_report.json").read_text())
+    assert concat["rank"] == 24 and concat["relative_error"] < 1e-5
+    assert load_adapter(root(experiment) / "compositions/concat")[0].r == 24
+
+
+def test_same_method_twice_under_two_names(experiment: Path) -> None:
+    config = load_config(experiment, [*FAST, "methods={svd_r4: {method: svd, k: 4}, svd_r24: {method: svd, k: 24}}"])
+    low, full = (json.loads((compose(config, n) / "merge_report.json").read_text()) for n in ("svd_r4", "svd_r24"))
+    assert (low["rank"], full["rank"]) == (4, 24)
+    assert full["relative_error"] < 1e-5 < low["relative_error"] and full["retained_energy"] == pytest.approx(1.0)
+
+
+def test_moa_routes_each_sequence_to_the_chosen_expert(experiment: Path) -> None:
+    config = load_config(experiment, FAST)
+    compose(config, "moa")
+    composed = load_composition(config, "moa")
+    assert composed.experts == tuple(TASKS)
+    tokenizer = composed.tokenizer
+    prompts = [tokenizer.encode(p) for p in ("Review: great film\nSentiment:", "Passage: x\nQuestion: y\nAnswer:")]
+    chosen = composed.route(prompts)
+    assert chosen.shape == (2,)
+    routed = generate(composed.model, tokenizer, prompts, Sampling(6), route=composed.route)
+    assert [g.expert for g in routed] == chosen.tolist()
+    per_layer = load_composition(config, "moa_per_layer") if compose(config, "moa_per_layer") else None
+    assert per_layer.route(prompts).shape == (2, 2)  # [layers, sequences]
+
+
+@pytest.mark.parametrize("method", ["moa", "oracle", "svd"])
+def test_evaluate_writes_predictions_and_metrics(experiment: Path, method: str) -> None:
+    config = load_config(experiment, FAST)
+    compose(config, method)
+    for task in ("qa", "dialogue"):
+        out = evaluate(config, method, task)
+        predictions = pd.read_parquet(out / "predictions.parquet")
+        metrics = pd.read_parquet(out / "metrics.parquet")
+        assert list(metrics.columns) == ["method", "task", "metric", "value", "n"]
+        assert set(metrics.method) == {method} and set(metrics.task) == {task}
+        assert set(metrics.n) == {len(predictions)} and 0 < len(predictions) <= 4  # evaluation.limit
+        assert {"id", "prompt", "prediction", "references"} <= set(predictions.columns)
+        if task == "dialogue":  # scored, not generated
+            assert {"nll", "n_tokens"} <= set(predictions.columns) and predictions.prediction.isna().all()
+            ppl = metrics.set_index("metric").value["perplexity"]
+            assert ppl == pytest.approx(float(torch.tensor(predictions.nll.sum() / predictions.n_tokens.sum()).exp()))
+        else:
+            assert {"f1", "exact_match", "new_tokens_per_s", "latency_s"} <= set(metrics.metric)
+            assert (predictions.new_tokens <= 6).all() and (predictions.latency_s > 0).all()
+            assert ("router_accuracy" in set(metrics.metric)) == (method == "moa")
+            if method == "moa":
+                assert set(predictions.expert) <= set(TASKS)
+
+
+def test_same_config_same_metrics(experiment: Path) -> None:
+    config = load_config(experiment, FAST)
+    compose(config, "ties")
+    first = pd.read_parquet(evaluate(config, "ties", "qa") / "predictions.parquet")
+    compose(config, "ties")
+    second = pd.read_parquet(evaluate(config, "ties", "qa") / "predictions.parquet")
+    assert first.prediction.tolist() == second.prediction.tolist()
+
+
+def test_generate_cli_answers_a_prompt_file(experiment: Path, tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Review: a fine film\\nSentiment:\n\n" + json.dumps({"prompt": "Question: why?"}) + "\n")
+    args = ["--config", str(experiment), *(x for s in FAST for x in ("--set", s))]
+    assert main(["compose", *args, "--method", "moa"]) == 0
+    capsys.readouterr()
+    assert main(["generate", *args, "--method", "moa", "--input", str(prompts), "--json",
+                 "--max-new-tokens", "4"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["prompt"] for a in lines] == ["Review: a fine film\nSentiment:", "Question: why?"]  # \\n unescaped
+    assert all(a["expert"] in TASKS and a["new_tokens"] <= 4 for a in lines)
+
+
+def one_line_error(capsys, argv: list[str], *fragments: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.fixture
+def broken(experiment: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A copy of the experiment whose adapters a test may damage."""
+    config = yaml.safe_load(experiment.read_text()) | {"results_dir": str(tmp_path / "results")}
+    shutil.copytree(root(experiment) / "adapters", tmp_path / "results/smoke/adapters")
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return tmp_path / "results/smoke/adapters", ["--config", str(path), *(x for s in FAST for x in ("--set", s))]
+
+
+def rewrite(adapter: Path, **changes: object) -> None:
+    config, state = load_adapter(adapter)
+    rank = changes.pop("rank", None)
+    if rank:
+        state = {k: (v[:rank] if k.endswith("lora_A.weight") else v[:, :rank]) for k, v in state.items()}
+    drop = changes.pop("drop", None)
+    if drop:
+        state = {k: v for k, v in state.items() if f".{drop}." not in k}
+        changes["target_modules"] = [t for t in config.target_modules if t != drop]
+    fields = vars(config) | changes | ({"r": rank, "lora_alpha": 2 * rank} if rank else {})
+    write_adapter(adapter, AdapterConfig(**fields), state)
+
+
+def test_bad_compositions_are_one_line(broken, capsys) -> None:
+    adapters, args = broken
+    one_line_error(capsys, ["compose", *args, "--method", "nope"], "methods.nope", "known:")
+    one_line_error(capsys, ["compose", *args, "--method", "svd", "--set", "methods={svd: {k: 100}}"],
+                   "k=100 exceeds")
+    sideways = "methods={moa_vote: {method: moa, strategy: sideways}}"
+    one_line_error(capsys, ["compose", *args, "--method", "moa_vote", "--set", sideways], "methods.moa_vote.strategy")
+    one_line_error(capsys, ["compose", *args, "--method", "moa"], "moa: no trained MoA routers", "train-router")
+    rewrite(adapters / "qa", rank=4)
+    one_line_error(capsys, ["compose", *args, "--method", "linear"], "equal rank", "concat", "svd")
+    assert main(["compose", *args, "--method", "concat"]) == 0  # ranks may differ for an exact concat
+    rewrite(adapters / "qa", base_model_name_or_path="another/model")
+    one_line_error(capsys, ["compose", *args, "--method", "svd"], "another/model")
+    rewrite(adapters / "qa", base_model_name_or_path="random:tiny", drop="v_proj")
+    one_line_error(capsys, ["compose", *args, "--method", "ties"], "v_proj")
+    shutil.rmtree(adapters / "sentiment")
+    one_line_error(capsys, ["compose", *args, "--method", "oracle"], "adapters/sentiment", "train-lora")
+    one_line_error(capsys, ["evaluate", *args, "--method", "oracle", "--task", "qa"], "compose")
