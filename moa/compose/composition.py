@@ -28,6 +28,7 @@ from moa.io import atomic_dir, read_json
 from moa.lora import fold_lora, load_adapter, write_adapter
 from moa.lora.peft_io import CONFIG_FILE, WEIGHTS_FILE
 from moa.model import Tokenizer, Transformer
+from moa.tracking import log_step
 from moa.train.lora import MIXED, base_model, device
 from moa.train.router import adapter_dirs, attach_experts, decide, load_routers, route_scores
 
@@ -80,7 +81,12 @@ def compose(config: Config, name: str) -> Path:
             report = _merge(config, name, merge_spec(config, params), tmp)
             manifest |= {"adapter": ".", "rank": report["rank"]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return composition_dir(config, name)
+    out = composition_dir(config, name)
+    report = read_json(out / REPORT, "") if (out / REPORT).is_file() else {}
+    log_step(config, f"compose:{name}", {"moa.step": "compose", "moa.method": name}, {"method": params},
+             metrics={k: report[k] for k in ("rank", "relative_error", "retained_energy") if report.get(k) is not None},
+             artifacts=[p for p in (out / MANIFEST, out / REPORT) if p.is_file()])
+    return out
 
 
 def _relative(path: Path, root: Path) -> str:
