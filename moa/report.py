@@ -272,6 +272,16 @@ def router_summary(evaluation: pd.DataFrame, router_config: Mapping[str, object]
 # --- the step ----------------------------------------------------------------------------------------
 
 
+def placeholder(name: str, reason: str) -> Figure:
+    """A plot with nothing to show: its title and why, so a reader of the PNG alone knows."""
+    figure = Figure(figsize=(6, 2))
+    ax = figure.subplots()
+    ax.axis("off")
+    ax.set_title(name.replace("_", " "))
+    ax.text(0.5, 0.5, f"no data: {reason}", ha="center", va="center", wrap=True)
+    return figure
+
+
 def figures(config: Config, normalized: pd.DataFrame, scores: pd.Series, evaluation: pd.DataFrame | None,
             confusion: pd.DataFrame | None, cosine: tuple[list[str], np.ndarray] | None) -> dict[str, Figure | str]:
     """Each plot's figure, or why it was skipped."""
@@ -302,7 +312,7 @@ def summary(config: Config, metrics: pd.DataFrame, normalized: pd.DataFrame, sco
     notes = notes + [f"`{method}` multitask score is – (no normalized score on "
                      f"{', '.join(normalized.columns[normalized.loc[method].isna()])})"
                      for method in scores.index[scores.isna()]]
-    notes += [f"{name}.png skipped: {plot}" for name, plot in plots.items() if isinstance(plot, str)]
+    notes += [f"{name}.png skipped (it says why): {plot}" for name, plot in plots.items() if isinstance(plot, str)]
     return "\n".join(lines + (["", "## Notes", "", *(f"- {note}" for note in notes)] if notes else [])) + "\n"
 
 
@@ -329,10 +339,10 @@ def build_report(config: Config) -> Path:
     plots = figures(config, normalized, scores, evaluation, confusion, cosine)
     with atomic_dir(root / "report") as tmp:
         with_normalized(metrics, normalized, representative).to_parquet(tmp / "metrics.parquet", index=False)
-        for name, plot in plots.items():
-            if isinstance(plot, Figure):
-                plot.tight_layout()
-                plot.savefig(tmp / f"{name}.png", dpi=DPI)
+        for name, plot in plots.items():  # every PNG is written (the workflow declares them all)
+            figure = plot if isinstance(plot, Figure) else placeholder(name, plot)
+            figure.tight_layout()
+            figure.savefig(tmp / f"{name}.png", dpi=DPI)
         text = summary(config, metrics, normalized, scores, evaluation, router_config, plots, notes)
         (tmp / "summary.md").write_text(text)
     log_step(config, "report", {"moa.step": "report"}, {"methods": config["methods"], "tasks": list(config["tasks"])},

@@ -188,8 +188,8 @@ def test_build_report_with_missing_inputs(tmp_path: Path) -> None:
     assert "| base | 20.00 | 10.00 | – | – | – |" in text
     assert "No router evaluation" in text
     for name in PNGS:
-        assert f"{name}.png skipped" in text
-        assert not (experiment_dir(config) / "report" / f"{name}.png").exists()
+        assert f"{name}.png skipped" in text and f"![{name}]" not in text
+        assert (experiment_dir(config) / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "`oracle` has no evaluation on qa, sentiment, dialogue" in text
 
 
