@@ -1,0 +1,48 @@
+# moa: one LoRA per task -> MoA routers and every merge -> evaluation -> report.
+#
+#   snakemake --cores all --configfile config/smoke.yaml      # seconds-sized check of the whole DAG
+#   snakemake --cores all                                      # config/config.yaml, the offline default
+#   snakemake --profile workflow/profiles/slurm --configfile config/real.yaml
+#   snakemake --report report.html --configfile ...            # after a run: plots + provenance
+#
+# `--configfile` replaces config/config.yaml (it is not merged into it); `--config key=value` overrides
+# keys on top (nested values are typed by the schema, e.g. --config training='{steps: 4}').
+# The config is validated (workflow/schemas/config.schema.yaml) before any job runs.
+
+if not workflow.config_settings.configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/compose.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+localrules:
+    all,
+
+
+rule all:
+    input:
+        rules.report.output,
+    default_target: True
+
+
+onstart:
+    start_tracking()
+
+
+onsuccess:
+    end_tracking("FINISHED")
+
+
+onerror:
+    end_tracking("FAILED")

@@ -1,0 +1,300 @@
+"""The Snakemake workflow, through snakemake's own CLI: lint, the planned DAG, config errors, and (after
+one real smoke run) what reruns when the config, the code or the run itself changes."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moa.config import schema
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "config" / "smoke.yaml"
+SMOKE_TASKS = ["qa", "sentiment", "math"]
+METHODS = list(schema()["properties"]["methods"]["default"])  # smoke.yaml lists none: all of them
+STEPS = ["prepare-model", "prepare-data", "train-lora", "train-mixed", "train-router", "compose", "evaluate",
+         "report"]
+# Pinned so that the rerun checks see only what each test changes (test_code_change_reruns_everything
+# covers the real code version, moa's version + a hash of its source).
+CODE_VERSION = "test-pinned"
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path | None = SMOKE, code_version: str | None = CODE_VERSION,
+              timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    """snakemake on the repository's Snakefile, in `workdir` (its .snakemake/ and results/ stay there).
+    Without a configfile it reads config/config.yaml of the working directory, as a deployed workflow does."""
+    if configfile is None and not (workdir / "config").exists():
+        shutil.copytree(REPO / "config", workdir / "config")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", *(["--configfile", str(configfile)] if configfile else []), *args]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                          env=environment(workdir, code_version))
+
+
+def environment(workdir: Path, code_version: str | None = CODE_VERSION) -> dict[str, str]:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
+    env.pop("MOA_MLFLOW_PARENT_RUN_ID", None)
+    env.pop("MOA_CODE_VERSION", None)
+    if code_version:
+        env["MOA_CODE_VERSION"] = code_version
+    return env
+
+
+def job_counts(output: str) -> Counter[str]:
+    """The dry run's "Job stats" table: rule -> number of jobs."""
+    if "Nothing to be done" in output:
+        return Counter()
+    table = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    rows = (line.split() for line in table.splitlines()[3:])  # after "job count" and the rule line
+    return Counter({row[0]: int(row[1]) for row in rows if len(row) == 2 and row[0] != "total"})
+
+
+def planned(output: str, rule: str) -> list[str]:
+    """The wildcards of every planned job of `rule` in a dry run, e.g. ["task=qa"]."""
+    found, current = [], None
+    for line in output.splitlines():
+        if match := re.match(r"^(?:local)?rule (\w+):$", line):
+            current = match.group(1)
+        elif not line.startswith(" "):
+            current = None
+        elif current == rule and (match := re.match(r"^\s+wildcards: (.*)$", line)):
+            found.append(match.group(1))
+    return sorted(found)
+
+
+def dry_run(workdir: Path, *args: str, **kwargs: object) -> tuple[Counter[str], str]:
+    result = snakemake(workdir, "--dry-run", *args, **kwargs)  # type: ignore[arg-type]
+    assert result.returncode == 0, result.stdout + result.stderr
+    return job_counts(result.stdout), result.stdout
+
+
+def smoke_jobs(n_tasks: int = 3, n_methods: int = len(METHODS)) -> Counter[str]:
+    return Counter(prepare_model=1, prepare_data=n_tasks, train_lora=n_tasks, train_mixed=1, train_router=1,
+                   compose=n_methods, evaluate=n_methods * n_tasks, report=1, all=1)
+
+
+# --- without running anything ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("configfile", [SMOKE, None], ids=["smoke", "default"])
+def test_lint_is_clean(tmp_path: Path, configfile: Path | None) -> None:
+    result = snakemake(tmp_path, "--lint", configfile=configfile)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
+    assert "Congratulations" in result.stdout + result.stderr
+
+
+def test_dry_run_plans_the_smoke_dag(tmp_path: Path) -> None:
+    counts, out = dry_run(tmp_path, "--printshellcmds")
+    assert counts == smoke_jobs()
+    assert planned(out, "train_lora") == [f"task={t}" for t in sorted(SMOKE_TASKS)]
+    assert len(planned(out, "evaluate")) == len(METHODS) * len(SMOKE_TASKS)
+    # each step gets the validated config as one content-addressed file under the experiment
+    configs = list((tmp_path / "results" / "smoke" / ".config").glob("*.yaml"))
+    assert len(configs) == 1
+    written = yaml.safe_load(configs[0].read_text())
+    assert list(written["tasks"]) == SMOKE_TASKS and list(written["methods"]) == METHODS
+    assert written["lora"]["rank"] == 8  # defaults filled in
+    assert f"--config {configs[0].relative_to(tmp_path)}" in out
+
+
+def test_configfile_replaces_the_default_config(tmp_path: Path) -> None:
+    """--configfile smoke.yaml is the experiment; without it config/config.yaml (six tasks) is."""
+    counts, _ = dry_run(tmp_path, configfile=None)
+    assert counts == smoke_jobs(n_tasks=6)
+    assert (tmp_path / "results" / "default" / ".config").is_dir()
+
+
+def test_nested_config_overrides_are_typed_by_the_schema(tmp_path: Path) -> None:
+    """Snakemake reads nested --config values as strings; they reach the steps typed like --set."""
+    counts, _ = dry_run(tmp_path, "--config", "training={steps: 4, max_grad_norm: null}", "tracking={enabled: false}",
+                        "methods={svd_r4: {method: svd, k: 4}, base: null}")
+    assert counts == smoke_jobs(n_methods=2)
+    written = yaml.safe_load(next((tmp_path / "results" / "smoke" / ".config").glob("*.yaml")).read_text())
+    assert written["training"]["steps"] == 4 and written["training"]["max_grad_norm"] is None
+    assert written["tracking"]["enabled"] is False
+    assert written["methods"] == {"svd_r4": {"method": "svd", "k": 4}, "base": None}
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("colour=blue", "colour"),
+    ("seed=many", "seed"),
+    ("lora={rank: zero}", "lora.rank"),
+    ("tasks={capitals: {template: 'Capital of {country}?', target: '{capital}', metric: exact_match}}",
+     "tasks.capitals"),
+    ("methods={fancy: null}", "methods.fancy"),
+    ("methods={svd: {strategy: vote}}", "methods.svd"),
+], ids=["unknown-key", "wrong-type", "wrong-nested-type", "custom-task-without-source", "not-a-method",
+        "key-of-another-method"])
+def test_a_bad_config_stops_with_one_line_naming_the_key(tmp_path: Path, override: str, key: str) -> None:
+    result = snakemake(tmp_path, "--dry-run", "--config", override)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 1
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("moa: error: ") and key in lines[0], lines[0]
+    assert not (tmp_path / "results").exists()  # nothing was planned or written
+
+
+# --- after one real smoke run -------------------------------------------------------------------------
+
+
+def missing_steps() -> list[str]:
+    return [step for step in STEPS
+            if subprocess.run([sys.executable, "-m", "moa", step, "--help"], check=False, capture_output=True).returncode]
+
+
+def smoke_config(directory: Path, **changes: object) -> Path:
+    """smoke.yaml with the evaluation cut to a few rows per task (the DAG is the same), plus `changes`."""
+    config = yaml.safe_load(SMOKE.read_text()) | {"evaluation": {"limit": 4}} | changes
+    path = directory / "smoke-test.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working directory where the whole smoke DAG has run once."""
+    if missing := missing_steps():
+        pytest.skip(f"the workflow's CLI steps do not exist yet: moa {', '.join(missing)} --help fails")
+    workdir = tmp_path_factory.mktemp("smoke")
+    result = snakemake(workdir, configfile=smoke_config(workdir))
+    output = result.stdout + result.stderr
+    if result.returncode != 0 and "MissingOutputException in rule report" in output:
+        pytest.fail("moa report left out plots the workflow declares: it must write every report/*.png of "
+                    f"workflow/rules/common.smk's REPORT_PLOTS (a placeholder saying why, where the data allows "
+                    f"no plot):\n{output[-3000:]}")
+    logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in (workdir / "results").rglob("*.log"))
+    assert result.returncode == 0, output[-5000:] + logs[-10000:]
+    return workdir
+
+
+def copy_of(built: Path, tmp_path: Path) -> Path:
+    """A copy of the built tree (results/ and .snakemake/ metadata, mtimes kept): tests that run jobs
+    do not change the tree the others plan against."""
+    workdir = tmp_path / "w"
+    shutil.copytree(built, workdir, symlinks=True, ignore=shutil.ignore_patterns("locks"))
+    return workdir
+
+
+def test_smoke_run_wrote_every_artifact(built: Path) -> None:
+    exp = built / "results" / "smoke"
+    for task in SMOKE_TASKS:
+        assert (exp / "data" / task / "stats.json").is_file()
+        assert (exp / "adapters" / task / "adapter_model.safetensors").is_file()
+    assert (exp / "adapters" / "_mixed" / "train_log.parquet").is_file()
+    assert (exp / "moa" / "routers.safetensors").is_file()
+    for method in METHODS:
+        assert (exp / "compositions" / method / "composition.json").is_file()
+        for task in SMOKE_TASKS:
+            assert (exp / "eval" / method / task / "metrics.parquet").is_file()
+    for name in ("metrics.parquet", "summary.md", "train_loss.png", "router_confusion.png"):
+        assert (exp / "report" / name).is_file()
+    for rule in ("prepare_model", "train_mixed", "report"):
+        assert (exp / "logs" / f"{rule}.log").is_file() and (exp / "benchmarks" / f"{rule}.tsv").is_file()
+    assert (exp / "logs" / "evaluate" / "svd" / "qa.log").is_file()
+
+
+def test_every_job_is_a_child_run_of_the_workflow_run(built: Path) -> None:
+    with sqlite3.connect(built / "mlflow.db") as db:
+        parents = db.execute("SELECT run_uuid, status FROM runs WHERE name LIKE 'workflow:%'").fetchall()
+        children = db.execute("SELECT t.value, r.name FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid "
+                              "WHERE t.key = 'mlflow.parentRunId'").fetchall()
+    assert len(parents) == 1 and parents[0][1] == "FINISHED", parents
+    assert children and {parent for parent, _ in children} == {parents[0][0]}
+    names = {name for _, name in children}
+    assert {"train_lora:qa", "train_mixed", "train_router", "evaluate:svd,qa", "report"} <= names, names
+
+
+def test_a_second_run_does_nothing(built: Path) -> None:
+    counts, out = dry_run(built, configfile=smoke_config(built))
+    assert counts == Counter(), out
+
+
+def test_adding_a_task_reruns_only_what_depends_on_it(built: Path) -> None:
+    config = smoke_config(built)
+    counts, out = dry_run(built, "--config", "tasks={dialogue: {source: {type: synthetic}}}", configfile=config)
+    assert counts == Counter(prepare_data=1, train_lora=1, train_mixed=1, train_router=1, compose=len(METHODS),
+                             evaluate=len(METHODS) * 4, report=1, all=1), out
+    assert planned(out, "prepare_data") == planned(out, "train_lora") == ["task=dialogue"]
+
+
+def test_changing_one_method_reruns_only_its_composition(built: Path) -> None:
+    methods = dict(schema()["properties"]["methods"]["default"]) | {"svd": {"k": 4}}
+    counts, out = dry_run(built, configfile=smoke_config(built, methods=methods))
+    assert counts == Counter(compose=1, evaluate=len(SMOKE_TASKS), report=1, all=1), out
+    assert planned(out, "compose") == ["method=svd"]
+    # and the same entry spelled out with its defaults is no change at all
+    methods = dict(schema()["properties"]["methods"]["default"]) | {"svd": {"method": "svd"}}
+    counts, out = dry_run(built, configfile=smoke_config(built, methods=methods))
+    assert counts == Counter(), out
+
+
+def test_changing_the_evaluation_reruns_only_evaluations(built: Path) -> None:
+    counts, out = dry_run(built, configfile=smoke_config(built, evaluation={"limit": 3}))
+    assert counts == Counter(evaluate=len(METHODS) * len(SMOKE_TASKS), report=1, all=1), out
+
+
+def test_changing_the_router_reruns_it_and_the_moa_compositions(built: Path) -> None:
+    counts, out = dry_run(built, configfile=smoke_config(built, router={"eta": 0.5}))
+    moa = [m for m in METHODS if m.startswith("moa")]
+    assert counts == Counter(train_router=1, compose=len(moa), evaluate=len(moa) * len(SMOKE_TASKS), report=1,
+                             all=1), out
+
+
+def test_code_change_reruns_everything(built: Path) -> None:
+    """Without the pin, the code version is moa's version + a hash of its source: not what built the tree."""
+    counts, out = dry_run(built, configfile=smoke_config(built), code_version=None)
+    assert counts == smoke_jobs(), out
+    assert re.search(r"Params have changed since last execution", out)
+
+
+def test_report_html(built: Path, tmp_path: Path) -> None:
+    html = tmp_path / "report.html"
+    result = snakemake(built, "--report", str(html), configfile=smoke_config(built))
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = html.read_text()
+    plots = [p.name for p in (built / "results" / "smoke" / "report").glob("*.png")]
+    assert plots and all(name in text for name in plots), plots
+
+
+def test_an_interrupted_run_resumes(built: Path, tmp_path: Path) -> None:
+    """A run stopped by Ctrl-C while train_mixed trains, then the same command again: it finishes, and
+    the job resumes from its checkpoint (checkpoints/ is no output, so Snakemake leaves it alone)."""
+    workdir = copy_of(built, tmp_path)
+    config = smoke_config(workdir)
+    exp = workdir / "results" / "smoke"
+    for name in ("adapters/_mixed", "report"):  # as if the first run had stopped before these
+        shutil.rmtree(exp / name)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", "--configfile", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=environment(workdir), start_new_session=True)
+    checkpoint = exp / "checkpoints" / "_mixed" / "state.pt"
+    deadline = time.monotonic() + 900
+    while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not checkpoint.is_file():
+        proc.kill()
+        pytest.fail(f"train_mixed never checkpointed:\n{proc.communicate()[0][-5000:]}")
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: snakemake and its job
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert not (exp / "adapters" / "_mixed" / "adapter_model.safetensors").exists() and checkpoint.is_file()
+
+    result = snakemake(workdir, configfile=config)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "resuming from step" in (exp / "logs" / "train_mixed.log").read_text()
+    assert (exp / "adapters" / "_mixed" / "adapter_model.safetensors").is_file() and not checkpoint.exists()
+    assert (exp / "report" / "summary.md").is_file()
+    assert dry_run(workdir, configfile=config)[0] == Counter()

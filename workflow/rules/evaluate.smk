@@ -1,0 +1,35 @@
+# Every composition on every task's test split.
+
+
+rule evaluate:
+    input:
+        MODEL_FILES,
+        composition=f"{EXP}/compositions/{{method}}/composition.json",
+        test=f"{EXP}/data/{{task}}/test.parquet",
+    output:
+        predictions=f"{EXP}/eval/{{method}}/{{task}}/predictions.parquet",
+        metrics=f"{EXP}/eval/{{method}}/{{task}}/metrics.parquet",
+    params:
+        config_file=moa_config,
+        code_version=CODE_VERSION,
+        config_hash=lambda w: sections(
+            method=method_params(config, w.method),
+            evaluation=config["evaluation"],
+            task=config["tasks"][w.task],
+            model=config["model"],
+            data=config["data"],
+            seed=config["seed"],
+        ),
+    log:
+        f"{EXP}/logs/evaluate/{{method}}/{{task}}.log",
+    benchmark:
+        f"{EXP}/benchmarks/evaluate/{{method}}/{{task}}.tsv"
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        ENV
+    shell:
+        "moa evaluate --config {params.config_file} --method {wildcards.method} --task {wildcards.task} "
+        "--threads {threads} > {log} 2>&1"
