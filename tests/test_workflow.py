@@ -26,7 +26,7 @@ METHODS = list(schema()["properties"]["methods"]["default"])  # smoke.yaml lists
 STEPS = ["prepare-model", "prepare-data", "train-lora", "train-mixed", "train-router", "compose", "evaluate",
          "report"]
 # Pinned so that the rerun checks see only what each test changes (test_code_change_reruns_everything
-# covers the real code version, moa's version + a hash of its source).
+# covers the real code version, moa's version).
 CODE_VERSION = "test-pinned"
 
 
@@ -253,7 +253,7 @@ def test_changing_the_router_reruns_it_and_the_moa_compositions(built: Path) -> 
 
 
 def test_code_change_reruns_everything(built: Path) -> None:
-    """Without the pin, the code version is moa's version + a hash of its source: not what built the tree."""
+    """Without the pin, the code version is moa's version: not what built the tree."""
     counts, out = dry_run(built, configfile=smoke_config(built), code_version=None)
     assert counts == smoke_jobs(), out
     assert re.search(r"Params have changed since last execution", out)
