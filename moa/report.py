@@ -254,6 +254,18 @@ def score_table(config: Config, metrics: pd.DataFrame, scores: pd.Series) -> lis
     return markdown_table(header, rows)
 
 
+COST_METRICS = {"new_tokens_per_s": ("decoding tokens/s", 1), "latency_s": ("latency per sequence (s)", 2),
+                "router_accuracy": ("router accuracy (%)", 2)}
+
+
+def cost_table(config: Config, metrics: pd.DataFrame) -> list[str]:
+    """What each method costs at decoding (means over the generated tasks) and how well MoA routes."""
+    means = metrics[metrics["metric"].isin(list(COST_METRICS))].groupby(["method", "metric"])["value"].mean()
+    rows = [[method, *(_fmt(means.get((method, m)), digits) for m, (_, digits) in COST_METRICS.items())]
+            for method in config["methods"]]
+    return markdown_table(["method", *(name for name, _ in COST_METRICS.values())], rows)
+
+
 def router_summary(evaluation: pd.DataFrame, router_config: Mapping[str, object]) -> list[str]:
     params = evaluation.loc[evaluation["metric"] == "parameters", "value"]
     described = ", ".join(f"{k} {router_config[k]}" for k in ("type", "pooling", "mode", "eta") if k in router_config)
@@ -305,7 +317,9 @@ def summary(config: Config, metrics: pd.DataFrame, normalized: pd.DataFrame, sco
             evaluation: pd.DataFrame | None, router_config: Mapping[str, object], plots: Mapping[str, Figure | str],
             notes: list[str]) -> str:
     lines = [f"# Report: {config['experiment']}", "", "## Scores", "", *score_table(config, metrics, scores), "",
-             SCORE_NOTE, "", "## Router", ""]
+             SCORE_NOTE, "", "## Cost", "", *cost_table(config, metrics), "",
+             "Means over the tasks with generated answers (batched greedy decoding, the batch size of `evaluation`).",
+             "", "## Router", ""]
     lines += router_summary(evaluation, router_config) if evaluation is not None \
         else ["No router evaluation (moa/router_eval.parquet): run `moa train-router` first."]
     lines += ["", "## Plots", "", *(f"![{name}]({name}.png)" for name, p in plots.items() if isinstance(p, Figure))]

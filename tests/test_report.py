@@ -187,6 +187,7 @@ def test_build_report_with_missing_inputs(tmp_path: Path) -> None:
     text = (build_report(config) / "summary.md").read_text()
     assert "| base | 20.00 | 10.00 | – | – | – |" in text
     assert "No router evaluation" in text
+    assert "| base | – | – | – |" in text.split("## Cost")[1]  # no decoding cost measured here
     for name in PNGS:
         assert f"{name}.png skipped" in text and f"![{name}]" not in text
         assert (experiment_dir(config) / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
