@@ -98,7 +98,7 @@ def evaluate(config: Config, method: str, task_name: str) -> Path:
                                 None if scores is None else predictions["n_tokens"].tolist(), labels)
     if generations is not None:
         results += cost_scores(generations)
-        if composed.route is not None:
+        if composed.route is not None and predictions["expert"].notna().all():  # per_layer has no single expert
             results.append(Score("router_accuracy", router_accuracy(predictions["expert"].tolist(),
                                                                     [task_name] * len(frame)), len(frame)))
     results += [Score(k, float(v), len(frame)) for k, v in extra.items() if isinstance(v, (int, float))]
