@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -68,64 +69,30 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def train_lora(args: argparse.Namespace) -> None:
-    from moa.config import load_config
-    from moa.train.lora import train_lora as train
+def pipeline_step(target: str, *wildcards: str,
+         show: Callable[[Path], None] | None = None) -> Callable[[argparse.Namespace], None]:
+    """A pipeline step: `module:function(config, *wildcards)` on the loaded config, in the job's threads;
+    prints what it wrote (and `show(out)` if given)."""
 
-    set_threads(args.threads)
-    print(f"wrote {train(load_config(args.config, args.set), args.task)}")
+    def run(args: argparse.Namespace) -> None:
+        from moa.config import load_config
 
+        set_threads(getattr(args, "threads", None))
+        module, name = target.split(":")
+        function = getattr(importlib.import_module(module), name)
+        out = function(load_config(args.config, args.set), *(getattr(args, w) for w in wildcards))
+        if show is not None:
+            show(out)
+        print(f"wrote {out}")
 
-def train_mixed(args: argparse.Namespace) -> None:
-    from moa.config import load_config
-    from moa.train.lora import train_mixed as train
-
-    set_threads(args.threads)
-    print(f"wrote {train(load_config(args.config, args.set))}")
-
-
-def train_router(args: argparse.Namespace) -> None:
-    from moa.config import load_config
-    from moa.train.router import train_router as train
-
-    set_threads(args.threads)
-    print(f"wrote {train(load_config(args.config, args.set))}")
+    return run
 
 
-def prepare_model(args: argparse.Namespace) -> None:
-    from moa.config import load_config
-    from moa.train.lora import prepare_model as prepare
-
-    print(f"wrote {prepare(load_config(args.config, args.set))}")
-
-
-def compose(args: argparse.Namespace) -> None:
-    from moa.compose.composition import compose as run
-    from moa.config import load_config
-
-    set_threads(args.threads)
-    print(f"wrote {run(load_config(args.config, args.set), args.method)}")
-
-
-def evaluate(args: argparse.Namespace) -> None:
+def show_metrics(out: Path) -> None:
     import pandas as pd
 
-    from moa.config import load_config
-    from moa.evaluate import evaluate as run
-
-    set_threads(args.threads)
-    out = run(load_config(args.config, args.set), args.method, args.task)
     metrics = pd.read_parquet(out / "metrics.parquet")
     print(", ".join(f"{m} {v:.4g}" for m, v in zip(metrics.metric, metrics.value)))
-    print(f"wrote {out}")
-
-
-def report(args: argparse.Namespace) -> None:
-    from moa.config import load_config
-    from moa.report import build_report
-
-    out = build_report(load_config(args.config, args.set))
-    print(f"wrote {out}")
 
 
 def read_prompts(source: TextIO) -> Iterator[str]:
@@ -218,27 +185,27 @@ def build_parser() -> argparse.ArgumentParser:
     lora = add_step(steps, "train-lora", "train one task's LoRA -> adapters/{task}/ (PEFT format) + "
                     "train_log.parquet; rerunning after an interruption resumes from the last checkpoint")
     lora.add_argument("--task", required=True, help="a task name from the config's tasks section")
-    lora.set_defaults(run=train_lora)
+    lora.set_defaults(run=pipeline_step("moa.train.lora:train_lora", "task"))
     mixed = add_step(steps, "train-mixed", "train one LoRA on all tasks' data, balanced -> adapters/_mixed/ "
                      "(the Single-LoRA (mixed) baseline); resumable like train-lora")
-    mixed.set_defaults(run=train_mixed)
+    mixed.set_defaults(run=pipeline_step("moa.train.lora:train_mixed"))
     router = add_step(steps, "train-router", "MoA stage 2: train a router before every block on the task LoRAs "
                       "(teacher forcing) -> moa/ (routers, experts, router accuracy, confusion matrix); resumable")
-    router.set_defaults(run=train_router)
+    router.set_defaults(run=pipeline_step("moa.train.router:train_router"))
     model_step = add_step(steps, "prepare-model", "write the base model once as an HF directory -> model/ "
                           "(a GGUF is dequantized here; later steps load model/)")
-    model_step.set_defaults(run=prepare_model)
+    model_step.set_defaults(run=pipeline_step("moa.train.lora:prepare_model"))
     comp = add_step(steps, "compose", "build one composition from the trained adapters -> compositions/{method}/ "
                     "(a PEFT adapter + merge_report.json for merges; a manifest for base, oracle and moa)")
     comp.add_argument("--method", required=True, help="a name from the config's methods section, e.g. svd")
-    comp.set_defaults(run=compose)
+    comp.set_defaults(run=pipeline_step("moa.compose.composition:compose", "method"))
     ev = add_step(steps, "evaluate", "evaluate one composition on one task's test split -> "
                   "eval/{method}/{task}/predictions.parquet + metrics.parquet")
     ev.add_argument("--method", required=True, help="a name from the config's methods section")
     ev.add_argument("--task", required=True, help="a task name from the config's tasks section")
-    ev.set_defaults(run=evaluate)
+    ev.set_defaults(run=pipeline_step("moa.evaluate:evaluate", "method", "task", show=show_metrics))
     rep = add_step(steps, "report", "collect every evaluation -> report/metrics.parquet, summary.md and PNG plots")
-    rep.set_defaults(run=report)
+    rep.set_defaults(run=pipeline_step("moa.report:build_report"))
     gen = add_step(steps, "generate", "answer prompts with any composition: one prompt per line from --input "
                    "or stdin (JSONL lines with a \"prompt\" field also work); interactive on a terminal")
     gen.add_argument("--method", required=True, help="a composition name from the config's methods section")
