@@ -1,4 +1,4 @@
-"""Adapter composition, moa vs PEFT. Run: python -m bench.bench_compose [--sections svd] [--repeat 3]
+"""Adapter composition, moa vs PEFT. Run: python -m bench.bench_compose [--sections svd generation] [--repeat 3]
 
 svd: rank-16 SVD merge of 4 rank-16 adapters (lora_alpha 32, weights 1/4) on one module of each shape.
 moa: ``merge_module`` (QR of the stacked factors + SVD of the 64 x 64 core; never forms the dense update).
@@ -9,11 +9,18 @@ fresh process per side, i.e. VmHWM after the calls minus VmRSS before them, with
 (/proc/self/clear_refs) once the inputs exist, so the model and adapters themselves are not counted (Linux only).
 Agreement: relative Frobenius difference of the two merged updates, each with its own scaling (PEFT's svd
 applies each adapter's scaling once and gives the merged adapter scaling 1 when, as here, no adapter uses rsLoRA).
+
+generation: SmolLM2-135M, a batch of 8 prompts mixing 4 tasks (synthetic test prompts), 64 new tokens
+(greedy, no early stop), 4 random rank-8 experts on every projection. Tokens/s of base, one adapter, MoA
+(routing pass over the prompts + one expert per sequence), the exact concat merge (one rank-32 adapter)
+and an SVD merge folded into the weights; and the mixed batch with each sequence's own expert, moa's
+per-sequence route vs PEFT's ``generate(adapter_names=...)``. Best of ``--repeat`` runs, rounds interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -22,9 +29,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from bench.common import _timed, device_label
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ((4096, 4096), (11008, 4096))  # (out, in)
@@ -148,9 +159,146 @@ def _ratio(peer: dict, ours: dict, key: str) -> str:
     return f"{peer[key] / ours[key]:.1f}x" if ours[key] > 0 else "inf"
 
 
+# --- generation -------------------------------------------------------------------------------------------
+
+GEN_TASKS = ("summarization", "translation", "qa", "math")
+NEW_TOKENS, GEN_RANK = 64, 8
+
+
+def mixed_batch(tokenizer: Any) -> tuple[list[list[int]], list[int]]:
+    """Two synthetic test prompts of each task, and each prompt's task index."""
+    from moa.data.synthetic import generate as synthetic
+    from moa.data.tasks import get_task
+
+    prompts, tasks = [], []
+    for index, name in enumerate(GEN_TASKS):
+        task = get_task({"tasks": {name: None}}, name)
+        for row in synthetic(name, 2, seed=0, split="test"):
+            prompts.append(tokenizer.encode(task.prompt(row)))
+            tasks.append(index)
+    return prompts, tasks
+
+
+def expert_model(base: torch.nn.Module) -> torch.nn.Module:
+    """`base` with 4 seeded random experts (nonzero B, so each one changes the output)."""
+    from moa.lora import inject_lora, lora_layers
+
+    model = copy.deepcopy(base)
+    torch.manual_seed(0)
+    inject_lora(model, rank=GEN_RANK, alpha=2 * GEN_RANK, experts=len(GEN_TASKS))
+    for layer in lora_layers(model).values():
+        for b in layer.lora_B:
+            torch.nn.init.normal_(b, std=0.02)
+    return model.eval()
+
+
+def merged_model(base: torch.nn.Module, experts: torch.nn.Module, method: str, fold: bool) -> torch.nn.Module:
+    from moa.compose.merge import MergeSpec, merge_adapters
+    from moa.lora import AdapterConfig, adapter_state_dict, attach_adapter, fold_lora, write_adapter
+
+    config = AdapterConfig(GEN_RANK, 2 * GEN_RANK, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"])
+    states = [(config, adapter_state_dict(experts, i)) for i in range(len(GEN_TASKS))]
+    merged, state, _ = merge_adapters(MergeSpec(method), states, GEN_TASKS)
+    model = copy.deepcopy(base)
+    with tempfile.TemporaryDirectory() as tmp:
+        attach_adapter(model, write_adapter(tmp, merged, state))
+    if fold:
+        fold_lora(model, 0)
+    return model.eval()
+
+
+def peft_model(base: torch.nn.Module, tokenizer: Any, experts: torch.nn.Module) -> torch.nn.Module:
+    """transformers + PEFT holding the same 4 experts as adapters "0".."3"."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from moa.lora import DEFAULT_TARGETS, adapter_state_dict
+    from moa.model import save_hf_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_dir(base, tokenizer, tmp)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    config = LoraConfig(r=GEN_RANK, lora_alpha=2 * GEN_RANK, target_modules=list(DEFAULT_TARGETS))
+    model = get_peft_model(hf, config, adapter_name="0")
+    for i in range(len(GEN_TASKS)):
+        if i:
+            model.add_adapter(str(i), config)
+        set_peft_model_state_dict(model, adapter_state_dict(experts, i), adapter_name=str(i))
+    return model.eval()
+
+
+def bench_generation(repeat: int) -> list[tuple[str, float]]:
+    from moa.compose.composition import moa_route
+    from moa.generate import Sampling, apply_route, decode, left_pad
+    from moa.lora import set_route
+    from moa.model import load_pretrained
+    from moa.train.router import Routers, RouterSpec
+
+    base, tokenizer = load_pretrained()
+    base.eval()
+    prompts, tasks = mixed_batch(tokenizer)
+    experts, sampling = expert_model(base), Sampling(NEW_TOKENS)
+    cfg = base.config
+    routers = Routers(RouterSpec("linear", "mean", cfg.num_hidden_layers, cfg.hidden_size, GEN_TASKS)).eval()
+    route = moa_route(experts, routers, "last")
+    concat, folded = merged_model(base, experts, "concat", False), merged_model(base, experts, "svd", True)
+    peft = peft_model(base, tokenizer, experts)
+    ids, valid = left_pad(prompts, 0)
+    names = [str(t) for t in tasks]
+
+    def ours(model: torch.nn.Module, routing: Callable[[], object] | None = None) -> Callable[[], object]:
+        def run() -> object:
+            if routing is not None:
+                routing()
+            return decode(model, prompts, sampling, stop_ids=set())
+        return run
+
+    def single() -> object:
+        set_route(experts, 0)
+        return decode(experts, prompts, sampling, stop_ids=set())
+
+    runs = {
+        "base": ours(base),
+        "single adapter": single,
+        "MoA, routed from the prompt (4 experts)": ours(experts, lambda: apply_route(experts, route(prompts))),
+        "concat merge (one rank-32 adapter)": ours(concat),
+        "SVD merge folded into the weights": ours(folded),
+        "mixed batch, 4 experts: moa per-sequence route": ours(experts, lambda: set_route(experts, torch.tensor(tasks))),
+        "mixed batch, 4 experts: PEFT adapter_names=": lambda: peft.generate(
+            input_ids=ids, attention_mask=valid.long(), adapter_names=names, max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0),
+    }
+    best = {name: float("inf") for name in runs}
+    with torch.inference_mode(), tqdm(total=len(runs) * (repeat + 1), desc="generation runs") as bar:
+        for name, run in runs.items():
+            run()  # warm-up
+            bar.update()
+        for _ in range(repeat):
+            for name, run in runs.items():
+                best[name] = min(best[name], _timed(run))
+                bar.set_postfix_str(f"{name}: {len(prompts) * NEW_TOKENS / best[name]:.1f} tok/s")
+                bar.update()
+    return [(name, len(prompts) * NEW_TOKENS / seconds) for name, seconds in best.items()]
+
+
+def print_generation_table(rows: list[tuple[str, float]]) -> None:
+    rate = dict(rows)
+    print(f"\nGeneration, SmolLM2-135M, batch 8 mixing 4 tasks, {NEW_TOKENS} new tokens  [{device_label()}]")
+    print("| run | tokens/s | ratio |")
+    print("|---|---:|---|")
+    reference = {"single adapter": "base", "MoA, routed from the prompt (4 experts)": "single adapter",
+                 "concat merge (one rank-32 adapter)": "single adapter", "SVD merge folded into the weights": "base",
+                 "mixed batch, 4 experts: moa per-sequence route": "mixed batch, 4 experts: PEFT adapter_names="}
+    for name, value in rows:
+        peer = reference.get(name)
+        ratio = f"{value / rate[peer]:.2f}x vs {peer}" if peer else ""
+        print(f"| {name} | {value:.1f} | {ratio} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", choices=["svd"], default=["svd"])
+    parser.add_argument("--sections", nargs="+", choices=["svd", "generation"], default=["svd", "generation"])
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per side (median)")
     parser.add_argument("--child", nargs=5, metavar=("SIDE", "OUT", "IN", "REPEAT", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,6 +307,8 @@ def main() -> None:
         return _child(side, int(out), int(inp), int(repeat), Path(result))
     if "svd" in args.sections:
         print_svd_table(bench_svd_merge(repeat=args.repeat), args.repeat)
+    if "generation" in args.sections:
+        print_generation_table(bench_generation(args.repeat))
 
 
 if __name__ == "__main__":
