@@ -12,9 +12,12 @@ applies each adapter's scaling once and gives the merged adapter scaling 1 when,
 
 generation: SmolLM2-135M, a batch of 8 prompts mixing 4 tasks (synthetic test prompts), 64 new tokens
 (greedy, no early stop), 4 random rank-8 experts on every projection. Tokens/s of base, one adapter, MoA
-(routing pass over the prompts + one expert per sequence), the exact concat merge (one rank-32 adapter)
-and an SVD merge folded into the weights; and the mixed batch with each sequence's own expert, moa's
-per-sequence route vs PEFT's ``generate(adapter_names=...)``. Best of ``--repeat`` runs, rounds interleaved.
+`last` (routed in the prefill, one expert per sequence) with routers fitted to the prompts' tasks (they
+agree across layers, as trained MoA routers do) and with random routers (their layers disagree, so every
+row is prefilled again with its chosen expert), the exact concat merge (one rank-32 adapter) and an SVD
+merge folded into the weights (merge_and_unload); and the mixed batch with each sequence's own expert,
+moa's per-sequence route vs PEFT's ``generate(adapter_names=...)``. Best of ``--repeat`` runs, rounds
+interleaved.
 """
 
 from __future__ import annotations
@@ -192,9 +195,29 @@ def expert_model(base: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+def fitted_routers(model: torch.nn.Module, prompts: list[list[int]], tasks: list[int]) -> Any:
+    """Linear routers (moa's default mean pooling) fitted to the prompts' tasks on teacher-forced inputs."""
+    from moa.data.batching import Example, collate
+    from moa.lora import use_route
+    from moa.train.router import Routers, RouterSpec, pooled_block_inputs, prompt_index
+
+    cfg = model.config
+    routers = Routers(RouterSpec("linear", "mean", cfg.num_hidden_layers, cfg.hidden_size, GEN_TASKS))
+    batch, truth = collate([[i] for i in range(len(prompts))], [Example(p, []) for p in prompts]), torch.tensor(tasks)
+    with torch.no_grad(), use_route(model, truth), pooled_block_inputs(model, prompt_index(batch), "mean") as pooled:
+        model(batch.input_ids, positions=batch.positions, attn_mask=batch.attn_mask(), logits_at=slice(0, 0))
+    optimizer = torch.optim.Adam(routers.parameters(), lr=0.01)
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(routers(pooled).flatten(0, 1), truth.repeat(len(pooled)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return routers.eval()
+
+
 def merged_model(base: torch.nn.Module, experts: torch.nn.Module, method: str, fold: bool) -> torch.nn.Module:
     from moa.compose.merge import MergeSpec, merge_adapters
-    from moa.lora import AdapterConfig, adapter_state_dict, attach_adapter, fold_lora, write_adapter
+    from moa.lora import AdapterConfig, adapter_state_dict, attach_adapter, merge_and_unload, write_adapter
 
     config = AdapterConfig(GEN_RANK, 2 * GEN_RANK, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                      "down_proj"])
@@ -204,7 +227,7 @@ def merged_model(base: torch.nn.Module, experts: torch.nn.Module, method: str, f
     with tempfile.TemporaryDirectory() as tmp:
         attach_adapter(model, write_adapter(tmp, merged, state))
     if fold:
-        fold_lora(model, 0)
+        merge_and_unload(model)
     return model.eval()
 
 
@@ -229,8 +252,7 @@ def peft_model(base: torch.nn.Module, tokenizer: Any, experts: torch.nn.Module) 
 
 
 def bench_generation(repeat: int) -> list[tuple[str, float]]:
-    from moa.compose.composition import moa_route
-    from moa.generate import Sampling, apply_route, decode, left_pad
+    from moa.generate import Routing, Sampling, decode, left_pad
     from moa.lora import set_route
     from moa.model import load_pretrained
     from moa.train.router import Routers, RouterSpec
@@ -240,31 +262,31 @@ def bench_generation(repeat: int) -> list[tuple[str, float]]:
     prompts, tasks = mixed_batch(tokenizer)
     experts, sampling = expert_model(base), Sampling(NEW_TOKENS)
     cfg = base.config
-    routers = Routers(RouterSpec("linear", "mean", cfg.num_hidden_layers, cfg.hidden_size, GEN_TASKS)).eval()
-    route = moa_route(experts, routers, "last")
+    fitted = Routing(fitted_routers(experts, prompts, tasks), "last")
+    torch.manual_seed(0)
+    random = Routing(Routers(RouterSpec("linear", "mean", cfg.num_hidden_layers, cfg.hidden_size, GEN_TASKS)), "last")
     concat, folded = merged_model(base, experts, "concat", False), merged_model(base, experts, "svd", True)
     peft = peft_model(base, tokenizer, experts)
     ids, valid = left_pad(prompts, 0)
     names = [str(t) for t in tasks]
+    routed = [d.expert for d in decode(experts, prompts, Sampling(1), set(), routing=fitted)]
+    print(f"fitted routers send {sum(r == t for r, t in zip(routed, tasks))}/{len(tasks)} prompts to their task")
 
-    def ours(model: torch.nn.Module, routing: Callable[[], object] | None = None) -> Callable[[], object]:
+    def ours(model: torch.nn.Module, route: object = None, routing: Routing | None = None) -> Callable[[], object]:
         def run() -> object:
-            if routing is not None:
-                routing()
-            return decode(model, prompts, sampling, stop_ids=set())
+            if route is not None:
+                set_route(model, route)
+            return decode(model, prompts, sampling, stop_ids=set(), routing=routing)
         return run
-
-    def single() -> object:
-        set_route(experts, 0)
-        return decode(experts, prompts, sampling, stop_ids=set())
 
     runs = {
         "base": ours(base),
-        "single adapter": single,
-        "MoA, routed from the prompt (4 experts)": ours(experts, lambda: apply_route(experts, route(prompts))),
+        "single adapter": ours(experts, 0),
+        "MoA last, fitted routers (one prefill)": ours(experts, routing=fitted),
+        "MoA last, random routers (every row prefilled twice)": ours(experts, routing=random),
         "concat merge (one rank-32 adapter)": ours(concat),
         "SVD merge folded into the weights": ours(folded),
-        "mixed batch, 4 experts: moa per-sequence route": ours(experts, lambda: set_route(experts, torch.tensor(tasks))),
+        "mixed batch, 4 experts: moa per-sequence route": ours(experts, torch.tensor(tasks)),
         "mixed batch, 4 experts: PEFT adapter_names=": lambda: peft.generate(
             input_ids=ids, attention_mask=valid.long(), adapter_names=names, max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0),
@@ -287,13 +309,17 @@ def print_generation_table(rows: list[tuple[str, float]]) -> None:
     print(f"\nGeneration, SmolLM2-135M, batch 8 mixing 4 tasks, {NEW_TOKENS} new tokens  [{device_label()}]")
     print("| run | tokens/s | ratio |")
     print("|---|---:|---|")
-    reference = {"single adapter": "base", "MoA, routed from the prompt (4 experts)": "single adapter",
+    peft = "mixed batch, 4 experts: PEFT adapter_names="
+    reference = {"single adapter": "base", "MoA last, fitted routers (one prefill)": "single adapter",
+                 "MoA last, random routers (every row prefilled twice)": "single adapter",
                  "concat merge (one rank-32 adapter)": "single adapter", "SVD merge folded into the weights": "base",
-                 "mixed batch, 4 experts: moa per-sequence route": "mixed batch, 4 experts: PEFT adapter_names="}
+                 "mixed batch, 4 experts: moa per-sequence route": peft}
     for name, value in rows:
         peer = reference.get(name)
         ratio = f"{value / rate[peer]:.2f}x vs {peer}" if peer else ""
         print(f"| {name} | {value:.1f} | {ratio} |")
+    print(f"\nCeiling of any per-sequence LoRA path here: moa's base model with no adapter runs at "
+          f"{rate['base'] / rate[peft]:.2f}x PEFT's mixed batch.")
 
 
 def main() -> None:

@@ -83,12 +83,12 @@ def test_moa_routes_each_sequence_to_the_chosen_expert(experiment: Path) -> None
     assert composed.experts == tuple(TASKS)
     tokenizer = composed.tokenizer
     prompts = [tokenizer.encode(p) for p in ("Review: great film\nSentiment:", "Passage: x\nQuestion: y\nAnswer:")]
-    chosen = composed.route(prompts)
+    chosen = composed.route(composed.model, prompts)
     assert chosen.shape == (2,)
     routed = generate(composed.model, tokenizer, prompts, Sampling(6), route=composed.route)
     assert [g.expert for g in routed] == chosen.tolist()
     per_layer = load_composition(config, "moa_per_layer") if compose(config, "moa_per_layer") else None
-    assert per_layer.route(prompts).shape == (2, 2)  # [layers, sequences]
+    assert per_layer.route(per_layer.model, prompts).shape == (2, 2)  # [layers, sequences]
 
 
 @pytest.mark.parametrize("method", ["moa", "oracle", "svd"])

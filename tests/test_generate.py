@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from moa.data.batching import encode_examples
-from moa.generate import Sampling, cut_at_stop, decode, generate, next_token, score
-from moa.lora import fold_lora, inject_lora, lora_layers, set_route, use_route
+from moa.generate import Routing, Sampling, apply_route, cut_at_stop, decode, generate, next_token, score
+from moa.lora import fold_lora, inject_lora, lora_layers, merge_and_unload, set_route, use_route
 from moa.model import load_pretrained
+from moa.train.router import Routers, RouterSpec
 from tests.conftest import hf_tiny_dir
 
 PROMPTS = ["short", "a somewhat longer prompt with more words", "x", "the middle one"]
@@ -110,29 +111,49 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
 def test_per_sequence_experts_equal_each_sequence_with_its_expert_alone(experts) -> None:
     model, tokenizer = experts
     prompts = ids(tokenizer)
-    chosen = torch.tensor([2, 0, 1, 2])
-    routed = generate(model, tokenizer, prompts, Sampling(10), batch_size=4, route=lambda batch: chosen[
-        [prompts.index(p) for p in batch]])
-    for prompt, expert, g in zip(prompts, chosen.tolist(), routed):
+    chosen = [2, 0, 1, 2]
+    with use_route(model, torch.tensor(chosen)):
+        routed = decode(model, prompts, Sampling(10), set())
+    for prompt, expert, d in zip(prompts, chosen, routed):
         with use_route(model, expert):
-            alone = generate(model, tokenizer, [prompt], Sampling(10))[0]
-        assert g.tokens == alone.tokens and g.expert == expert
-    assert len({tuple(g.tokens) for g in routed}) > 1
+            assert d.tokens == decode(model, [prompt], Sampling(10), set())[0].tokens
+    assert len({tuple(d.tokens) for d in routed}) > 1
 
 
 def test_per_layer_route_applies_each_layers_expert(experts) -> None:
     model, tokenizer = experts
     prompts = ids(tokenizer, PROMPTS[:2])
     layers = len(model.model.layers)
-    same = generate(model, tokenizer, prompts, Sampling(8), route=lambda b: torch.tensor([[1, 2]] * layers))
-    flat = generate(model, tokenizer, prompts, Sampling(8), route=lambda b: torch.tensor([1, 2]))
-    assert [g.tokens for g in same] == [g.tokens for g in flat] and same[0].expert is None
-    mixed_route = torch.tensor([[0, 0]] + [[2, 2]] * (layers - 1))
-    mixed = generate(model, tokenizer, prompts, Sampling(8), route=lambda b: mixed_route)
-    for block, route in zip(model.model.layers, mixed_route):
-        set_route(block, int(route[0]))
-    manual = generate(model, tokenizer, prompts, Sampling(8))
-    assert [g.tokens for g in mixed] == [g.tokens for g in manual]
+    apply_route(model, torch.tensor([[1, 2]] * layers))
+    same = decode(model, prompts, Sampling(8), set())
+    set_route(model, torch.tensor([1, 2]))
+    assert [d.tokens for d in same] == [d.tokens for d in decode(model, prompts, Sampling(8), set())]
+    apply_route(model, torch.tensor([[0, 0]] + [[2, 2]] * (layers - 1)))
+    mixed = decode(model, prompts, Sampling(8), set())
+    set_route(model, 2)
+    set_route(model.model.layers[0], 0)
+    assert [d.tokens for d in mixed] == [d.tokens for d in decode(model, prompts, Sampling(8), set())]
+
+
+@pytest.mark.parametrize(("strategy", "pooling"), [("last", "last"), ("vote", "mean"), ("per_layer", "last")])
+def test_routing_in_the_prefill_equals_a_routing_pass_then_each_route_alone(experts, strategy, pooling) -> None:
+    """Random routers disagree across layers, so last/vote prefill rows again with the chosen expert."""
+    model, tokenizer = experts
+    prompts = ids(tokenizer)
+    torch.manual_seed(3)
+    cfg = model.config
+    routing = Routing(Routers(RouterSpec("linear", pooling, cfg.num_hidden_layers, cfg.hidden_size, ("a", "b", "c"))),
+                      strategy)
+    with torch.no_grad():
+        for router in routing.routers.routers:
+            torch.nn.init.normal_(router.weight, std=3.0)
+    chosen = routing(model, prompts)  # [B] or [L, B]
+    routed = generate(model, tokenizer, prompts, Sampling(8), batch_size=4, route=routing)
+    for k, (prompt, g) in enumerate(zip(prompts, routed)):
+        apply_route(model, chosen[..., k:k + 1])
+        assert g.tokens == decode(model, [prompt], Sampling(8), set())[0].tokens
+        assert g.expert == (None if strategy == "per_layer" else int(chosen[k]))
+    assert len({tuple(g.tokens) for g in routed}) > 1
 
 
 def test_folded_adapter_decodes_like_the_unfolded_one(experts) -> None:
@@ -145,10 +166,21 @@ def test_folded_adapter_decodes_like_the_unfolded_one(experts) -> None:
     assert [d.tokens for d in decode(model, prompts, Sampling(10), set())] == [d.tokens for d in unfolded]
 
 
+def test_merge_and_unload_leaves_plain_linears_that_decode_the_same(experts) -> None:
+    model, tokenizer = experts
+    model, prompts = copy.deepcopy(model), ids(tokenizer)
+    set_route(model, 2)
+    routed = decode(model, prompts, Sampling(10), set())
+    merge_and_unload(model, 2)
+    assert not lora_layers(model) and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert [d.tokens for d in decode(model, prompts, Sampling(10), set())] == [d.tokens for d in routed]
+
+
 def test_score_is_the_targets_negative_log_likelihood(experts) -> None:
     model, tokenizer = experts
     examples = encode_examples(PROMPTS, ["one", "two words", "three more words", "four"], tokenizer)
-    scored = score(model, examples, batch_size=3, route=lambda b: torch.tensor([1] * len(b)))
+    with use_route(model, 1):
+        scored = score(model, examples, batch_size=3)
     with use_route(model, 1), torch.no_grad():
         for example, (nll, n) in zip(examples, scored):
             full = torch.tensor([example.prompt_ids + example.target_ids])

@@ -15,22 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from moa import __version__
 from moa.compose.merge import MERGE_METHODS, MergeSpec, merge_adapters
 from moa.config import Config, experiment_dir, method_params
-from moa.data.batching import Example, collate
 from moa.errors import MoaError
-from moa.generate import RouteFn
+from moa.generate import Routing
 from moa.io import atomic_dir, read_json
-from moa.lora import fold_lora, load_adapter, write_adapter
+from moa.lora import load_adapter, merge_and_unload, write_adapter
 from moa.lora.peft_io import CONFIG_FILE, WEIGHTS_FILE
 from moa.model import Tokenizer, Transformer
 from moa.tracking import log_step
 from moa.train.lora import MIXED, base_model, device
-from moa.train.router import adapter_dirs, attach_experts, decide, load_routers, route_scores
+from moa.train.router import adapter_dirs, attach_experts, load_routers
 
 MANIFEST = "composition.json"
 REPORT = "merge_report.json"
@@ -43,7 +39,7 @@ class Composed:
     model: Transformer
     tokenizer: Tokenizer
     manifest: dict[str, Any]
-    route: RouteFn | None = None  # MoA: picks each sequence's expert(s) from its prompt
+    route: Routing | None = None  # MoA: picks each sequence's expert(s) from its prompt
     experts: tuple[str, ...] = ()  # the task each expert index stands for
 
 
@@ -150,10 +146,10 @@ def load_composition(config: Config, name: str, task: str | None = None, fold: b
     elif "adapter" in manifest:
         _attach(model, [composition_dir(config, name) / manifest["adapter"]])
         if fold:
-            fold_lora(model, 0)
+            merge_and_unload(model)
     model.to(device()).eval()
     if routers is not None:
-        composed.route = moa_route(model, routers.to(device()), manifest["strategy"])
+        composed.route = Routing(routers.to(device()).eval(), manifest["strategy"])
     return composed
 
 
@@ -163,15 +159,3 @@ def _attach(model: Transformer, dirs: Sequence[Path]) -> None:
             raise MoaError(f"{path}: adapter not found; rerun the step that writes it (moa train-lora / compose)")
     attach_experts(model, dirs)
 
-
-def moa_route(model: Transformer, routers: torch.nn.Module, strategy: str) -> RouteFn:
-    """MoA at inference: a routing pass over the prompts, each layer following its own router; then
-    one expert per sequence (`last`, `vote`) or per layer and sequence (`per_layer`)."""
-    routers.eval()
-
-    def route(prompts: list[list[int]]) -> Tensor:
-        examples = [Example(p, []) for p in prompts]
-        scores = route_scores(model, routers, collate([[i] for i in range(len(examples))], examples))  # [L, B, N]
-        return scores.argmax(-1) if strategy == "per_layer" else decide(scores, strategy)
-
-    return route

@@ -111,6 +111,17 @@ def fold_lora(model: nn.Module, route: int | Tensor | Sequence[float]) -> None:
         layer.fold(route)
 
 
+def merge_and_unload(model: nn.Module, route: int | Tensor | Sequence[float] = 0) -> None:
+    """Fold ``route`` into the base weights and put plain nn.Linear layers back, as PEFT's
+    merge_and_unload: the model then decodes at exactly the base model's cost."""
+    for name, layer in lora_layers(model).items():
+        layer.fold(route)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight, linear.bias = layer.weight, layer.bias  # the folded Parameters themselves, no copy
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, linear.train(layer.training))
+
+
 def unfold_lora(model: nn.Module) -> None:
     """Undo fold_lora on every layer."""
     for layer in lora_layers(model).values():

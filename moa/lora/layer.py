@@ -93,6 +93,7 @@ class LoRALinear(nn.Module):
     @route.setter
     def route(self, route: Route | Sequence[float]) -> None:
         self._route = check_route(route, self.n_experts)
+        self._cache.pop("selected", None)  # the routed factors are gathered once per route
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -101,19 +102,27 @@ class LoRALinear(nn.Module):
         route = self._route
         if route is None or self._folded is not None:
             return y
-        if isinstance(route, int):
-            h = F.linear(self.dropout(x), self.lora_A[route])
-            return y + F.linear(h, self.lora_B[route]) * self.specs[route].scaling
-        if route.device != x.device:
-            route = self._route = route.to(x.device)  # move once, not in every forward
-        if route.is_floating_point():
+        if isinstance(route, Tensor) and route.device != x.device:
+            self.route = route = route.to(x.device)  # move once, not in every forward
+        if isinstance(route, Tensor) and route.is_floating_point():
             return y + self._weighted(self.dropout(x), route.to(x.dtype))
-        return y + self._per_sequence(self.dropout(x), route)
+        # One expert per row: batched matmuls, [G, M, in] @ [G, in, r] @ [G, r, out] with G = 1 (one expert
+        # for all) or B (per sequence). On CPU bmm beats F.linear for these thin shapes, and baddbmm adds
+        # the update to y in the same call.
+        a, b = self._selected(route)
+        if a.shape[0] > 1 and a.shape[0] != x.shape[0]:
+            raise MoaError(f"a per-sequence route names {a.shape[0]} experts for a batch of {x.shape[0]} rows")
+        h = torch.bmm(self.dropout(x.reshape(a.shape[0], -1, x.shape[-1])), a)
+        return torch.baddbmm(y.view(a.shape[0], -1, y.shape[-1]), h, b).view(y.shape)
 
-    def _per_sequence(self, x: Tensor, idx: Tensor) -> Tensor:
-        a, b = self._stacked()  # [N, r_max, in], [N, out, r_max] with s_i folded into B
-        h = torch.einsum("b...i,bri->b...r", x, a[idx])  # [B, ..., r_max]
-        return torch.einsum("b...r,bor->b...o", h, b[idx])  # [B, ..., out]
+    def _selected(self, route: int | Tensor) -> tuple[Tensor, Tensor]:
+        """A^T [G, in, r] and (s B)^T [G, r, out] of the routed expert(s)."""
+        def build() -> tuple[Tensor, ...]:
+            a, b = self._stacked()
+            index = torch.tensor([route], device=a.device) if isinstance(route, int) else route
+            return a[index].transpose(1, 2).contiguous(), b[index].transpose(1, 2).contiguous()
+
+        return self._cached("selected", build)
 
     def _weighted(self, x: Tensor, weights: Tensor) -> Tensor:
         a, b, scale, ranks = self._concat()
