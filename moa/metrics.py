@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from itertools import zip_longest
 
-from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF
 
 from moa.errors import MoaError
@@ -63,6 +62,8 @@ def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> di
     reference with the best F-measure counts. Texts are split with `split_sentences` first, which changes only
     Lsum (rouge-score's tokenizer treats newlines as spaces)."""
     _check_pairs(predictions, references)
+    from rouge_score import rouge_scorer  # imports nltk (~2 s): only the tasks scored by ROUGE pay for it
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for pred, refs in zip(predictions, references):

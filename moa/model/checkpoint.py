@@ -47,7 +47,6 @@ def load_state(model: Transformer, tensors: dict[str, torch.Tensor], source: str
                            f"the config implies {list(shape)}")
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
     model.tie_weights()
-    model.reset_rope()
     return model.eval().requires_grad_(False)
 
 

@@ -29,9 +29,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
-    """Inverse frequencies of rotate-half RoPE, with LLaMA-3 long-context scaling when configured."""
+    """Inverse frequencies of rotate-half RoPE, with LLaMA-3 long-context scaling when configured.
+
+    Always computed on the CPU, also inside a meta-device context (empty_model): the real values are
+    needed, and meta arithmetic would import torch._dynamo."""
     dim = config.dim_per_head
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type", scaling.get("type")) != "llama3":
         return inv_freq
@@ -136,7 +139,10 @@ class Backbone(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Weights come from a checkpoint or random_model's own init. Passing them skips nn.Embedding's
+        # normal_ init, whose first call imports torch._dynamo (~1 s in every process that loads a model).
+        shape = (config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape))
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -153,11 +159,6 @@ class Transformer(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def reset_rope(self) -> None:
-        """Recompute the RoPE table (needed after building the model on the meta device)."""
-        device = self.model.embed_tokens.weight.device
-        self.inv_freq = rope_inv_freq(self.config).to(device)
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None,
                 attn_mask: Tensor | None = None, cache: KVCache | None = None,

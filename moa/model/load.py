@@ -47,7 +47,6 @@ def random_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
     for module in model.modules():  # GPT-2-style init keeps the random model's activations tame
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             torch.nn.init.normal_(module.weight, std=0.02)
-    model.reset_rope()
     return model.to(dtype).eval().requires_grad_(False), tokenizer
 
 
