@@ -218,8 +218,19 @@ def _svd(factors: Sequence[Factors], weights: Sequence[float], k: int) -> Merged
 
 
 def _truncate_dense(merged: Tensor, exact: Tensor, k: int) -> Merged:
-    """Rank-k SVD of a dense merge; the error is against the exact weighted sum, not the pruned matrix."""
-    u, s, vh = torch.linalg.svd(merged.double(), full_matrices=False)
+    """Rank-k SVD of a dense merge; the error is against the exact weighted sum, not the pruned matrix.
+
+    The singular pairs come from the eigendecomposition of the smaller Gram matrix in float64: a few
+    times faster than a full SVD of the out x in matrix, and accurate to ~1e-8 of the largest singular
+    value, far below the float32 the factors are stored in."""
+    m = merged.double()
+    wide = m.shape[0] < m.shape[1]
+    gram = m @ m.T if wide else m.T @ m
+    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
+    s = eigenvalues.flip(0).clamp(min=0).sqrt()
+    vectors = vectors.flip(1)[:, :k]
+    other = (m.T if wide else m) @ vectors / s[:k].clamp(min=torch.finfo(torch.float64).tiny)
+    u, vh = (vectors, other.T) if wide else (other, vectors.T)
     B, A = _rank_k(u, s, vh, k)
     norm = float(torch.linalg.matrix_norm(exact))
     diff = float(torch.linalg.matrix_norm(B.double() @ A.double() - exact))
@@ -240,10 +251,14 @@ def _rank_k(u: Tensor, s: Tensor, vh: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _magnitude_prune(t: Tensor, density: float) -> Tensor:
     if density >= 1:  # PEFT returns the tensor unchanged
         return t
-    mask = torch.zeros_like(t).reshape(-1)
-    top = torch.topk(t.abs().reshape(-1), k=int(density * t.numel()), largest=True)
-    mask[top[1]] = 1
-    return t * mask.reshape(t.shape)
+    k = int(density * t.numel())
+    if k == 0:
+        return torch.zeros_like(t)
+    # PEFT keeps the k largest magnitudes (topk); the k-th largest as a threshold keeps the same entries
+    # (barring exact ties) with a linear-time selection instead of a sort.
+    magnitude = t.abs()
+    threshold = magnitude.reshape(-1).kthvalue(t.numel() - k + 1).values
+    return t * (magnitude >= threshold)
 
 
 def _random_prune(t: Tensor, density: float, gen: torch.Generator) -> Tensor:
