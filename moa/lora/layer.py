@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 
 from moa.errors import MoaError
 
-Route = Union[None, int, Tensor]
+Route = int | Tensor | None
 
 
 @dataclass(frozen=True)
