@@ -43,6 +43,9 @@ def random_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
         raise MoaError(f"preset {name!r} has vocab_size {config.vocab_size}, below the byte tokenizer's "
                        f"{tokenizer.vocab_size}; random models are meant for the small presets")
     torch.manual_seed(seed)
+    # Transformer no longer initializes its embedding (see Backbone); draw what that init drew, so that a
+    # seed keeps giving the same weights.
+    torch.empty(config.vocab_size, config.hidden_size).normal_()
     model = Transformer(config)
     for module in model.modules():  # GPT-2-style init keeps the random model's activations tame
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
