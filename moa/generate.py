@@ -159,7 +159,7 @@ def routed_prefill(model: Transformer, routing: Routing, ids: Tensor, valid: Ten
         again = None if cache is None else KVCache(model.config, len(redo), P, cache.k.device, cache.k.dtype)
         logits[redo] = model(ids[redo], positions=positions[redo], attn_mask=None if mask is None else mask[redo],
                              cache=again, logits_at=slice(-1, None))
-        if cache is not None and again is not None:
+        if again is not None:
             cache.k[:, redo, :, :P], cache.v[:, redo, :, :P] = again.k, again.v
     apply_route(model, chosen)
     return logits, chosen

@@ -63,11 +63,15 @@ def inject_lora(
         available = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise MoaError(f"LoRA target_modules {target_modules!r} match no linear layer; available: {available}")
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = LoRALinear(linears[name], specs, dropout)
-        setattr(parent, child, layer.train(linears[name].training))  # an eval-mode model stays in eval mode
+        _replace(model, name, LoRALinear(linears[name], specs, dropout))
     return names
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``name`` is, in the mode of what it replaces (an eval-mode model stays so)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, child, module.train(getattr(parent, child).training))
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> None:
@@ -118,8 +122,7 @@ def merge_and_unload(model: nn.Module, route: int | Tensor | Sequence[float] = 0
         layer.fold(route)
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         linear.weight, linear.bias = layer.weight, layer.bias  # the folded Parameters themselves, no copy
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, linear.train(layer.training))
+        _replace(model, name, linear)
 
 
 def unfold_lora(model: nn.Module) -> None:
