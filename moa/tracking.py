@@ -1,15 +1,22 @@
 """MLflow tracking that never costs a result: files under results/ are the record, and any tracking
 failure (no server, a locked database) is one warning while the step completes.
 
+A step run by hand logs its run itself. In a workflow, steps leave their runs as JSON records in a
+spool directory and the Snakemake process logs them as they appear (Spool): one MLflow import and one
+store connection per workflow, not per job.
+
 Default store: sqlite:///{results_dir}/mlflow.db; the environment's MLFLOW_TRACKING_URI wins, then the
 config's tracking.uri. Browse with: mlflow ui --backend-store-uri sqlite:///results/mlflow.db
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,9 +25,16 @@ from typing import Any
 import pandas as pd
 
 from moa.config import Config, config_hash
+from moa.io import atomic_file
 
 log = logging.getLogger("moa.tracking")
 PARENT_RUN_ENV = "MOA_MLFLOW_PARENT_RUN_ID"  # set by the workflow: steps become its child runs
+SPOOL_ENV = "MOA_MLFLOW_SPOOL"  # set by the workflow: steps leave their runs there (see Spool)
+# mlflow.utils.mlflow_tags' names: importing mlflow costs a step seconds it does not need when spooling.
+MLFLOW_RUN_NAME = "mlflow.runName"
+MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+STARTED_MS = int(time.time() * 1000)  # a step imports this module as it starts: its run's start time
 
 
 def tracking_uri(config: Config) -> str:
@@ -49,21 +63,46 @@ def log_step(config: Config, name: str, tags: Mapping[str, str], params: Mapping
              curves: pd.DataFrame | None = None, artifacts: Sequence[Path] = (),
              metrics: Mapping[str, float] | None = None) -> None:
     """One run `name` ("{step}:{wildcards}") with its tags, params, per-step metric curves, final
-    metrics and artifacts; a child of the workflow's parent run when PARENT_RUN_ENV is set."""
+    metrics and artifacts; a child of the workflow's parent run when PARENT_RUN_ENV is set. Inside a
+    workflow (SPOOL_ENV set) the run is written to the spool for the workflow to log."""
     if not config["tracking"]["enabled"]:
         return
+    record = _run_record(config, name, tags, params, curves, artifacts, metrics or {})
+    if spool := os.environ.get(SPOOL_ENV):
+        path = Path(spool) / f"{record['end_time']}-{os.getpid()}-{name.replace('/', '_')}.json"
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(record))
+        return
     try:
-        _log(config, name, tags, params, curves, artifacts, metrics or {})
+        log_record(_client(record["uri"]), record)
     except Exception as err:  # noqa: BLE001 -- tracking must never fail the step, whatever the backend raised
         _warn(name, err)
 
 
-def _experiment_id(client: Any, config: Config) -> str:
-    experiment = client.get_experiment_by_name(config["experiment"])
+def _run_record(config: Config, name: str, tags: Mapping[str, str], params: Mapping[str, Any],
+                curves: pd.DataFrame | None, artifacts: Sequence[Path], final: Mapping[str, float]) -> dict[str, Any]:
+    """Everything MLflow needs to log the run later, from any process, as plain JSON."""
+    now = int(time.time() * 1000)
+    metrics = [] if curves is None else [
+        (key, float(value), now, int(row["step"]))
+        for row in curves.to_dict("records") for key, value in row.items()
+        if key != "step" and pd.notna(value)]
+    metrics += [(key, float(value), now, 0) for key, value in final.items() if pd.notna(value)]
+    return {"uri": tracking_uri(config), "experiment": config["experiment"],
+            "artifact_location": _artifact_location(config),
+            "name": name, "tags": _run_tags(config, name, tags), "params": flatten(params), "metrics": metrics,
+            "artifacts": [str(Path(a).resolve()) for a in artifacts], "start_time": STARTED_MS, "end_time": now}
+
+
+def _artifact_location(config: Config) -> str:
+    return (Path(config["results_dir"]).resolve() / "mlartifacts").as_uri()  # beside the results
+
+
+def _experiment_id(client: Any, name: str, artifact_location: str) -> str:
+    experiment = client.get_experiment_by_name(name)
     if experiment:
         return experiment.experiment_id
-    artifacts_root = (Path(config["results_dir"]).resolve() / "mlartifacts").as_uri()  # beside the results
-    return client.create_experiment(config["experiment"], artifact_location=artifacts_root)
+    return client.create_experiment(name, artifact_location=artifact_location)
 
 
 def git_commit() -> str | None:
@@ -77,8 +116,6 @@ def git_commit() -> str | None:
 
 
 def _run_tags(config: Config, name: str, tags: Mapping[str, str]) -> dict[str, str]:
-    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
     run_tags = {MLFLOW_RUN_NAME: name, "moa.config_hash": config_hash(config),
                 "snakemake.rule": name.split(":")[0]} | dict(tags)
     if commit := git_commit():
@@ -88,27 +125,78 @@ def _run_tags(config: Config, name: str, tags: Mapping[str, str]) -> dict[str, s
     return run_tags
 
 
-def _log(config: Config, name: str, tags: Mapping[str, str], params: Mapping[str, Any],
-         curves: pd.DataFrame | None, artifacts: Sequence[Path], final: Mapping[str, float]) -> None:
+@functools.cache
+def _client(uri: str) -> Any:
     from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def log_record(client: Any, record: Mapping[str, Any]) -> None:
+    """Log one run record (see _run_record) as a finished MLflow run."""
     from mlflow.entities import Metric, Param
 
-    client = MlflowClient(tracking_uri(config))
-    run = client.create_run(_experiment_id(client, config), tags=_run_tags(config, name, tags), run_name=name)
-    now = int(time.time() * 1000)
-    metrics = [] if curves is None else [
-        Metric(key, float(value), now, int(row["step"]))
-        for row in curves.to_dict("records") for key, value in row.items()
-        if key != "step" and pd.notna(value)]
-    metrics += [Metric(key, float(value), now, 0) for key, value in final.items() if pd.notna(value)]
-    flat = [Param(k, v) for k, v in flatten(params).items()]
-    for i in range(0, len(flat), 100):  # MLflow's limits per batch: 100 params, 1000 metrics
-        client.log_batch(run.info.run_id, params=flat[i:i + 100])
+    experiment = _experiment_id(client, record["experiment"], record["artifact_location"])
+    run = client.create_run(experiment, start_time=record["start_time"], tags=record["tags"], run_name=record["name"])
+    params = [Param(k, v) for k, v in record["params"].items()]
+    metrics = [Metric(*m) for m in record["metrics"]]
+    for i in range(0, len(params), 100):  # MLflow's limits per batch: 100 params, 1000 metrics
+        client.log_batch(run.info.run_id, params=params[i:i + 100])
     for i in range(0, len(metrics), 1000):
         client.log_batch(run.info.run_id, metrics=metrics[i:i + 1000])
-    for path in artifacts:
-        client.log_artifact(run.info.run_id, str(path))
-    client.set_terminated(run.info.run_id)
+    for path in record["artifacts"]:
+        client.log_artifact(run.info.run_id, path)
+    client.set_terminated(run.info.run_id, end_time=record["end_time"])
+
+
+class Spool:
+    """The run records of a workflow's jobs, logged by one thread of the workflow's own process: MLflow
+    is imported and its store opened once per workflow instead of once per job (seconds each), only
+    one process writes to the store (SQLite stays safe under SLURM), and a job never waits on a
+    tracking server. A record that cannot be logged stays for the next pass or the next workflow."""
+
+    def __init__(self, directory: Path, interval: float = 2.0) -> None:
+        self.directory = directory
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="moa-mlflow-spool", daemon=True)
+        self._failing = False
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Log what is left and stop (Snakemake's onsuccess / onerror)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.drain()
+
+    def _poll(self) -> None:
+        while True:
+            self.drain()
+            if self._stop.wait(self.interval):
+                return
+
+    def drain(self) -> int:
+        """Log every record in the spool, oldest first, deleting each once logged; the number logged."""
+        logged = 0
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+                log_record(_client(record["uri"]), record)
+            except Exception as err:  # noqa: BLE001 -- see log_step
+                if not self._failing:  # once per outage, not once per pass
+                    log.warning("moa: MLflow runs wait in %s (%s: %s); this workflow or the next logs them "
+                                "once the tracking store answers", self.directory, type(err).__name__,
+                                str(err).splitlines()[0] if str(err) else "")
+                self._failing = True
+                return logged
+            self._failing = False
+            path.unlink()
+            logged += 1
+        return logged
 
 
 def start_workflow_run(config: Config) -> str | None:
@@ -116,13 +204,12 @@ def start_workflow_run(config: Config) -> str | None:
     if not config["tracking"]["enabled"]:
         return None
     try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri(config))
+        client = _client(tracking_uri(config))
         name = f"workflow:{time.strftime('%Y-%m-%d %H:%M:%S')}"
         tags = _run_tags(config, name, {"moa.step": "workflow"})
         tags.pop("snakemake.rule")
-        run = client.create_run(_experiment_id(client, config), tags=tags, run_name=name)
+        experiment = _experiment_id(client, config["experiment"], _artifact_location(config))
+        run = client.create_run(experiment, tags=tags, run_name=name)
         return str(run.info.run_id)
     except Exception as err:  # noqa: BLE001 -- see log_step
         _warn("the workflow run", err)
@@ -134,8 +221,6 @@ def end_workflow_run(config: Config, run_id: str | None, status: str) -> None:
     if run_id is None:
         return
     try:
-        from mlflow import MlflowClient
-
-        MlflowClient(tracking_uri(config)).set_terminated(run_id, status)
+        _client(tracking_uri(config)).set_terminated(run_id, status)
     except Exception as err:  # noqa: BLE001 -- see log_step
         _warn("the workflow run", err)

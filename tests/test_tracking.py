@@ -1,7 +1,11 @@
-"""Training runs land in a real SQLite MLflow store; an unreachable tracking server costs no result."""
+"""Training runs land in a real SQLite MLflow store, logged by the step or, in a workflow, from the spool;
+an unreachable tracking server costs no result."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,7 @@ import yaml
 from moa.config import load_config
 from moa.data.prepare import prepare_task
 from moa.model.tokenizer import byte_tokenizer
-from moa.tracking import tracking_uri
+from moa.tracking import SPOOL_ENV, Spool, tracking_uri
 from moa.train.lora import train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,22 +32,65 @@ def smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def test_train_lora_logs_a_run_with_curves_params_and_artifacts(smoke: Path) -> None:
+@pytest.mark.parametrize("spooled", [False, True], ids=["by-the-step", "from-the-spool"])
+def test_train_lora_logs_a_run_with_curves_params_and_artifacts(smoke: Path, spooled: bool, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
     config = load_config(smoke, FAST)
+    spool = Spool(tmp_path / "spool")
+    if spooled:
+        spool.directory.mkdir()
+        monkeypatch.setenv(SPOOL_ENV, str(spool.directory))
     train_lora(config, "sentiment")
-    assert tracking_uri(config) == f"sqlite:///{Path(config['results_dir']).resolve() / 'mlflow.db'}"
+    db = Path(config["results_dir"]).resolve() / "mlflow.db"
+    if spooled:
+        assert not db.exists() and len(list(spool.directory.glob("*.json"))) == 1
+        assert spool.drain() == 1 and not any(spool.directory.iterdir())
+    assert tracking_uri(config) == f"sqlite:///{db}"
     client = MlflowClient(tracking_uri(config))
     experiment = client.get_experiment_by_name("smoke")
     assert experiment.artifact_location.endswith("results/mlartifacts")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "train_lora:sentiment" and run.info.status == "FINISHED"
+    assert run.info.start_time < run.info.end_time
     assert run.data.tags["moa.step"] == "train_lora" and run.data.tags["moa.task"] == "sentiment"
     assert run.data.params["lora.rank"] == "8" and run.data.params["training.steps"] == "6"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 7))
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"train_log.parquet", "adapter_config.json"}
+
+
+def test_a_spooling_step_never_imports_mlflow(smoke: Path, tmp_path: Path) -> None:
+    from mlflow.utils import mlflow_tags
+
+    from moa import tracking
+
+    assert (tracking.MLFLOW_RUN_NAME, tracking.MLFLOW_PARENT_RUN_ID, tracking.MLFLOW_GIT_COMMIT) == (
+        mlflow_tags.MLFLOW_RUN_NAME, mlflow_tags.MLFLOW_PARENT_RUN_ID, mlflow_tags.MLFLOW_GIT_COMMIT)
+    step = ("import sys; from moa.config import load_config; from moa.tracking import log_step; "
+            f"log_step(load_config({str(smoke)!r}), 'report', {{'moa.step': 'report'}}, {{'tasks': ['qa']}}); "
+            "assert 'mlflow' not in sys.modules, 'mlflow was imported'")
+    subprocess.run([sys.executable, "-c", step], check=True, env=os.environ | {SPOOL_ENV: str(tmp_path)})
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_an_unreachable_store_keeps_the_spooled_runs_with_one_warning(smoke: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    from moa.tracking import log_step
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv(SPOOL_ENV, str(tmp_path))
+    for name in ("train_lora:qa", "report"):
+        log_step(load_config(smoke), name, {}, {})
+    spool = Spool(tmp_path, interval=0.1)
+    spool.start()
+    spool.stop()  # at least two passes: the thread's, then the final one
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    assert caplog.text.count("MLflow runs wait in") == 1
 
 
 def test_unreachable_tracking_server_is_a_warning(smoke: Path, monkeypatch: pytest.MonkeyPatch,

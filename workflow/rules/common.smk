@@ -25,7 +25,7 @@ from moa.config import _schema_node, apply_overrides, config_hash, method_params
 from moa.data.tasks import get_task
 from moa.errors import MoaError
 from moa.io import atomic_file
-from moa.tracking import PARENT_RUN_ENV, end_workflow_run, start_workflow_run
+from moa.tracking import PARENT_RUN_ENV, SPOOL_ENV, Spool, end_workflow_run, start_workflow_run
 
 # The YAML file(s) and --config overrides the config came from, for error messages.
 CONFIG_SOURCE = ", ".join(os.path.relpath(f) for f in workflow.configfiles) or "config"
@@ -176,17 +176,28 @@ def composition_inputs(wildcards):
 
 
 # --- MLflow: one parent run per invocation; every job's run is its child -----------------------------
+# Jobs (local, or sbatch --export=ALL) inherit the parent run's id and the spool directory from the
+# environment; they write their runs there, and a thread of this process logs them as they appear.
 
 WORKFLOW_RUN = {}
 
 
 def start_tracking():
-    """onstart: create the parent run; jobs (local or sbatch --export=ALL) inherit its id."""
+    """onstart: create the parent run and start logging the jobs' runs (leftovers of an interrupted
+    invocation first)."""
+    if not config["tracking"]["enabled"]:
+        return
     run_id = start_workflow_run(config)
-    WORKFLOW_RUN["id"] = run_id
     if run_id:
         os.environ[PARENT_RUN_ENV] = run_id
+    spool = Spool(Path(EXP, "mlflow-spool").resolve())
+    spool.start()
+    os.environ[SPOOL_ENV] = str(spool.directory)
+    WORKFLOW_RUN.update(id=run_id, spool=spool)
 
 
 def end_tracking(status):
+    """onsuccess / onerror: log the last jobs' runs, then close the parent run."""
+    if "spool" in WORKFLOW_RUN:
+        WORKFLOW_RUN["spool"].stop()
     end_workflow_run(config, WORKFLOW_RUN.get("id"), status)
