@@ -20,7 +20,7 @@ rule compose:
         f"{EXP}/logs/compose/{{method}}.log",
     benchmark:
         f"{EXP}/benchmarks/compose/{{method}}.tsv"
-    threads: 2
+    threads: 1  # merges are small matrix work: compositions run side by side
     resources:
         mem_mb=8000,
         runtime=60,

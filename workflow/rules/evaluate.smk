@@ -24,7 +24,9 @@ rule evaluate:
         f"{EXP}/logs/evaluate/{{method}}/{{task}}.log",
     benchmark:
         f"{EXP}/benchmarks/evaluate/{{method}}/{{task}}.tsv"
-    threads: 4
+    # One thread: decoding a small model on CPU is memory-bound, so one-thread evaluations side by side
+    # finish sooner than multi-thread ones in turn. The slurm profile raises it for GPU nodes.
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=120,
