@@ -55,10 +55,15 @@ def prepare_data(args: argparse.Namespace) -> None:
     from moa.config import load_config
     from moa.data.prepare import prepare_task
     from moa.model import load_tokenizer
+    from moa.tracking import log_step
 
     config = load_config(args.config, args.set)
     out = prepare_task(config, args.task, load_tokenizer(config["model"]["source"]))
     stats = json.loads((out / "stats.json").read_text())["splits"]
+    log_step(config, f"prepare_data:{args.task}", {"moa.step": "prepare_data", "moa.task": args.task},
+             {"data": config["data"], "task": config["tasks"][args.task], "seed": config["seed"]},
+             metrics={f"{split}_{key}": s[key] for split, s in stats.items() for key in ("rows_out", "truncated")},
+             artifacts=[out / "stats.json"])
     rows = ", ".join(f"{split} {s['rows_out']}" for split, s in stats.items())
     print(f"wrote {out} ({rows} rows)")
 

@@ -214,8 +214,10 @@ def test_every_job_is_a_child_run_of_the_workflow_run(built: Path) -> None:
     assert children and {parent for parent, _ in children} == {parents[0][0]}
     names = {name for _, name in children}
     assert {"train_lora:qa", "train_mixed", "train_router", "evaluate:svd,qa", "report"} <= names, names
+    preparations = 1 + len(SMOKE_TASKS)  # the model, each task's data
     trainings = len(SMOKE_TASKS) + 2  # one LoRA per task, the mixed adapter, the routers
-    assert len(children) == trainings + len(METHODS) * (1 + len(SMOKE_TASKS)) + 1  # every job but data and model
+    assert len(children) == preparations + trainings + len(METHODS) * (1 + len(SMOKE_TASKS)) + 1  # + the report
+    assert {"prepare_model", "prepare_data:qa"} <= names
     assert not any((built / "results" / "smoke" / "mlflow-spool").iterdir())  # the workflow logged every run
 
 

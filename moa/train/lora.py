@@ -39,6 +39,8 @@ def prepare_model(config: Config) -> Path:
     out = save_hf_dir(model, tokenizer, prepared_model_dir(config), dtype)
     with atomic_file(out / PROVENANCE_FILE) as tmp:
         tmp.write_text(json.dumps(_provenance(config), sort_keys=True) + "\n")
+    log_step(config, "prepare_model", {"moa.step": "prepare_model"}, _provenance(config),
+             metrics={"parameters": sum(p.numel() for p in model.parameters())}, artifacts=[out / "config.json"])
     return out
 
 
