@@ -1,6 +1,6 @@
 # moa: one LoRA per task -> MoA routers and every merge -> evaluation -> report.
 #
-#   snakemake --cores all --configfile config/smoke.yaml      # seconds-sized check of the whole DAG
+#   snakemake --cores all --configfile config/smoke.yaml      # the whole DAG on a tiny model, minutes
 #   snakemake --cores all                                      # config/config.yaml, the offline default
 #   snakemake --profile workflow/profiles/slurm --configfile config/real.yaml
 #   snakemake --report report.html --configfile ...            # after a run: plots + provenance

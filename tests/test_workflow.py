@@ -60,15 +60,15 @@ def job_counts(output: str) -> Counter[str]:
     return Counter({row[0]: int(row[1]) for row in rows if len(row) == 2 and row[0] != "total"})
 
 
-def planned(output: str, rule: str) -> list[str]:
-    """The wildcards of every planned job of `rule` in a dry run, e.g. ["task=qa"]."""
+def planned(output: str, rule: str, field: str = "wildcards") -> list[str]:
+    """A field of every planned job of `rule` in a dry run, by default its wildcards, e.g. ["task=qa"]."""
     found, current = [], None
     for line in output.splitlines():
         if match := re.match(r"^(?:local)?rule (\w+):$", line):
             current = match.group(1)
         elif not line.startswith(" "):
             current = None
-        elif current == rule and (match := re.match(r"^\s+wildcards: (.*)$", line)):
+        elif current == rule and (match := re.match(rf"^\s+{field}: (.*)$", line)):
             found.append(match.group(1))
     return sorted(found)
 
@@ -107,6 +107,14 @@ def test_dry_run_plans_the_smoke_dag(tmp_path: Path) -> None:
     assert list(written["tasks"]) == SMOKE_TASKS and list(written["methods"]) == METHODS
     assert written["lora"]["rank"] == 8  # defaults filled in
     assert f"--config {configs[0].relative_to(tmp_path)}" in out
+
+
+def test_jobs_on_the_model_take_the_gpu_token_only_where_there_is_a_gpu(tmp_path: Path) -> None:
+    _, out = dry_run(tmp_path)
+    gpu = 1 if shutil.which("nvidia-smi") else 0  # as workflow/rules/common.smk decides
+    for rule in ("train_lora", "train_mixed", "train_router", "evaluate"):
+        assert all(f"gpu={gpu}," in resources for resources in planned(out, rule, "resources")), rule
+    assert not any("gpu=" in resources for resources in planned(out, "compose", "resources"))
 
 
 def test_configfile_replaces_the_default_config(tmp_path: Path) -> None:

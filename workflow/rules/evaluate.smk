@@ -30,6 +30,7 @@ rule evaluate:
     resources:
         mem_mb=8000,
         runtime=120,
+        gpu=GPU_JOB,
     conda:
         ENV
     shell:

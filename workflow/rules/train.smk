@@ -28,6 +28,7 @@ rule train_lora:
     resources:
         mem_mb=16000,
         runtime=360,
+        gpu=GPU_JOB,
     conda:
         ENV
     shell:
@@ -60,6 +61,7 @@ rule train_mixed:
     resources:
         mem_mb=16000,
         runtime=480,
+        gpu=GPU_JOB,
     conda:
         ENV
     shell:
@@ -94,6 +96,7 @@ rule train_router:
     resources:
         mem_mb=16000,
         runtime=480,
+        gpu=GPU_JOB,
     conda:
         ENV
     shell:
