@@ -11,6 +11,7 @@ config's tracking.uri. Browse with: mlflow ui --backend-store-uri sqlite:///resu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pandas as pd
 
@@ -79,19 +80,33 @@ def log_step(config: Config, name: str, tags: Mapping[str, str], params: Mapping
         _warn(name, err)
 
 
+class RunRecord(TypedDict):
+    """Everything MLflow needs to log a step's run later, from any process, as plain JSON."""
+
+    uri: str
+    experiment: str
+    artifact_location: str
+    name: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: list[tuple[str, float, int, int]]  # key, value, timestamp (ms), step
+    artifacts: list[str]
+    start_time: int
+    end_time: int
+
+
 def _run_record(config: Config, name: str, tags: Mapping[str, str], params: Mapping[str, Any],
-                curves: pd.DataFrame | None, artifacts: Sequence[Path], final: Mapping[str, float]) -> dict[str, Any]:
-    """Everything MLflow needs to log the run later, from any process, as plain JSON."""
+                curves: pd.DataFrame | None, artifacts: Sequence[Path], final: Mapping[str, float]) -> RunRecord:
     now = int(time.time() * 1000)
     metrics = [] if curves is None else [
         (key, float(value), now, int(row["step"]))
         for row in curves.to_dict("records") for key, value in row.items()
         if key != "step" and pd.notna(value)]
     metrics += [(key, float(value), now, 0) for key, value in final.items() if pd.notna(value)]
-    return {"uri": tracking_uri(config), "experiment": config["experiment"],
-            "artifact_location": _artifact_location(config),
-            "name": name, "tags": _run_tags(config, name, tags), "params": flatten(params), "metrics": metrics,
-            "artifacts": [str(Path(a).resolve()) for a in artifacts], "start_time": STARTED_MS, "end_time": now}
+    return RunRecord(uri=tracking_uri(config), experiment=config["experiment"],
+                     artifact_location=_artifact_location(config), name=name, tags=_run_tags(config, name, tags),
+                     params=flatten(params), metrics=metrics, artifacts=[str(Path(a).resolve()) for a in artifacts],
+                     start_time=STARTED_MS, end_time=now)
 
 
 def _artifact_location(config: Config) -> str:
@@ -132,21 +147,27 @@ def _client(uri: str) -> Any:
     return MlflowClient(uri)
 
 
-def log_record(client: Any, record: Mapping[str, Any]) -> None:
-    """Log one run record (see _run_record) as a finished MLflow run."""
+def log_record(client: Any, record: RunRecord) -> None:
+    """Log one run record as a finished MLflow run."""
     from mlflow.entities import Metric, Param
 
     experiment = _experiment_id(client, record["experiment"], record["artifact_location"])
-    run = client.create_run(experiment, start_time=record["start_time"], tags=record["tags"], run_name=record["name"])
+    run_id = client.create_run(experiment, start_time=record["start_time"], tags=record["tags"],
+                               run_name=record["name"]).info.run_id
     params = [Param(k, v) for k, v in record["params"].items()]
     metrics = [Metric(*m) for m in record["metrics"]]
-    for i in range(0, len(params), 100):  # MLflow's limits per batch: 100 params, 1000 metrics
-        client.log_batch(run.info.run_id, params=params[i:i + 100])
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run.info.run_id, metrics=metrics[i:i + 1000])
-    for path in record["artifacts"]:
-        client.log_artifact(run.info.run_id, path)
-    client.set_terminated(run.info.run_id, end_time=record["end_time"])
+    try:
+        for i in range(0, len(params), 100):  # MLflow's limits per batch: 100 params, 1000 metrics
+            client.log_batch(run_id, params=params[i:i + 100])
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        for path in record["artifacts"]:
+            client.log_artifact(run_id, path)
+        client.set_terminated(run_id, end_time=record["end_time"])
+    except Exception:
+        with contextlib.suppress(Exception):  # no half-logged run; a retry logs it whole
+            client.delete_run(run_id)
+        raise
 
 
 class Spool:
@@ -183,8 +204,11 @@ class Spool:
         """Log every record in the spool, oldest first, deleting each once logged; the number logged."""
         logged = 0
         for path in sorted(self.directory.glob("*.json")):
+            if (record := _read_record(path)) is None:
+                log.warning("moa: %s is not a moa run record; moved aside to %s.invalid", path, path.name)
+                path.rename(path.with_name(f"{path.name}.invalid"))
+                continue
             try:
-                record = json.loads(path.read_text())
                 log_record(_client(record["uri"]), record)
             except Exception as err:  # noqa: BLE001 -- see log_step
                 if not self._failing:  # once per outage, not once per pass
@@ -197,6 +221,15 @@ class Spool:
             path.unlink()
             logged += 1
         return logged
+
+
+def _read_record(path: Path) -> RunRecord | None:
+    """A run record written by log_step, or None for anything else (so one bad file blocks no run)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and RunRecord.__required_keys__ <= record.keys() else None
 
 
 def start_workflow_run(config: Config) -> str | None:

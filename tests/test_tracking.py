@@ -138,3 +138,41 @@ def test_tracking_disabled_or_failing_workflow_run_is_none(smoke: Path, monkeypa
     config = load_config(smoke)
     assert start_workflow_run(config) is None
     end_workflow_run(config, None, "FAILED")  # nothing to close, no error
+
+
+def test_a_run_that_fails_half_way_is_not_left_half_logged(smoke: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    from moa.tracking import log_step
+
+    config = load_config(smoke)
+    artifact = tmp_path / "summary.md"
+    artifact.write_text("# Report\n")
+    monkeypatch.setenv(SPOOL_ENV, str(tmp_path / "spool"))
+    log_step(config, "report", {"moa.step": "report"}, {"tasks": ["qa"]}, artifacts=[artifact])
+    artifact.unlink()  # log_artifact fails after the run was created
+    spool = Spool(tmp_path / "spool")
+    assert spool.drain() == 0
+    client = MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name("smoke").experiment_id
+    assert client.search_runs([experiment]) == []
+    artifact.write_text("# Report\n")
+    assert spool.drain() == 1
+    assert [r.info.run_name for r in client.search_runs([experiment])] == ["report"]
+
+
+def test_a_file_that_is_not_a_run_record_is_moved_aside(smoke: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    from moa.tracking import log_step
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "0-garbage.json").write_text("{not json")
+    (spool / "1-other.json").write_text('{"name": "x"}')
+    monkeypatch.setenv(SPOOL_ENV, str(spool))
+    log_step(load_config(smoke), "report", {"moa.step": "report"}, {})
+    assert Spool(spool).drain() == 1
+    assert sorted(p.name for p in spool.iterdir()) == ["0-garbage.json.invalid", "1-other.json.invalid"]
+    assert "0-garbage.json is not a moa run record" in caplog.text
