@@ -55,9 +55,13 @@ def flatten(section: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _reason(err: Exception) -> str:
+    """"Type: first line of the message", for one-line warnings."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
 def _warn(what: str, err: Exception) -> None:
-    log.warning("moa: MLflow tracking skipped for %s (%s: %s); the results on disk are complete",
-                what, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+    log.warning("moa: MLflow tracking skipped for %s (%s); the results on disk are complete", what, _reason(err))
 
 
 def log_step(config: Config, name: str, tags: Mapping[str, str], params: Mapping[str, Any],
@@ -212,9 +216,8 @@ class Spool:
                 log_record(_client(record["uri"]), record)
             except Exception as err:  # noqa: BLE001 -- see log_step
                 if not self._failing:  # once per outage, not once per pass
-                    log.warning("moa: MLflow runs wait in %s (%s: %s); this workflow or the next logs them "
-                                "once the tracking store answers", self.directory, type(err).__name__,
-                                str(err).splitlines()[0] if str(err) else "")
+                    log.warning("moa: MLflow runs wait in %s (%s); this workflow or the next logs them once "
+                                "the tracking store answers", self.directory, _reason(err))
                 self._failing = True
                 return logged
             self._failing = False

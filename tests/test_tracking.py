@@ -32,6 +32,13 @@ def smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+def unreachable_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Track to a server that is not there (nothing listens on the discard port), failing fast."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+
+
 @pytest.mark.parametrize("spooled", [False, True], ids=["by-the-step", "from-the-spool"])
 def test_train_lora_logs_a_run_with_curves_params_and_artifacts(smoke: Path, spooled: bool, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,9 +87,7 @@ def test_an_unreachable_store_keeps_the_spooled_runs_with_one_warning(smoke: Pat
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     from moa.tracking import log_step
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    unreachable_store(monkeypatch)
     monkeypatch.setenv(SPOOL_ENV, str(tmp_path))
     for name in ("train_lora:qa", "report"):
         log_step(load_config(smoke), name, {}, {})
@@ -95,9 +100,7 @@ def test_an_unreachable_store_keeps_the_spooled_runs_with_one_warning(smoke: Pat
 
 def test_unreachable_tracking_server_is_a_warning(smoke: Path, monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    unreachable_store(monkeypatch)
     out = train_lora(load_config(smoke, FAST), "sentiment")
     assert (out / "adapter_model.safetensors").is_file() and (out / "train_log.parquet").is_file()
     assert "MLflow tracking skipped for train_lora:sentiment" in caplog.text
@@ -132,9 +135,7 @@ def test_tracking_disabled_or_failing_workflow_run_is_none(smoke: Path, monkeypa
     from moa.tracking import end_workflow_run, start_workflow_run
 
     assert start_workflow_run(load_config(smoke, ["tracking.enabled=false"])) is None
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    unreachable_store(monkeypatch)
     config = load_config(smoke)
     assert start_workflow_run(config) is None
     end_workflow_run(config, None, "FAILED")  # nothing to close, no error
