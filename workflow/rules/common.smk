@@ -129,13 +129,16 @@ def sections(**parts):
     return config_hash(parts)
 
 
-# --- paths ------------------------------------------------------------------------------------------
+# --- resources --------------------------------------------------------------------------------------
 
 # Training and evaluation put the model on the GPU where there is one: there they take one "gpu" token,
 # so that with the default profile's single token they run one at a time instead of sharing (and
 # exhausting) its memory; on a machine without an NVIDIA driver (nvidia-smi) they take none and run
 # side by side. On SLURM the slurm profile's set-resources decide what each job requests.
 GPU_JOB = 1 if shutil.which("nvidia-smi") else 0
+
+
+# --- paths ------------------------------------------------------------------------------------------
 
 MODEL_FILES = [f"{EXP}/model/{name}" for name in ("config.json", "model.safetensors", "tokenizer.json")]
 SPLITS = ("train", "validation", "test")
