@@ -10,7 +10,8 @@ from fractions import Fraction
 import pytest
 
 from moa.data import synthetic
-from moa.data.synthetic import NP, PP, TASKS, Clause, Pro, generate, render_translation
+from moa.data.synthetic import NP, PP, TASKS, Clause, Pro, dialogue, generate, render_translation, sentiment
+from moa.data.synthetic.common import sha1
 from moa.errors import MoaError
 
 # the text that must be distinct per row and that decides the split
@@ -91,7 +92,7 @@ def test_sentiment_idx_counts_rows_and_labels_are_balanced(big: dict[str, list[d
     assert 0.4 <= sum(r["label"] for r in rows) / len(rows) <= 0.6
 
 
-POSITIVE, NEGATIVE = set(synthetic._POSITIVE), set(synthetic._NEGATIVE)
+POSITIVE, NEGATIVE = set(sentiment.POSITIVE), set(sentiment.NEGATIVE)
 
 
 def _polarity(sentence: str) -> int:
@@ -152,7 +153,7 @@ def test_summaries_are_short_and_taken_from_the_article(big: dict[str, list[dict
         assert 2 <= len(highlights) <= 3
         for number in re.findall(r"\d+(?:,\d{3})*", row["highlights"]):
             assert number in article, (number, row)
-        assert row["id"] == synthetic._sha1(article)
+        assert row["id"] == sha1(article)
 
 
 def test_translation_sentences_are_short(big: dict[str, list[dict]]) -> None:
@@ -167,7 +168,7 @@ def test_dialogue_answers_follow_the_question() -> None:
         match = re.match(r"Convert (\d+) (\w+) to (\w+)\.", row["question"])
         if match:
             value, source, target = match.groups()
-            factor = next(f for s, t, f in synthetic._UNITS if (s, t) == (source, target))
+            factor = next(f for s, t, f in dialogue.UNITS if (s, t) == (source, target))
             assert f"{int(value) * factor:,} {target}" in row["response"]
         if row["question"].startswith("Sort these words alphabetically: "):
             words = row["question"].removeprefix("Sort these words alphabetically: ").rstrip(".").split(", ")
