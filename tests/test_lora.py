@@ -17,6 +17,8 @@ from moa.errors import MoaError
 from moa.lora import (
     ExpertSpec,
     LoRALinear,
+    activate,
+    activated,
     add_expert,
     attach_adapter,
     fold_lora,
@@ -25,9 +27,7 @@ from moa.lora import (
     lora_layers,
     mark_only_lora_as_trainable,
     save_adapter,
-    set_route,
     unfold_lora,
-    use_route,
 )
 
 FINGERPRINT = {"arch": "llama", "hidden_size": 64, "n_layers": 2, "vocab_size": 128}
@@ -116,7 +116,7 @@ def test_weighted_sum_equals_peft_multi_adapter(base, ids, tmp_path):
     peft.base_model.set_adapter(["a0", "a1"])
     model = copy.deepcopy(base)
     assert [attach_adapter(model, tmp_path / f"a{i}") for i in range(2)] == [0, 1]
-    set_route(model, [1.0, 1.0])
+    activate(model, [1.0, 1.0])
     assert (logits(peft.eval(), ids) - logits(model, ids)).abs().max() <= 1e-5
 
 
@@ -126,10 +126,10 @@ def test_weighted_sum_equals_peft_multi_adapter(base, ids, tmp_path):
 def test_per_sequence_route_equals_each_sequence_alone(base, ids):
     model = moa_model(base, [ExpertSpec(2, 4.0), ExpertSpec(4, 8.0, use_rslora=True), ExpertSpec(8, 8.0)])
     route = torch.tensor([2, 0, 1])
-    set_route(model, route)
+    activate(model, route)
     mixed = logits(model, ids)
     for row, expert in enumerate(route.tolist()):
-        with use_route(model, expert):
+        with activated(model, expert):
             alone = logits(model, ids[row : row + 1])
         assert (mixed[row] - alone[0]).abs().max() <= 1e-5
 
@@ -147,11 +147,11 @@ def test_weighted_route_matches_definition():
         for row in range(2):
             dw = sum(wi * d for wi, d in zip(w[row], deltas))
             expected = torch.nn.functional.linear(x[row], layer.weight + dw, layer.bias)
-            layer.route = w[row]
+            layer.active = w[row]
             assert (layer(x[row : row + 1])[0] - expected).abs().max() <= 1e-5
-        layer.route = w
+        layer.active = w
         per_seq = layer(x)
-        layer.route = w[1]
+        layer.active = w[1]
         assert (per_seq[1] - layer(x[1:])[0]).abs().max() <= 1e-5
 
 
@@ -159,7 +159,7 @@ def test_fold_equals_unfolded_and_unfold_restores(base, ids):
     model = moa_model(base, [ExpertSpec(2, 4.0), ExpertSpec(4, 8.0)])
     weight = model.model.layers[1].mlp.down_proj.weight.clone()
     for route in (1, [0.5, 2.0]):
-        set_route(model, route)
+        activate(model, route)
         routed = logits(model, ids)
         fold_lora(model, route)
         assert (logits(model, ids) - routed).abs().max() <= 1e-5
@@ -167,13 +167,13 @@ def test_fold_equals_unfolded_and_unfold_restores(base, ids):
             add_expert(model, ExpertSpec(2, 2.0))
         unfold_lora(model)
         torch.testing.assert_close(model.model.layers[1].mlp.down_proj.weight, weight, atol=1e-6, rtol=0)
-    set_route(model, None)
+    activate(model, None)
     assert (logits(model, ids) - logits(base, ids)).abs().max() <= 1e-5  # W0 restored up to rounding
 
 
 def test_stacked_cache_follows_in_place_updates_and_grads_flow(base, ids):
     model = moa_model(base, [ExpertSpec(2, 4.0), ExpertSpec(4, 8.0)])
-    set_route(model, torch.tensor([1, 0, 1]))
+    activate(model, torch.tensor([1, 0, 1]))
     before = logits(model, ids)
     randomize_b(model, 9)  # in-place under no_grad: the cached stack must be rebuilt
     assert (logits(model, ids) - before).abs().max() > 1e-4

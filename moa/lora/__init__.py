@@ -1,7 +1,9 @@
-"""LoRA with N experts per layer, routing modes, folding, and PEFT-format adapter I/O."""
+"""LoRA with N experts per layer, which of them are active, folding, and PEFT-format adapter I/O."""
 
 from moa.lora.inject import (
     DEFAULT_TARGETS,
+    activate,
+    activated,
     adapter_state_dict,
     add_expert,
     expert_specs,
@@ -13,14 +15,13 @@ from moa.lora.inject import (
     matches_target,
     merge_and_unload,
     peft_key,
-    set_route,
     unfold_lora,
-    use_route,
 )
-from moa.lora.layer import ExpertSpec, LoRALinear, Route
+from moa.lora.layer import Active, ExpertSpec, LoRALinear
 from moa.lora.peft_io import (
     AdapterConfig,
     attach_adapter,
+    attach_experts,
     check_fingerprint,
     load_adapter,
     save_adapter,
@@ -29,13 +30,16 @@ from moa.lora.peft_io import (
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "Active",
     "AdapterConfig",
     "ExpertSpec",
     "LoRALinear",
-    "Route",
+    "activate",
+    "activated",
     "adapter_state_dict",
     "add_expert",
     "attach_adapter",
+    "attach_experts",
     "check_fingerprint",
     "expert_specs",
     "fold_lora",
@@ -48,8 +52,6 @@ __all__ = [
     "merge_and_unload",
     "peft_key",
     "save_adapter",
-    "set_route",
     "unfold_lora",
-    "use_route",
     "write_adapter",
 ]

@@ -1,4 +1,4 @@
-"""Small pure functions over a model: inject LoRA layers, route, fold, and move expert factors in PEFT keys."""
+"""Small pure functions over a model: inject LoRA layers, activate experts, fold, and move expert factors in PEFT keys."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from moa.errors import MoaError
-from moa.lora.layer import ExpertSpec, LoRALinear, Route
+from moa.lora.layer import Active, ExpertSpec, LoRALinear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> the wrapped model
@@ -91,35 +91,35 @@ def add_expert(model: nn.Module, spec: ExpertSpec) -> int:
     return indices.pop()
 
 
-def set_route(model: nn.Module, route: Route | Sequence[float]) -> None:
-    """Set the same route on every LoRA layer (see moa.lora.layer for the route values)."""
+def activate(model: nn.Module, active: Active | Sequence[float]) -> None:
+    """Make the same experts active on every LoRA layer (see moa.lora.layer for the values)."""
     for layer in lora_layers(model).values():
-        layer.route = route
+        layer.active = active
 
 
 @contextmanager
-def use_route(model: nn.Module, route: Route | Sequence[float]) -> Iterator[None]:
-    """Temporarily route every LoRA layer; restores each layer's previous route."""
-    previous = {name: layer.route for name, layer in lora_layers(model).items()}
-    set_route(model, route)
+def activated(model: nn.Module, active: Active | Sequence[float]) -> Iterator[None]:
+    """Temporarily activate experts on every LoRA layer; restores each layer's previous choice."""
+    previous = {name: layer.active for name, layer in lora_layers(model).items()}
+    activate(model, active)
     try:
         yield
     finally:
         for name, layer in lora_layers(model).items():
-            layer.route = previous[name]
+            layer.active = previous[name]
 
 
-def fold_lora(model: nn.Module, route: int | Tensor | Sequence[float]) -> None:
+def fold_lora(model: nn.Module, experts: int | Tensor | Sequence[float]) -> None:
     """Fold one expert (int) or a weighted combination ([N]) into every base weight."""
     for layer in lora_layers(model).values():
-        layer.fold(route)
+        layer.fold(experts)
 
 
-def merge_and_unload(model: nn.Module, route: int | Tensor | Sequence[float] = 0) -> None:
-    """Fold ``route`` into the base weights and put plain nn.Linear layers back, as PEFT's
+def merge_and_unload(model: nn.Module, experts: int | Tensor | Sequence[float] = 0) -> None:
+    """Fold ``experts`` into the base weights and put plain nn.Linear layers back, as PEFT's
     merge_and_unload: the model then decodes at exactly the base model's cost."""
     for name, layer in lora_layers(model).items():
-        layer.fold(route)
+        layer.fold(experts)
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         linear.weight, linear.bias = layer.weight, layer.bias  # the folded Parameters themselves, no copy
         _replace(model, name, linear)

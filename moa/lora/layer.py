@@ -1,7 +1,7 @@
-"""A linear layer with N LoRA experts and several ways to route between them in one forward pass.
+"""A linear layer with N LoRA experts and several ways to apply them in one forward pass.
 
 Expert i: A_i [r_i, in], B_i [out, r_i], scaling s_i = alpha_i / r_i (alpha_i / sqrt(r_i) with rsLoRA);
-y = W0 x + b + s_i B_i A_i dropout(x). The route attribute selects how the experts are applied:
+y = W0 x + b + s_i B_i A_i dropout(x). The `active` attribute says which experts apply, and how:
 
 - ``None``: base layer only;
 - ``int`` i: expert i (the fast path, the same arithmetic as PEFT);
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from moa.errors import MoaError
 
-Route = int | Tensor | None
+Active = int | Tensor | None  # see the module docstring
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterList()
         self.specs: list[ExpertSpec] = []
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._route: Route = None
+        self._active: Active = None
         self._folded: Tensor | None = None  # expert weights [N] of the delta folded into W0
         self._cache: dict[str, tuple[tuple, tuple[Tensor, ...]]] = {}
         for spec in experts:
@@ -69,7 +69,7 @@ class LoRALinear(nn.Module):
     def add_expert(self, spec: ExpertSpec) -> int:
         """Append an expert initialised like PEFT (A kaiming-uniform, B zero); returns its index.
 
-        The first expert becomes the route, as PEFT activates its first adapter."""
+        The first expert becomes active, as PEFT activates its first adapter."""
         self._check_not_folded("add an expert")
         if spec.rank < 1:
             raise MoaError(f"LoRA rank must be >= 1, got {spec.rank}; fix lora.rank in the config")
@@ -79,46 +79,46 @@ class LoRALinear(nn.Module):
         self.lora_A.append(nn.Parameter(a))
         self.lora_B.append(nn.Parameter(torch.zeros(self.out_features, spec.rank, **kw)))
         self.specs.append(spec)
-        if self.n_experts == 1 and self._route is None:
-            self._route = 0
+        if self.n_experts == 1 and self._active is None:
+            self._active = 0
         return self.n_experts - 1
 
-    # -- routing ---------------------------------------------------------------------------------
+    # -- the active experts ----------------------------------------------------------------------
 
     @property
-    def route(self) -> Route:
-        return self._route
+    def active(self) -> Active:
+        return self._active
 
-    @route.setter
-    def route(self, route: Route | Sequence[float]) -> None:
-        self._route = check_route(route, self.n_experts)
-        self._cache.pop("selected", None)  # the routed factors are gathered once per route
+    @active.setter
+    def active(self, active: Active | Sequence[float]) -> None:
+        self._active = check_active(active, self.n_experts)
+        self._cache.pop("selected", None)  # the active experts' factors are gathered once per choice
 
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
-        route = self._route
-        if route is None or self._folded is not None:
+        active = self._active
+        if active is None or self._folded is not None:
             return y
-        if isinstance(route, Tensor) and route.device != x.device:
-            self.route = route = route.to(x.device)  # move once, not in every forward
-        if isinstance(route, Tensor) and route.is_floating_point():
-            return y + self._weighted(self.dropout(x), route.to(x.dtype))
+        if isinstance(active, Tensor) and active.device != x.device:
+            self.active = active = active.to(x.device)  # move once, not in every forward
+        if isinstance(active, Tensor) and active.is_floating_point():
+            return y + self._weighted(self.dropout(x), active.to(x.dtype))
         # One expert per row: batched matmuls, [G, M, in] @ [G, in, r] @ [G, r, out] with G = 1 (one expert
         # for all) or B (per sequence). On CPU bmm beats F.linear for these thin shapes, and baddbmm adds
         # the update to y in the same call.
-        a, b = self._selected(route)
+        a, b = self._selected(active)
         if a.shape[0] > 1 and a.shape[0] != x.shape[0]:
-            raise MoaError(f"a per-sequence route names {a.shape[0]} experts for a batch of {x.shape[0]} rows")
+            raise MoaError(f"a per-sequence choice names {a.shape[0]} experts for a batch of {x.shape[0]} rows")
         h = torch.bmm(self.dropout(x.reshape(a.shape[0], -1, x.shape[-1])), a)
         return torch.baddbmm(y.view(a.shape[0], -1, y.shape[-1]), h, b).view(y.shape)
 
-    def _selected(self, route: int | Tensor) -> tuple[Tensor, Tensor]:
-        """A^T [G, in, r] and (s B)^T [G, r, out] of the routed expert(s)."""
+    def _selected(self, active: int | Tensor) -> tuple[Tensor, Tensor]:
+        """A^T [G, in, r] and (s B)^T [G, r, out] of the active expert(s)."""
         def build() -> tuple[Tensor, ...]:
             a, b = self._stacked()
-            index = torch.tensor([route], device=a.device) if isinstance(route, int) else route
+            index = torch.tensor([active], device=a.device) if isinstance(active, int) else active
             return a[index].transpose(1, 2).contiguous(), b[index].transpose(1, 2).contiguous()
 
         return self._cached("selected", build)
@@ -169,12 +169,12 @@ class LoRALinear(nn.Module):
         return (b * torch.repeat_interleave(weights.to(scale) * scale, ranks)) @ a
 
     @torch.no_grad()
-    def fold(self, route: int | Tensor | Sequence[float]) -> None:
+    def fold(self, experts: int | Tensor | Sequence[float]) -> None:
         """Add one expert's (int) or a weighted combination's ([N]) delta into W0.
 
-        Until ``unfold`` the forward is a plain linear whatever the route, and the factors are locked."""
+        Until ``unfold`` the forward is a plain linear whatever is active, and the factors are locked."""
         self._check_not_folded("fold again")
-        weights = _expert_weights(check_route(route, self.n_experts), self.n_experts, self.weight.device)
+        weights = _expert_weights(check_active(experts, self.n_experts), self.n_experts, self.weight.device)
         self.weight.add_(self.delta(weights).to(self.weight.dtype))
         self._folded = weights
 
@@ -194,28 +194,28 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, ranks={ranks}"
 
 
-def check_route(route: Route | Sequence[float], n_experts: int) -> Route:
-    """Validate a route for ``n_experts`` experts (shape and dtype only: no device sync)."""
-    if route is None:
+def check_active(active: Active | Sequence[float], n_experts: int) -> Active:
+    """Validate a choice of experts for ``n_experts`` experts (shape and dtype only: no device sync)."""
+    if active is None:
         return None
-    if isinstance(route, int) and not isinstance(route, bool):
-        if not 0 <= route < n_experts:
-            raise MoaError(f"route expert {route} out of range: the model has {n_experts} LoRA experts")
-        return route
-    route = route if isinstance(route, Tensor) else torch.tensor(route, dtype=torch.float32)
-    if route.is_floating_point() and route.dim() in (1, 2) and route.shape[-1] == n_experts:
-        return route
-    if route.dtype in (torch.int64, torch.int32) and route.dim() == 1:
-        return route.long()
+    if isinstance(active, int) and not isinstance(active, bool):
+        if not 0 <= active < n_experts:
+            raise MoaError(f"expert {active} out of range: the model has {n_experts} LoRA experts")
+        return active
+    active = active if isinstance(active, Tensor) else torch.tensor(active, dtype=torch.float32)
+    if active.is_floating_point() and active.dim() in (1, 2) and active.shape[-1] == n_experts:
+        return active
+    if active.dtype in (torch.int64, torch.int32) and active.dim() == 1:
+        return active.long()
     raise MoaError(
-        f"route must be an expert index, indices [B] (int) or weights [N]/[B, N] (float) with N={n_experts}; "
-        f"got {route.dtype} {list(route.shape)}"
+        f"the active experts must be an expert index, indices [B] (int) or weights [N]/[B, N] (float) with "
+        f"N={n_experts}; got {active.dtype} {list(active.shape)}"
     )
 
 
-def _expert_weights(route: Route, n_experts: int, device: torch.device) -> Tensor:
-    if isinstance(route, int):
-        return F.one_hot(torch.tensor(route, device=device), n_experts).float()
-    if route is None or not route.is_floating_point() or route.dim() != 1:
-        raise MoaError("fold needs one expert index or expert weights [N]; per-sequence routes cannot be folded")
-    return route.to(device)
+def _expert_weights(active: Active, n_experts: int, device: torch.device) -> Tensor:
+    if isinstance(active, int):
+        return F.one_hot(torch.tensor(active, device=device), n_experts).float()
+    if active is None or not active.is_floating_point() or active.dim() != 1:
+        raise MoaError("fold needs one expert index or expert weights [N]; per-sequence experts cannot be folded")
+    return active.to(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from moa.errors import MoaError
 from moa.io import atomic_file, read_json
+from moa.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from moa.lora.inject import (
     PEFT_PREFIX,
     adapter_state_dict,
@@ -31,8 +33,6 @@ from moa.lora.inject import (
 )
 from moa.lora.layer import ExpertSpec, LoRALinear
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 FINGERPRINT_KEY = "moa.arch_fingerprint"
 
 # LoraConfig fields that change the math or the tensor set; moa supports only their empty defaults.
@@ -109,9 +109,9 @@ def write_adapter(path: str | os.PathLike, config: AdapterConfig, state: dict[st
     metadata = {"format": "pt"}
     if config.arch_fingerprint is not None:
         metadata[FINGERPRINT_KEY] = json.dumps(config.arch_fingerprint, sort_keys=True)
-    with atomic_file(path / WEIGHTS_FILE) as tmp:
+    with atomic_file(path / ADAPTER_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-    with atomic_file(path / CONFIG_FILE) as tmp:
+    with atomic_file(path / ADAPTER_CONFIG) as tmp:
         tmp.write_text(json.dumps(config.to_peft_json(), indent=2, sort_keys=True) + "\n")
     return path
 
@@ -144,8 +144,8 @@ def save_adapter(
 def load_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Tensor]]:
     """Read a PEFT LoRA adapter directory (moa's or PEFT's); checks files, config and ranks."""
     path = Path(path)
-    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
-    hint = f"a PEFT adapter directory needs {CONFIG_FILE} and {WEIGHTS_FILE}"
+    config_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    hint = f"a PEFT adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
     config = AdapterConfig.from_peft_json(read_json(config_file, hint), config_file)
     if not weights_file.is_file():
         raise MoaError(f"{weights_file}: not found; {hint}")
@@ -179,18 +179,26 @@ def check_fingerprint(config: AdapterConfig, arch_fingerprint: dict[str, Any] | 
 def attach_adapter(model: nn.Module, path: str | os.PathLike, arch_fingerprint: dict[str, Any] | None = None) -> int:
     """Load an adapter as a new expert of ``model`` (injecting LoRA layers as needed); returns its index.
 
-    Layers the adapter does not target get zero factors for it; on a model without LoRA it becomes the route.
+    Layers the adapter does not target get zero factors for it; on a model without LoRA it becomes the active one.
     """
     config, state = load_adapter(path)
-    source = str(Path(path) / WEIGHTS_FILE)
+    source = str(Path(path) / ADAPTER_WEIGHTS)
     check_fingerprint(config, arch_fingerprint, source)
     try:
         inject_lora(model, config.target_modules, dropout=config.lora_dropout, experts=expert_specs(model))
     except MoaError as e:
-        raise MoaError(f"{Path(path) / CONFIG_FILE}: {e}") from None
+        raise MoaError(f"{Path(path) / ADAPTER_CONFIG}: {e}") from None
     expert = add_expert(model, config.spec)
     load_adapter_state(model, state, expert, config.target_modules, source)
     return expert
+
+
+def attach_experts(model: nn.Module, dirs: Sequence[Path]) -> None:
+    """Load PEFT adapters as experts 0..N-1, in order, all frozen."""
+    for path in dirs:
+        attach_adapter(model, path, model.config.fingerprint())
+    for param in model.parameters():
+        param.requires_grad_(False)
 
 
 def _check_factors(config: AdapterConfig, state: dict[str, Tensor], source: Path) -> None:
