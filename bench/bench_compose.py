@@ -198,13 +198,13 @@ def expert_model(base: torch.nn.Module) -> torch.nn.Module:
 def fitted_routers(model: torch.nn.Module, prompts: list[list[int]], tasks: list[int]) -> Any:
     """Linear routers (moa's default mean pooling) fitted to the prompts' tasks on teacher-forced inputs."""
     from moa.data.batching import Example, collate
-    from moa.lora import use_route
-    from moa.train.router import Routers, RouterSpec, pooled_block_inputs, prompt_index
+    from moa.lora import activated
+    from moa.routing import LayerRouters, RouterSpec, pooled_block_inputs, prompt_index
 
     cfg = model.config
-    routers = Routers(RouterSpec("linear", "mean", cfg.num_hidden_layers, cfg.hidden_size, GEN_TASKS))
+    routers = LayerRouters(RouterSpec("linear", "mean", cfg.num_hidden_layers, cfg.hidden_size, GEN_TASKS))
     batch, truth = collate([[i] for i in range(len(prompts))], [Example(p, []) for p in prompts]), torch.tensor(tasks)
-    with torch.no_grad(), use_route(model, truth), pooled_block_inputs(model, prompt_index(batch), "mean") as pooled:
+    with torch.no_grad(), activated(model, truth), pooled_block_inputs(model, prompt_index(batch), "mean") as pooled:
         model(batch.input_ids, positions=batch.positions, attn_mask=batch.attn_mask(), logits_at=slice(0, 0))
     optimizer = torch.optim.Adam(routers.parameters(), lr=0.01)
     for _ in range(200):
@@ -252,31 +252,31 @@ def peft_model(base: torch.nn.Module, tokenizer: Any, experts: torch.nn.Module) 
 
 
 def bench_generation(repeat: int) -> list[tuple[str, float]]:
-    from moa.generate import Routing, Sampling, decode, left_pad
-    from moa.lora import set_route
+    from moa.generate import Sampling, decode, left_pad
+    from moa.lora import activate
     from moa.model import load_pretrained
-    from moa.train.router import Routers, RouterSpec
+    from moa.routing import LayerRouters, LearnedRouter, RouterSpec
 
     base, tokenizer = load_pretrained()
     base.eval()
     prompts, tasks = mixed_batch(tokenizer)
     experts, sampling = expert_model(base), Sampling(NEW_TOKENS)
     cfg = base.config
-    fitted = Routing(fitted_routers(experts, prompts, tasks), "last")
+    fitted = LearnedRouter(fitted_routers(experts, prompts, tasks), "last")
     torch.manual_seed(0)
-    random = Routing(Routers(RouterSpec("linear", "mean", cfg.num_hidden_layers, cfg.hidden_size, GEN_TASKS)), "last")
+    random = LearnedRouter(LayerRouters(RouterSpec("linear", "mean", cfg.num_hidden_layers, cfg.hidden_size, GEN_TASKS)), "last")
     concat, folded = merged_model(base, experts, "concat", False), merged_model(base, experts, "svd", True)
     peft = peft_model(base, tokenizer, experts)
     ids, valid = left_pad(prompts, 0)
     names = [str(t) for t in tasks]
-    routed = [d.expert for d in decode(experts, prompts, Sampling(1), set(), routing=fitted)]
+    routed = [d.expert for d in decode(experts, prompts, Sampling(1), set(), router=fitted)]
     print(f"fitted routers send {sum(r == t for r, t in zip(routed, tasks))}/{len(tasks)} prompts to their task")
 
-    def ours(model: torch.nn.Module, route: object = None, routing: Routing | None = None) -> Callable[[], object]:
+    def ours(model: torch.nn.Module, route: object = None, routing: LearnedRouter | None = None) -> Callable[[], object]:
         def run() -> object:
             if route is not None:
-                set_route(model, route)
-            return decode(model, prompts, sampling, stop_ids=set(), routing=routing)
+                activate(model, route)
+            return decode(model, prompts, sampling, stop_ids=set(), router=routing)
         return run
 
     runs = {

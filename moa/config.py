@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from moa.data.batching import Batching
 from moa.errors import MoaError
 
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "config.schema.yaml"
@@ -51,6 +52,7 @@ def validate(config: Config, source: str = "config") -> Config:
         raise MoaError(f"{source}: {key}: {error.message}")
     for name in config.get("methods", {}):
         _check_method(config, name, source)
+    _check_lengths(config, source)
     return config
 
 
@@ -61,19 +63,15 @@ def method_params(config: Config, name: str) -> dict[str, Any]:
     return {"method": name} | (config["methods"][name] or {})
 
 
-_MERGE_KEYS = {"weights", "k", "density", "majority_sign_method", "seed"}
-
-
 def _check_method(config: Config, name: str, source: str) -> None:
-    """What the schema cannot say: the name is a method (or sets one), and only relevant keys are set."""
-    known = schema()["$defs"]["method"]["properties"]["method"]["enum"]
+    """What the schema cannot say: the name is a method (or sets one), and only its own keys are set."""
+    from moa.compose.registry import METHODS  # the registry imports this module
+
     params = method_params(config, name)
     method, where = params["method"], f"{source}: methods.{name}"
-    if method not in known:
-        raise MoaError(f"{where}: {name!r} is not a method; add `method:` with one of {', '.join(known)}")
-    allowed = {"method"} | ({"strategy"} if method == "moa" else _MERGE_KEYS if method not in {
-        "base", "oracle", "mixed"} else set())
-    extra = sorted(params.keys() - allowed)
+    if method not in METHODS:
+        raise MoaError(f"{where}: {method!r} is not a method; add `method:` with one of {', '.join(METHODS)}")
+    extra = sorted(params.keys() - {"method"} - METHODS[method].params)
     if extra:
         raise MoaError(f"{where}: {', '.join(extra)} does not apply to method {method!r}; remove it")
     weights, tasks = params.get("weights"), list(config["tasks"])
@@ -83,7 +81,18 @@ def _check_method(config: Config, name: str, source: str) -> None:
         raise MoaError(f"{where}.weights: keys must be exactly the tasks ({', '.join(tasks)})")
 
 
-def _schema_node(path: Sequence[str]) -> dict[str, Any]:
+def _check_lengths(config: Config, source: str) -> None:
+    """A packed training row must hold the longest example prepare-data can keep: its prompt, its target
+    and the EOS that ends it."""
+    data, training = config["data"], config["training"]
+    longest = data["max_prompt_tokens"] + data["max_target_tokens"] + 1
+    if training["batching"] == Batching.PACK and training["seq_len"] < longest:
+        raise MoaError(f"{source}: training.seq_len={training['seq_len']} cannot hold an example of "
+                       f"data.max_prompt_tokens + data.max_target_tokens + 1 (EOS) = {longest} tokens; raise "
+                       f"training.seq_len to {longest} or lower data.max_prompt_tokens / data.max_target_tokens")
+
+
+def schema_node(path: Sequence[str]) -> dict[str, Any]:
     """The schema of the value at a dotted path (following $ref and additionalProperties)."""
     root = schema()
     node = root
@@ -100,7 +109,7 @@ def _schema_node(path: Sequence[str]) -> dict[str, Any]:
 
 def _typed(path: Sequence[str], raw: str) -> Any:
     """A --set value: a plain string where the schema wants only a string, else parsed as YAML."""
-    kind = _schema_node(path).get("type")
+    kind = schema_node(path).get("type")
     if kind == "string":
         return raw
     return yaml.safe_load(raw)
@@ -134,10 +143,6 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     if not isinstance(config, dict):
         raise MoaError(f"{path}: a config must be a mapping of keys to values")
     return validate(apply_overrides(config, overrides), str(path))
-
-
-def experiment_dir(config: Mapping[str, Any]) -> Path:
-    return Path(config["results_dir"]) / config["experiment"]
 
 
 def config_hash(section: Any) -> str:

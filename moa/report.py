@@ -18,12 +18,13 @@ from matplotlib.figure import Figure  # Figure.savefig renders PNGs with Agg; no
 from matplotlib.ticker import LogFormatter
 from torch import Tensor
 
-from moa.config import Config, experiment_dir
+from moa.config import Config
 from moa.data.tasks import get_task
 from moa.io import atomic_dir, read_json
-from moa.lora.peft_io import WEIGHTS_FILE, load_adapter
+from moa.layout import ADAPTER_WEIGHTS, MIXED, ROUTER_CONFIG, TRAIN_LOG, ExperimentPaths, Plot
+from moa.lora.peft_io import load_adapter
 from moa.metrics import higher_is_better
-from moa.tracking import log_step
+from moa.tracking import StepResult
 
 COLUMNS = ["method", "task", "metric", "value", "n"]
 LABELS = {"rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeLsum": "ROUGE-Lsum",
@@ -93,13 +94,14 @@ def adapter_cosine(states: Sequence[Mapping[str, Tensor]], scalings: Sequence[fl
 
 def read_metrics(config: Config) -> tuple[pd.DataFrame, list[str]]:
     """All eval/{method}/{task}/metrics.parquet of the config's methods and tasks, and notes on the missing."""
-    root, frames, notes = experiment_dir(config), [], []
+    layout, frames, notes = ExperimentPaths.of(config), [], []
     for method in config["methods"]:
-        paths = {task: root / "eval" / method / task / "metrics.parquet" for task in config["tasks"]}
+        paths = {task: layout.metrics(method, task) for task in config["tasks"]}
         frames += [pd.read_parquet(path, columns=COLUMNS) for path in paths.values() if path.is_file()]
         missing = [task for task, path in paths.items() if not path.is_file()]
         if missing:
-            notes.append(f"`{method}` has no evaluation on {', '.join(missing)} (eval/{method}/TASK/metrics.parquet)")
+            where = layout.metrics(method, "TASK").relative_to(layout.root)
+            notes.append(f"`{method}` has no evaluation on {', '.join(missing)} ({where})")
     empty = pd.DataFrame({"method": [], "task": [], "metric": [], "value": [], "n": []})
     return pd.concat([empty, *frames], ignore_index=True).astype({"value": float}), notes
 
@@ -110,8 +112,8 @@ def _parquet(path: Path) -> pd.DataFrame | None:
 
 def task_adapter_cosine(config: Config) -> tuple[list[str], np.ndarray] | None:
     """The trained task adapters (at least two) and their cosine matrix."""
-    dirs = [experiment_dir(config) / "adapters" / task for task in config["tasks"]]
-    adapters = [(d.name, *load_adapter(d)) for d in dirs if (d / WEIGHTS_FILE).is_file()]
+    dirs = [ExperimentPaths.of(config).adapter(task) for task in config["tasks"]]
+    adapters = [(d.name, *load_adapter(d)) for d in dirs if (d / ADAPTER_WEIGHTS).is_file()]
     if len(adapters) < 2:
         return None
     cosine = adapter_cosine([state for *_, state in adapters], [cfg.spec.scaling for _, cfg, _ in adapters])
@@ -119,11 +121,10 @@ def task_adapter_cosine(config: Config) -> tuple[list[str], np.ndarray] | None:
 
 
 def train_logs(config: Config) -> dict[str, pd.DataFrame]:
-    root = experiment_dir(config)
-    paths = {task: root / "adapters" / task for task in config["tasks"]}
-    paths |= {"mixed (all tasks)": root / "adapters" / "_mixed", "router": root / "moa"}
-    return {name: pd.read_parquet(p / "train_log.parquet") for name, p in paths.items()
-            if (p / "train_log.parquet").is_file()}
+    layout = ExperimentPaths.of(config)
+    paths = {task: layout.adapter(task) for task in config["tasks"]}
+    paths |= {"mixed (all tasks)": layout.adapter(MIXED), "router": layout.moa}
+    return {name: pd.read_parquet(p / TRAIN_LOG) for name, p in paths.items() if (p / TRAIN_LOG).is_file()}
 
 
 # --- plots -------------------------------------------------------------------------------------------
@@ -295,38 +296,43 @@ def placeholder(name: str, reason: str) -> Figure:
 
 
 def figures(config: Config, normalized: pd.DataFrame, scores: pd.Series, evaluation: pd.DataFrame | None,
-            confusion: pd.DataFrame | None, cosine: tuple[list[str], np.ndarray] | None) -> dict[str, Figure | str]:
+            confusion: pd.DataFrame | None, cosine: tuple[list[str], np.ndarray] | None) -> dict[Plot, Figure | str]:
     """Each plot's figure, or why it was skipped."""
     tasks = list(config["tasks"])
     representative = {task: get_task(config, task).metric for task in tasks}
     logs = train_logs(config)
+    paths = ExperimentPaths.of(config)
     return {
-        "scores_heatmap": plot_scores(normalized, representative) if normalized.notna().to_numpy().any()
+        Plot.SCORES_HEATMAP: plot_scores(normalized, representative) if normalized.notna().to_numpy().any()
         else "no method has an oracle-normalized score",
-        "multitask_score": plot_multitask(scores) if scores.notna().any() else "no method has scores on every task",
-        "router_confusion": plot_confusion(confusion, tasks)
-        if confusion is not None and (confusion["routing"] == "routed").any() else "no routed moa/confusion.parquet",
-        "router_layer_accuracy": plot_layer_accuracy(evaluation, len(tasks)) if evaluation is not None
-        else "no moa/router_eval.parquet",
-        "adapter_cosine": plot_cosine(*cosine) if cosine else "fewer than two trained task adapters",
-        "train_loss": plot_train_loss(logs) if logs else "no train_log.parquet",
+        Plot.MULTITASK_SCORE: plot_multitask(scores) if scores.notna().any() else "no method has scores on every task",
+        Plot.ROUTER_CONFUSION: plot_confusion(confusion, tasks)
+        if confusion is not None and (confusion["routing"] == "routed").any()
+        else f"no routed {paths.router_confusion.relative_to(paths.root)}",
+        Plot.ROUTER_LAYER_ACCURACY: plot_layer_accuracy(evaluation, len(tasks)) if evaluation is not None
+        else f"no {paths.router_eval.relative_to(paths.root)}",
+        Plot.ADAPTER_COSINE: plot_cosine(*cosine) if cosine else "fewer than two trained task adapters",
+        Plot.TRAIN_LOSS: plot_train_loss(logs) if logs else f"no {TRAIN_LOG}",
     }
 
 
 def summary(config: Config, metrics: pd.DataFrame, normalized: pd.DataFrame, scores: pd.Series,
-            evaluation: pd.DataFrame | None, router_config: Mapping[str, object], plots: Mapping[str, Figure | str],
+            evaluation: pd.DataFrame | None, router_config: Mapping[str, object], plots: Mapping[Plot, Figure | str],
             notes: list[str]) -> str:
+    paths = ExperimentPaths.of(config)
     lines = [f"# Report: {config['experiment']}", "", "## Scores", "", *score_table(config, metrics, scores), "",
              SCORE_NOTE, "", "## Cost", "", *cost_table(config, metrics), "",
              "Means over the tasks with generated answers (batched greedy decoding, the batch size of `evaluation`).",
              "", "## Router", ""]
     lines += router_summary(evaluation, router_config) if evaluation is not None \
-        else ["No router evaluation (moa/router_eval.parquet): run `moa train-router` first."]
-    lines += ["", "## Plots", "", *(f"![{name}]({name}.png)" for name, p in plots.items() if isinstance(p, Figure))]
+        else [f"No router evaluation ({paths.router_eval.relative_to(paths.root)}): run `moa train-router` first."]
+    lines += ["", "## Plots", "", *(f"![{name}]({paths.plot(name).name})" for name, p in plots.items()
+                                    if isinstance(p, Figure))]
     notes = notes + [f"`{method}` multitask score is – (no normalized score on "
                      f"{', '.join(normalized.columns[normalized.loc[method].isna()])})"
                      for method in scores.index[scores.isna()]]
-    notes += [f"{name}.png skipped (it says why): {plot}" for name, plot in plots.items() if isinstance(plot, str)]
+    notes += [f"{paths.plot(name).name} skipped (it says why): {plot}" for name, plot in plots.items()
+              if isinstance(plot, str)]
     return "\n".join(lines + (["", "## Notes", "", *(f"- {note}" for note in notes)] if notes else [])) + "\n"
 
 
@@ -337,34 +343,27 @@ def with_normalized(metrics: pd.DataFrame, normalized: pd.DataFrame, representat
     return metrics.merge(long, on=["method", "task", "metric"], how="left")
 
 
-def build_report(config: Config) -> Path:
-    """Write results/{experiment}/report/ (metrics.parquet, summary.md, PNGs) atomically; return it."""
-    root, methods = experiment_dir(config), list(config["methods"])
+def build_report(config: Config) -> StepResult:
+    """Write results/{experiment}/report/ (metrics.parquet, summary.md, PNGs) atomically."""
+    paths, methods = ExperimentPaths.of(config), list(config["methods"])
     representative = {task: get_task(config, task).metric for task in config["tasks"]}
     metrics, notes = read_metrics(config)
     normalized = normalized_scores(metrics, representative).reindex(methods)
     scores = multitask_scores(metrics, representative).reindex(methods)
-    evaluation, confusion = _parquet(root / "moa" / "router_eval.parquet"), _parquet(root / "moa" / "confusion.parquet")
-    router_file = root / "moa" / "router_config.json"
+    evaluation, confusion = _parquet(paths.router_eval), _parquet(paths.router_confusion)
+    router_file = paths.moa / ROUTER_CONFIG
     router_config = read_json(router_file, "rerun `moa train-router`") if router_file.is_file() else {}
     cosine = task_adapter_cosine(config)
     if cosine and len(cosine[0]) < len(config["tasks"]):
-        notes.append(f"adapter_cosine.png covers only the trained adapters: {', '.join(cosine[0])}")
+        notes.append(f"{paths.plot(Plot.ADAPTER_COSINE).name} covers only the trained adapters: {', '.join(cosine[0])}")
     plots = figures(config, normalized, scores, evaluation, confusion, cosine)
-    with atomic_dir(root / "report") as tmp:
-        with_normalized(metrics, normalized, representative).to_parquet(tmp / "metrics.parquet", index=False)
+    with atomic_dir(paths.report) as tmp:
+        with_normalized(metrics, normalized, representative).to_parquet(tmp / paths.report_metrics.name, index=False)
         for name, plot in plots.items():  # every PNG is written (the workflow declares them all)
             figure = plot if isinstance(plot, Figure) else placeholder(name, plot)
             figure.tight_layout()
-            figure.savefig(tmp / f"{name}.png", dpi=DPI)
+            figure.savefig(tmp / paths.plot(name).name, dpi=DPI)
         text = summary(config, metrics, normalized, scores, evaluation, router_config, plots, notes)
-        (tmp / "summary.md").write_text(text)
-    log_step(config, "report", {"moa.step": "report"}, {"methods": config["methods"], "tasks": list(config["tasks"])},
-             metrics={f"multitask_score.{m}": v for m, v in scores.items()},
-             artifacts=report_artifacts(root / "report"))
-    return root / "report"
-
-
-def report_artifacts(report_dir: str | Path) -> list[Path]:
-    """The report's files, for MLflow."""
-    return sorted(p for p in Path(report_dir).iterdir() if p.suffix in {".parquet", ".md", ".png"})
+        (tmp / paths.summary.name).write_text(text)
+    return StepResult(paths.report, metrics={f"multitask_score.{m}": v for m, v in scores.items()},
+                      artifacts=paths.report_files)

@@ -20,6 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -36,6 +37,17 @@ MLFLOW_RUN_NAME = "mlflow.runName"
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 STARTED_MS = int(time.time() * 1000)  # a step imports this module as it starts: its run's start time
+
+
+@dataclass
+class StepResult:
+    """What a pipeline step wrote (`path`) and what of it its MLflow run logs."""
+
+    path: Path
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    artifacts: Sequence[Path] = ()
+    curves: pd.DataFrame | None = None  # per-step metrics (a `step` column), e.g. a training log
+    summary: str | None = None  # a line for the CLI to print after "wrote {path}"
 
 
 def tracking_uri(config: Config) -> str:

@@ -14,12 +14,17 @@ import yaml
 
 from moa.cli import main
 from moa.compose.composition import compose, load_composition
-from moa.config import load_config
+from moa.compose.merge import merge_adapters
+from moa.compose.registry import METHODS, Kind, merge_spec
+from moa.config import load_config, method_params, schema
 from moa.data.prepare import prepare_task
 from moa.evaluate import evaluate
 from moa.generate import Sampling, generate
-from moa.lora import AdapterConfig, load_adapter, write_adapter
+from moa.layout import MIXED, ExperimentPaths
+from moa.lora import AdapterConfig, activate, attach_experts, load_adapter, lora_layers, write_adapter
+from moa.model.prepare import base_model
 from moa.model.tokenizer import byte_tokenizer
+from moa.routing import activate_experts
 from moa.train.lora import train_lora, train_mixed
 from moa.train.router import train_router
 
@@ -52,26 +57,80 @@ def root(path: Path) -> Path:
     return Path(load_config(path)["results_dir"]) / "smoke"
 
 
-def test_every_method_composes_and_loads(experiment: Path) -> None:
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+def reference(config: dict, adapters: list[Path], active: object = 0) -> torch.nn.Module:
+    """The base model with `adapters` attached unfolded and `active` experts: what a composition must equal."""
+    model, _ = base_model(config)
+    attach_experts(model, adapters)
+    activate(model, active)
+    return model.eval()
+
+
+PROMPT = "Passage: the cat sat.\n\nQuestion: who sat?\nAnswer:"
+
+
+@pytest.mark.parametrize("method", list(schema()["properties"]["methods"]["default"]))
+def test_every_method_composes_into_what_it_defines(experiment: Path, method: str) -> None:
+    """Each composition, loaded as evaluate loads it (merges folded), computes its definition."""
     config = load_config(experiment, FAST)
-    prompts = [byte_tokenizer().encode("Question: what?\nAnswer:")]
-    for name in config["methods"]:
-        out = compose(config, name)
-        manifest = json.loads((out / "composition.json").read_text())
-        assert manifest["method"] == config["methods"][name].get("method", name) if config["methods"][name] \
-            else manifest["method"] == name
-        composed = load_composition(config, name, task="qa")
-        assert len(generate(composed.model, composed.tokenizer, prompts, Sampling(3), route=composed.route)) == 1
-    svd = json.loads((root(experiment) / "compositions/svd/merge_report.json").read_text())
-    assert svd["rank"] == 8 and svd["input_ranks"] == [8, 8, 8] and 0 < svd["retained_energy"] <= 1
-    concat = json.loads((root(experiment) / "compositions/concat/merge_report.json").read_text())
-    assert concat["rank"] == 24 and concat["relative_error"] < 1e-5
-    assert load_adapter(root(experiment) / "compositions/concat")[0].r == 24
+    out = compose(config, method).path
+    manifest = json.loads((out / "composition.json").read_text())
+    params = method_params(config, method)
+    assert (manifest["name"], manifest["method"], manifest["tasks"]) == (method, params["method"], TASKS)
+    composed = load_composition(config, method, task="qa")
+    ids = torch.tensor([composed.tokenizer.encode(PROMPT)])
+    paths, kind = ExperimentPaths.of(config), METHODS[params["method"]].kind
+    if kind == Kind.BASE:
+        expected = logits(base_model(config)[0], ids)
+    elif params["method"] == "oracle":
+        expected = logits(reference(config, [paths.adapter("qa")]), ids)
+    elif kind == Kind.ADAPTER:
+        expected = logits(reference(config, [paths.adapter(MIXED)]), ids)
+    elif kind == Kind.ROUTE:  # moa: the experts are the task LoRAs, whichever the router picks
+        assert composed.experts == tuple(TASKS)
+        chosen = composed.router(composed.model, ids.tolist())
+        every = reference(config, [paths.adapter(t) for t in TASKS])
+        activate_experts(every, chosen)
+        activate_experts(composed.model, chosen)
+        expected = logits(every, ids)
+    else:  # a merge: the adapter merge_adapters computes from the task LoRAs, folded into the weights
+        dirs = [paths.adapter(t) for t in TASKS]
+        _, state, _ = merge_adapters(merge_spec(config, params), [load_adapter(d) for d in dirs], TASKS)
+        written = load_adapter(out)[1]
+        assert written.keys() == state.keys() and all(torch.equal(written[k], state[k]) for k in state)
+        assert not lora_layers(composed.model)  # folded and unloaded: the base model's cost
+        expected = logits(reference(config, [out]), ids)
+    torch.testing.assert_close(logits(composed.model, ids), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("method", "weight"), [("concat", 1.0), ("task_arithmetic", 1 / 3)])
+def test_exact_merges_equal_the_weighted_sum_of_the_task_adapters(experiment: Path, method: str,
+                                                                  weight: float) -> None:
+    config = load_config(experiment, FAST)
+    compose(config, method)
+    composed = load_composition(config, method)
+    ids = torch.tensor([composed.tokenizer.encode(PROMPT)])
+    every = reference(config, [ExperimentPaths.of(config).adapter(t) for t in TASKS], [weight] * len(TASKS))
+    torch.testing.assert_close(logits(composed.model, ids), logits(every, ids), atol=2e-5, rtol=1e-4)
+    report = json.loads(ExperimentPaths.of(config).merge_report(method).read_text())
+    assert report["rank"] == 8 * len(TASKS) and report["relative_error"] < 1e-5
+
+
+def test_svd_merge_report(experiment: Path) -> None:
+    config = load_config(experiment, FAST)
+    compose(config, "svd")
+    svd = json.loads(ExperimentPaths.of(config).merge_report("svd").read_text())
+    assert svd["rank"] == 8 and svd["input_ranks"] == [8, 8, 8] and 0 < svd["retained_energy"] < 1
+    assert load_adapter(ExperimentPaths.of(config).composition("svd"))[0].r == 8
 
 
 def test_same_method_twice_under_two_names(experiment: Path) -> None:
     config = load_config(experiment, [*FAST, "methods={svd_r4: {method: svd, k: 4}, svd_r24: {method: svd, k: 24}}"])
-    low, full = (json.loads((compose(config, n) / "merge_report.json").read_text()) for n in ("svd_r4", "svd_r24"))
+    low, full = (json.loads((compose(config, n).path / "merge_report.json").read_text()) for n in ("svd_r4", "svd_r24"))
     assert (low["rank"], full["rank"]) == (4, 24)
     assert full["relative_error"] < 1e-5 < low["relative_error"] and full["retained_energy"] == pytest.approx(1.0)
 
@@ -80,15 +139,20 @@ def test_moa_routes_each_sequence_to_the_chosen_expert(experiment: Path) -> None
     config = load_config(experiment, FAST)
     compose(config, "moa")
     composed = load_composition(config, "moa")
-    assert composed.experts == tuple(TASKS)
     tokenizer = composed.tokenizer
     prompts = [tokenizer.encode(p) for p in ("Review: great film\nSentiment:", "Passage: x\nQuestion: y\nAnswer:")]
-    chosen = composed.route(composed.model, prompts)
+    chosen = composed.router(composed.model, prompts)
     assert chosen.shape == (2,)
-    routed = generate(composed.model, tokenizer, prompts, Sampling(6), route=composed.route)
+    routed = generate(composed.model, tokenizer, prompts, Sampling(6), router=composed.router)
     assert [g.expert for g in routed] == chosen.tolist()
-    per_layer = load_composition(config, "moa_per_layer") if compose(config, "moa_per_layer") else None
-    assert per_layer.route(per_layer.model, prompts).shape == (2, 2)  # [layers, sequences]
+
+
+def test_moa_per_layer_chooses_an_expert_per_layer_and_sequence(experiment: Path) -> None:
+    config = load_config(experiment, FAST)
+    compose(config, "moa_per_layer")
+    composed = load_composition(config, "moa_per_layer")
+    prompts = [composed.tokenizer.encode(p) for p in ("Review: great film\nSentiment:", "Question: y\nAnswer:")]
+    assert composed.router(composed.model, prompts).shape == (2, 2)  # [layers, sequences]
 
 
 @pytest.mark.parametrize("method", ["moa", "oracle", "svd"])
@@ -96,7 +160,7 @@ def test_evaluate_writes_predictions_and_metrics(experiment: Path, method: str) 
     config = load_config(experiment, FAST)
     compose(config, method)
     for task in ("qa", "dialogue"):
-        out = evaluate(config, method, task)
+        out = evaluate(config, method, task).path
         predictions = pd.read_parquet(out / "predictions.parquet")
         metrics = pd.read_parquet(out / "metrics.parquet")
         assert list(metrics.columns) == ["method", "task", "metric", "value", "n"]
@@ -118,9 +182,9 @@ def test_evaluate_writes_predictions_and_metrics(experiment: Path, method: str) 
 def test_same_config_same_metrics(experiment: Path) -> None:
     config = load_config(experiment, FAST)
     compose(config, "ties")
-    first = pd.read_parquet(evaluate(config, "ties", "qa") / "predictions.parquet")
+    first = pd.read_parquet(evaluate(config, "ties", "qa").path / "predictions.parquet")
     compose(config, "ties")
-    second = pd.read_parquet(evaluate(config, "ties", "qa") / "predictions.parquet")
+    second = pd.read_parquet(evaluate(config, "ties", "qa").path / "predictions.parquet")
     assert first.prediction.tolist() == second.prediction.tolist()
 
 

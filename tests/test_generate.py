@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from moa.data.batching import encode_examples
-from moa.generate import Routing, Sampling, apply_route, cut_at_stop, decode, generate, next_token, score
-from moa.lora import fold_lora, inject_lora, lora_layers, merge_and_unload, set_route, use_route
+from moa.generate import Sampling, cut_at_stop, decode, generate, next_token, score
+from moa.lora import activate, activated, fold_lora, inject_lora, lora_layers, merge_and_unload
 from moa.model import load_pretrained
-from moa.train.router import Routers, RouterSpec
+from moa.routing import LayerRouters, LearnedRouter, RouterSpec, activate_experts
 from tests.conftest import hf_tiny_dir
 
 PROMPTS = ["short", "a somewhat longer prompt with more words", "x", "the middle one"]
@@ -112,10 +112,10 @@ def test_per_sequence_experts_equal_each_sequence_with_its_expert_alone(experts)
     model, tokenizer = experts
     prompts = ids(tokenizer)
     chosen = [2, 0, 1, 2]
-    with use_route(model, torch.tensor(chosen)):
+    with activated(model, torch.tensor(chosen)):
         routed = decode(model, prompts, Sampling(10), set())
     for prompt, expert, d in zip(prompts, chosen, routed):
-        with use_route(model, expert):
+        with activated(model, expert):
             assert d.tokens == decode(model, [prompt], Sampling(10), set())[0].tokens
     assert len({tuple(d.tokens) for d in routed}) > 1
 
@@ -124,14 +124,14 @@ def test_per_layer_route_applies_each_layers_expert(experts) -> None:
     model, tokenizer = experts
     prompts = ids(tokenizer, PROMPTS[:2])
     layers = len(model.model.layers)
-    apply_route(model, torch.tensor([[1, 2]] * layers))
+    activate_experts(model, torch.tensor([[1, 2]] * layers))
     same = decode(model, prompts, Sampling(8), set())
-    set_route(model, torch.tensor([1, 2]))
+    activate(model, torch.tensor([1, 2]))
     assert [d.tokens for d in same] == [d.tokens for d in decode(model, prompts, Sampling(8), set())]
-    apply_route(model, torch.tensor([[0, 0]] + [[2, 2]] * (layers - 1)))
+    activate_experts(model, torch.tensor([[0, 0]] + [[2, 2]] * (layers - 1)))
     mixed = decode(model, prompts, Sampling(8), set())
-    set_route(model, 2)
-    set_route(model.model.layers[0], 0)
+    activate(model, 2)
+    activate(model.model.layers[0], 0)
     assert [d.tokens for d in mixed] == [d.tokens for d in decode(model, prompts, Sampling(8), set())]
 
 
@@ -142,15 +142,15 @@ def test_routing_in_the_prefill_equals_a_routing_pass_then_each_route_alone(expe
     prompts = ids(tokenizer)
     torch.manual_seed(3)
     cfg = model.config
-    routing = Routing(Routers(RouterSpec("linear", pooling, cfg.num_hidden_layers, cfg.hidden_size, ("a", "b", "c"))),
+    routing = LearnedRouter(LayerRouters(RouterSpec("linear", pooling, cfg.num_hidden_layers, cfg.hidden_size, ("a", "b", "c"))),
                       strategy)
     with torch.no_grad():
         for router in routing.routers.routers:
             torch.nn.init.normal_(router.weight, std=3.0)
     chosen = routing(model, prompts)  # [B] or [L, B]
-    routed = generate(model, tokenizer, prompts, Sampling(8), batch_size=4, route=routing)
+    routed = generate(model, tokenizer, prompts, Sampling(8), batch_size=4, router=routing)
     for k, (prompt, g) in enumerate(zip(prompts, routed)):
-        apply_route(model, chosen[..., k:k + 1])
+        activate_experts(model, chosen[..., k:k + 1])
         assert g.tokens == decode(model, [prompt], Sampling(8), set())[0].tokens
         assert g.expert == (None if strategy == "per_layer" else int(chosen[k]))
     assert len({tuple(g.tokens) for g in routed}) > 1
@@ -160,7 +160,7 @@ def test_folded_adapter_decodes_like_the_unfolded_one(experts) -> None:
     model, tokenizer = experts
     model = copy.deepcopy(model)
     prompts = ids(tokenizer)
-    set_route(model, 1)
+    activate(model, 1)
     unfolded = decode(model, prompts, Sampling(10), set())
     fold_lora(model, 1)
     assert [d.tokens for d in decode(model, prompts, Sampling(10), set())] == [d.tokens for d in unfolded]
@@ -169,7 +169,7 @@ def test_folded_adapter_decodes_like_the_unfolded_one(experts) -> None:
 def test_merge_and_unload_leaves_plain_linears_that_decode_the_same(experts) -> None:
     model, tokenizer = experts
     model, prompts = copy.deepcopy(model), ids(tokenizer)
-    set_route(model, 2)
+    activate(model, 2)
     routed = decode(model, prompts, Sampling(10), set())
     merge_and_unload(model, 2)
     assert not lora_layers(model) and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
@@ -179,9 +179,9 @@ def test_merge_and_unload_leaves_plain_linears_that_decode_the_same(experts) -> 
 def test_score_is_the_targets_negative_log_likelihood(experts) -> None:
     model, tokenizer = experts
     examples = encode_examples(PROMPTS, ["one", "two words", "three more words", "four"], tokenizer)
-    with use_route(model, 1):
+    with activated(model, 1):
         scored = score(model, examples, batch_size=3)
-    with use_route(model, 1), torch.no_grad():
+    with activated(model, 1), torch.no_grad():
         for example, (nll, n) in zip(examples, scored):
             full = torch.tensor([example.prompt_ids + example.target_ids])
             logits = model(full)[0, len(example.prompt_ids) - 1:-1]

@@ -32,8 +32,8 @@ from peft.utils import merge_utils
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moa.compose.merge import (
-    MERGE_METHODS,
     Factors,
+    MergeMethod,
     MergeSpec,
     dense_merge,
     merge_adapters,
@@ -368,7 +368,7 @@ ERRORS = {
         "adapters 'a0' and 'a1' have different target_modules",
     ),
     "method": (lambda same, mixed: MergeSpec("mean"),
-               "unknown merge method 'mean'; use one of: " + ", ".join(MERGE_METHODS)),
+               "unknown merge method 'mean'; use one of: " + ", ".join(MergeMethod)),
     "density 0": (lambda same, mixed: MergeSpec("ties", density=0.0), r"density=0.0 is outside \(0, 1\]"),
     "density 1.5": (lambda same, mixed: MergeSpec("ties", density=1.5), r"density=1.5 is outside \(0, 1\]"),
     "sign method": (lambda same, mixed: MergeSpec("ties", majority_sign_method="mean"),

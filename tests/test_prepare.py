@@ -14,7 +14,8 @@ import yaml
 from moa.cli import main
 from moa.config import load_config
 from moa.data.batching import encode_examples, pack, padding_fraction
-from moa.data.prepare import COLUMNS, SPLITS, prepare_task
+from moa.data.prepare import COLUMNS, prepare_task
+from moa.layout import SPLITS
 from moa.model import load_tokenizer
 from moa.model.tokenizer import byte_tokenizer
 
@@ -22,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_config(tmp_path: Path, tasks: dict, **data) -> Path:
+    """A config of `tasks` on the tiny model; training rows are long enough for any example."""
     config = {"experiment": "t", "results_dir": str(tmp_path / "results"), "model": {"source": "random:tiny"},
-              "data": {"sizes": {"train": 20, "validation": 5, "test": 5}} | data, "tasks": tasks}
+              "data": {"sizes": {"train": 20, "validation": 5, "test": 5}} | data, "tasks": tasks,
+              "training": {"seq_len": 4096}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from moa.config import Config, experiment_dir, validate
+from moa.config import Config, validate
+from moa.layout import MIXED, ExperimentPaths, Plot
 from moa.lora import AdapterConfig, write_adapter
-from moa.report import adapter_cosine, build_report, multitask_scores, normalized_scores, report_artifacts
+from moa.report import adapter_cosine, build_report, multitask_scores, normalized_scores
+from moa.routing import Upstream
 from moa.train.router import router_report
 
 TASKS = ["qa", "sentiment", "dialogue"]
@@ -27,8 +29,6 @@ SCORES = {  # method -> task -> metric -> value; svd was never evaluated on dial
             "dialogue": {"perplexity": 4.0}},
     "svd": {"qa": {"f1": 60.0, "exact_match": 50.0}, "sentiment": {"accuracy": 72.0}},
 }
-PNGS = ["scores_heatmap", "multitask_score", "router_confusion", "router_layer_accuracy", "adapter_cosine",
-        "train_loss"]
 
 
 def long_metrics(scores: dict = SCORES) -> pd.DataFrame:
@@ -44,9 +44,9 @@ def make_config(tmp_path: Path) -> Config:
 
 def write_metrics(config: Config) -> None:
     for (method, task), rows in long_metrics().groupby(["method", "task"]):
-        path = experiment_dir(config) / "eval" / method / task
-        path.mkdir(parents=True)
-        rows.to_parquet(path / "metrics.parquet", index=False)
+        path = ExperimentPaths.of(config).metrics(method, task)
+        path.parent.mkdir(parents=True)
+        rows.to_parquet(path, index=False)
 
 
 def write_router(config: Config, n_layers: int = 6, n: int = 60) -> None:
@@ -54,18 +54,18 @@ def write_router(config: Config, n_layers: int = 6, n: int = 60) -> None:
     generator = torch.Generator().manual_seed(0)
     truth = torch.arange(n) % len(TASKS)
     reports = []
-    for routing, signal in (("teacher_forced", 1.0), ("routed", 0.7)):
+    for upstream, signal in ((Upstream.TEACHER_FORCED, 1.0), (Upstream.ROUTED, 0.7)):
         noise = torch.randn(n_layers, n, len(TASKS), generator=generator)
         depth = torch.linspace(0.2, 3.0, n_layers)[:, None, None] * signal
-        reports.append(router_report(noise + depth * torch.nn.functional.one_hot(truth), truth, TASKS, routing))
+        reports.append(router_report(noise + depth * torch.nn.functional.one_hot(truth), truth, TASKS, upstream))
     parameters = pd.DataFrame([{"metric": "parameters", "value": 1234.0, "n": n_layers}])
-    out = experiment_dir(config) / "moa"
-    out.mkdir(parents=True)
-    pd.concat([*(r[0] for r in reports), parameters], ignore_index=True).to_parquet(out / "router_eval.parquet")
-    pd.concat([r[1] for r in reports], ignore_index=True).to_parquet(out / "confusion.parquet")
-    (out / "router_config.json").write_text(json.dumps({"type": "linear", "pooling": "mean", "mode": "routers",
-                                                        "eta": 1.0, "parameters": 1234}))
-    train_log(seed=9).to_parquet(out / "train_log.parquet")
+    paths = ExperimentPaths.of(config)
+    paths.moa.mkdir(parents=True)
+    pd.concat([*(r[0] for r in reports), parameters], ignore_index=True).to_parquet(paths.router_eval)
+    pd.concat([r[1] for r in reports], ignore_index=True).to_parquet(paths.router_confusion)
+    paths.routers[1].write_text(json.dumps({"type": "linear", "pooling": "mean", "mode": "routers", "eta": 1.0,
+                                            "parameters": 1234}))
+    train_log(seed=9).to_parquet(paths.router_files[-1])
 
 
 def lora_state(rank: int, seed: int, modules: tuple[str, ...] = ("q_proj", "v_proj"), layers: int = 2,
@@ -90,16 +90,16 @@ def train_log(seed: int, steps: int = 40) -> pd.DataFrame:
 
 
 def write_adapters(config: Config) -> None:
-    root = experiment_dir(config) / "adapters"
+    paths = ExperimentPaths.of(config)
     shared = lora_state(2, seed=1)  # sentiment is qa plus a little: one pair of adapters is not orthogonal
     states = {"qa": (2, shared), "sentiment": (2, {k: v + 0.3 * torch.randn_like(v) for k, v in shared.items()}),
               "dialogue": (4, lora_state(4, seed=3))}
     for task, (rank, state) in states.items():
-        write_adapter(root / task, AdapterConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]),
-                      state)
-        train_log(seed=2 * len(task)).to_parquet(root / task / "train_log.parquet")
-    (root / "_mixed").mkdir()
-    train_log(seed=7).to_parquet(root / "_mixed" / "train_log.parquet")
+        write_adapter(paths.adapter(task), AdapterConfig(r=rank, lora_alpha=2 * rank,
+                                                         target_modules=["q_proj", "v_proj"]), state)
+        train_log(seed=2 * len(task)).to_parquet(paths.train_log(task))
+    paths.adapter(MIXED).mkdir()
+    train_log(seed=7).to_parquet(paths.train_log(MIXED))
 
 
 @pytest.fixture
@@ -150,8 +150,8 @@ def test_adapter_cosine_matches_dense() -> None:
 
 
 def test_build_report(full: Config) -> None:
-    out = build_report(full)
-    assert out == experiment_dir(full) / "report"
+    out = build_report(full).path
+    assert out == ExperimentPaths.of(full).report
     text = (out / "summary.md").read_text()
     header = "| method | qa F1 | qa EM | sentiment accuracy | dialogue perplexity | multitask score |"
     assert header in text
@@ -164,7 +164,7 @@ def test_build_report(full: Config) -> None:
     assert "Router parameters: 1,234 (type linear, pooling mean, mode routers, eta 1.0)" in text
     assert "| `last` |" in text and "| `vote` |" in text and "each layer's router (mean)" in text
     assert "skipped" not in text
-    for name in PNGS:
+    for name in Plot:
         assert f"![{name}]({name}.png)" in text
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
@@ -175,27 +175,27 @@ def test_build_report(full: Config) -> None:
     assert normalized["base", "dialogue", "perplexity"] == pytest.approx(0.25)
     assert normalized["oracle", "qa", "f1"] == 1.0
     assert np.isnan(normalized["base", "qa", "exact_match"]) and np.isnan(normalized["moa", "qa", "unparseable"])
-    assert {p.name for p in report_artifacts(out)} == {"metrics.parquet", "summary.md", *(f"{n}.png" for n in PNGS)}
+    assert {p.name for p in out.iterdir()} == {"metrics.parquet", "summary.md", *(f"{n}.png" for n in Plot)}
 
 
 def test_build_report_with_missing_inputs(tmp_path: Path) -> None:
     """No router, no adapters, no train logs, one evaluation: notes, not a crash."""
     config = make_config(tmp_path)
-    path = experiment_dir(config) / "eval" / "base" / "qa"
-    path.mkdir(parents=True)
-    long_metrics({"base": SCORES["base"]}).query("task == 'qa'").to_parquet(path / "metrics.parquet")
-    text = (build_report(config) / "summary.md").read_text()
+    path = ExperimentPaths.of(config).metrics("base", "qa")
+    path.parent.mkdir(parents=True)
+    long_metrics({"base": SCORES["base"]}).query("task == 'qa'").to_parquet(path)
+    text = (build_report(config).path / "summary.md").read_text()
     assert "| base | 20.00 | 10.00 | – | – | – |" in text
     assert "No router evaluation" in text
     assert "| base | – | – | – |" in text.split("## Cost")[1]  # no decoding cost measured here
-    for name in PNGS:
+    for name in Plot:
         assert f"{name}.png skipped" in text and f"![{name}]" not in text
-        assert (experiment_dir(config) / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert ExperimentPaths.of(config).plot(name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "`oracle` has no evaluation on qa, sentiment, dialogue" in text
 
 
 def test_build_report_on_empty_results(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    out = build_report(config)
+    out = build_report(config).path
     assert pd.read_parquet(out / "metrics.parquet").empty
     assert "| moa | – | – | – | – | – |" in (out / "summary.md").read_text()

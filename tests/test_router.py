@@ -3,6 +3,8 @@ leaves them bitwise alone), the reports are complete, and pooling reads each pac
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -17,11 +19,12 @@ from moa.config import load_config
 from moa.data.batching import Example, pack
 from moa.data.prepare import prepare_task
 from moa.errors import MoaError
-from moa.lora import ExpertSpec, inject_lora, use_route
+from moa.lora import ExpertSpec, activated, inject_lora
 from moa.model import random_model
 from moa.model.tokenizer import byte_tokenizer
+from moa.routing import LayerRouters, RouterSpec, choose_experts, load_routers, router_logits
 from moa.train.lora import train_lora
-from moa.train.router import Routers, RouterSpec, decide, load_routers, route_scores, train_router
+from moa.train.router import train_router
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["math", "qa", "sentiment"]  # the config's order (yaml.safe_dump sorts keys): experts 0, 1, 2
@@ -37,7 +40,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("router")
     config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
     config["results_dir"] = str(tmp / "results")
-    config["data"]["max_prompt_tokens"] = 384
+    config["data"] |= {"max_prompt_tokens": 384, "max_target_tokens": 127}
     path = tmp / "smoke.yaml"
     path.write_text(yaml.safe_dump(config))
     loaded = load_config(path, FAST)
@@ -59,28 +62,54 @@ def accuracy(evaluation: pd.DataFrame, strategy: str, routing: str = "teacher_fo
     return float(rows.value.iloc[0])
 
 
-def test_routers_learn_the_tasks_and_leave_the_experts_alone(smoke: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.fixture(scope="module")
+def trained(smoke: Path) -> tuple[Path, str]:
+    """`moa train-router` run once on the smoke experiment: moa/ and what the command printed."""
     args = [a for item in FAST + ROUTER for a in ("--set", item)]
-    assert main(["train-router", "--config", str(smoke), *args, "--threads", "2"]) == 0
-    out = results(smoke) / "moa"
-    assert f"wrote {out}" in capsys.readouterr().out
-    evaluation = pd.read_parquet(out / "router_eval.parquet")
-    held_out = sum(len(pd.read_parquet(results(smoke) / f"data/{t}/validation.parquet")) for t in TASKS)
-    print(evaluation[evaluation.task == "all"].to_string())
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["train-router", "--config", str(smoke), *args, "--threads", "2"]) == 0
+    return results(smoke) / "moa", printed.getvalue()
+
+
+def held_out(smoke: Path) -> int:
+    return sum(len(pd.read_parquet(results(smoke) / f"data/{t}/validation.parquet")) for t in TASKS)
+
+
+def test_train_router_writes_the_bundle_and_discards_its_checkpoint(smoke: Path, trained: tuple[Path, str]) -> None:
+    out, printed = trained
+    assert f"wrote {out}" in printed
+    assert list(pd.read_parquet(out / "train_log.parquet").step) == list(range(1, 41))
+    assert not (results(smoke) / "checkpoints/_router").exists()
+
+
+def test_routers_learn_the_tasks(trained: tuple[Path, str]) -> None:
+    evaluation = pd.read_parquet(trained[0] / "router_eval.parquet")
     assert accuracy(evaluation, "last") >= 0.95
     assert accuracy(evaluation, "last", routing="routed") >= 0.95  # from the prompt alone, no labels
+
+
+def test_router_eval_covers_every_layer_task_and_held_out_prompt(smoke: Path, trained: tuple[Path, str]) -> None:
+    evaluation = pd.read_parquet(trained[0] / "router_eval.parquet")
     for routing in ("teacher_forced", "routed"):
         layers = evaluation[(evaluation.routing == routing) & (evaluation.strategy == "layer")]
         assert sorted(set(layers.layer)) == list(range(L)) and set(layers.task) == {"all", *TASKS}
-        assert (layers[layers.task == "all"].n == held_out).all()
-    n_params = L * (H * 3 + 3)
-    assert evaluation[evaluation.metric == "parameters"].value.tolist() == [n_params]
+        assert (layers[layers.task == "all"].n == held_out(smoke)).all()
+
+
+def test_confusion_counts_every_held_out_prompt_once(smoke: Path, trained: tuple[Path, str]) -> None:
+    out = trained[0]
     confusion = pd.read_parquet(out / "confusion.parquet")
     last = confusion[(confusion.routing == "teacher_forced") & (confusion.strategy == "last")]
-    assert len(last) == 9 and last["count"].sum() == held_out
+    assert len(last) == len(TASKS) ** 2 and last["count"].sum() == held_out(smoke)
     correct = last[last.true_task == last.predicted_task]["count"].sum()
-    assert correct / held_out == pytest.approx(accuracy(evaluation, "last"))
+    assert correct / held_out(smoke) == pytest.approx(accuracy(pd.read_parquet(out / "router_eval.parquet"), "last"))
 
+
+def test_router_config_and_weights_round_trip(trained: tuple[Path, str]) -> None:
+    out = trained[0]
+    n_params = L * (H * 3 + 3)
+    evaluation = pd.read_parquet(out / "router_eval.parquet")
+    assert evaluation[evaluation.metric == "parameters"].value.tolist() == [n_params]
     config = json.loads((out / "router_config.json").read_text())
     assert config["parameters"] == n_params and config["tasks"] == TASKS and config["n_experts"] == 3
     assert config["type"] == "linear" and config["pooling"] == "mean" and config["n_layers"] == L
@@ -88,19 +117,19 @@ def test_routers_learn_the_tasks_and_leave_the_experts_alone(smoke: Path, capsys
     assert sorted(saved) == [f"routers.{layer}.{p}" for layer in range(L) for p in ("bias", "weight")]
     routers = load_routers(out)
     assert all(torch.equal(routers.state_dict()[k], v) for k, v in saved.items())
-    for task in TASKS:  # routers mode: the experts are the inputs, bit for bit
-        given, kept = results(smoke) / "adapters" / task, out / "experts" / task
+
+
+def test_routers_mode_leaves_the_experts_bitwise_alone(smoke: Path, trained: tuple[Path, str]) -> None:
+    for task in TASKS:
+        given, kept = results(smoke) / "adapters" / task, trained[0] / "experts" / task
         assert (kept / "adapter_model.safetensors").read_bytes() == (given / "adapter_model.safetensors").read_bytes()
         assert json.loads((kept / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    log = pd.read_parquet(out / "train_log.parquet")
-    assert list(log.step) == list(range(1, 41))
-    assert not (results(smoke) / "checkpoints/_router").exists()
 
 
 def test_joint_mode_trains_the_experts_and_an_mlp_router(smoke: Path) -> None:
     sets = ["router.mode=joint", "router.type=mlp", "router.hidden=16", "router.activation=relu",
             "router.pooling=mean"]
-    out = train_router(load_config(smoke, FAST + ROUTER + sets))
+    out = train_router(load_config(smoke, FAST + ROUTER + sets)).path
     evaluation = pd.read_parquet(out / "router_eval.parquet")
     # Mean pooling lets even the first router see the prompt, so routing without labels works too.
     assert accuracy(evaluation, "last", routing="routed") >= 0.95
@@ -133,27 +162,27 @@ def test_pooling_reads_each_packed_document_alone(pooling: str) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)  # non-zero B: the experts differ
-    routers = Routers(RouterSpec("linear", pooling, L, H, ("a", "b")))
+    routers = LayerRouters(RouterSpec("linear", pooling, L, H, ("a", "b")))
     gen = torch.Generator().manual_seed(0)
     examples = [Example(torch.randint(3, 300, (int(n),), generator=gen).tolist(), [5, 6, 2][: 1 + k % 3], k % 2)
                 for k, n in enumerate(torch.randint(4, 30, (10,), generator=gen))]
     batch = pack(examples, 80, 8, by_task=True)[0]
     assert batch.n_examples == 10 and bool((batch.doc_ids.amax(1) > 0).any())  # packed
-    with use_route(model, batch.tasks):
-        packed = route_scores(model, routers, batch, follow=False)
+    with activated(model, batch.tasks):
+        packed = router_logits(model, routers, batch, follow=False)
     for d, i in enumerate(batch.example_index):
         ex = examples[i]
         for alone in (ex, Example(ex.prompt_ids, [], ex.task)):  # with or without the target
-            with use_route(model, ex.task):
-                single = route_scores(model, routers, pack([alone], 80, 1)[0], follow=False)
+            with activated(model, ex.task):
+                single = router_logits(model, routers, pack([alone], 80, 1)[0], follow=False)
             torch.testing.assert_close(packed[:, d], single[:, 0], atol=1e-5, rtol=1e-5)
     with pytest.raises(MoaError, match="one document per row"):
-        route_scores(model, routers, batch)
+        router_logits(model, routers, batch)
 
 
 def test_strategies_last_and_vote() -> None:
     scores = torch.tensor([[[2.0, 0, 0]], [[0, 3.0, 0]], [[0, 2.0, 0]], [[0, 0, 9.0]]])  # [L=4, D=1, N=3]
-    assert decide(scores, "last").tolist() == [2] and decide(scores, "vote").tolist() == [1]
-    assert decide(scores[2:], "vote").tolist() == [2]  # a tie goes to the higher mean probability
+    assert choose_experts(scores, "last").tolist() == [2] and choose_experts(scores, "vote").tolist() == [1]
+    assert choose_experts(scores[2:], "vote").tolist() == [2]  # a tie goes to the higher mean probability
     with pytest.raises(MoaError, match="unknown routing strategy"):
-        decide(scores, "oracle")
+        choose_experts(scores, "oracle")

@@ -14,11 +14,11 @@ import yaml
 from moa.config import load_config
 from moa.data.prepare import prepare_task
 from moa.model.tokenizer import byte_tokenizer
-from moa.tracking import SPOOL_ENV, Spool, tracking_uri
-from moa.train.lora import train_lora
+from moa.steps import STEPS, run_step
+from moa.tracking import SPOOL_ENV, Spool, flatten, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["training.steps=6", "training.seq_len=512", "training.batch_size=4", "training.warmup_steps=2",
+FAST = ["training.steps=6", "training.batch_size=4", "training.warmup_steps=2",
         "training.eval_every=3", "training.checkpoint_every=3"]
 
 
@@ -49,7 +49,7 @@ def test_train_lora_logs_a_run_with_curves_params_and_artifacts(smoke: Path, spo
     if spooled:
         spool.directory.mkdir()
         monkeypatch.setenv(SPOOL_ENV, str(spool.directory))
-    train_lora(config, "sentiment")
+    run_step("train_lora", config, task="sentiment")
     db = Path(config["results_dir"]).resolve() / "mlflow.db"
     if spooled:
         assert not db.exists() and len(list(spool.directory.glob("*.json"))) == 1
@@ -63,6 +63,8 @@ def test_train_lora_logs_a_run_with_curves_params_and_artifacts(smoke: Path, spo
     assert run.info.start_time < run.info.end_time
     assert run.data.tags["moa.step"] == "train_lora" and run.data.tags["moa.task"] == "sentiment"
     assert run.data.params["lora.rank"] == "8" and run.data.params["training.steps"] == "6"
+    # the params are what the step reads, the sections whose hash decides its reruns
+    assert run.data.params == flatten(STEPS["train_lora"].reads(config, task="sentiment"))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 7))
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"train_log.parquet", "adapter_config.json"}
@@ -101,7 +103,7 @@ def test_an_unreachable_store_keeps_the_spooled_runs_with_one_warning(smoke: Pat
 def test_unreachable_tracking_server_is_a_warning(smoke: Path, monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     unreachable_store(monkeypatch)
-    out = train_lora(load_config(smoke, FAST), "sentiment")
+    out = run_step("train_lora", load_config(smoke, FAST), task="sentiment").path
     assert (out / "adapter_model.safetensors").is_file() and (out / "train_log.parquet").is_file()
     assert "MLflow tracking skipped for train_lora:sentiment" in caplog.text
 
@@ -110,15 +112,14 @@ def test_workflow_parent_run_with_child_steps(smoke: Path, monkeypatch: pytest.M
     from mlflow import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
-    from moa.report import build_report
     from moa.tracking import PARENT_RUN_ENV, end_workflow_run, start_workflow_run
 
     config = load_config(smoke, FAST)
     parent = start_workflow_run(config)
     assert parent is not None
     monkeypatch.setenv(PARENT_RUN_ENV, parent)
-    train_lora(config, "sentiment")
-    build_report(config)
+    run_step("train_lora", config, task="sentiment")
+    run_step("report", config)
     end_workflow_run(config, parent, "FINISHED")
     client = MlflowClient(tracking_uri(config))
     experiment = client.get_experiment_by_name("smoke")

@@ -25,7 +25,7 @@ from moa.train.lora import task_examples, train_lora
 from moa.train.trainer import TrainSettings, batches_for, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["training.steps=24", "training.seq_len=512", "training.batch_size=4", "training.warmup_steps=4",
+FAST = ["training.steps=24", "training.batch_size=4", "training.warmup_steps=4",
         "training.eval_every=8", "training.checkpoint_every=6", "training.lr=0.003", "lora.dropout=0.1"]
 
 
@@ -52,7 +52,7 @@ def test_schedule_warms_up_then_decays() -> None:
 
 def test_loss_decreases_and_the_log_is_complete(smoke: Path) -> None:
     config = load_config(smoke, FAST)
-    out = train_lora(config, "sentiment")
+    out = train_lora(config, "sentiment").path
     log = pd.read_parquet(out / "train_log.parquet")
     assert list(log.step) == list(range(1, 25))
     assert log.loss.iloc[-4:].mean() < log.loss.iloc[:4].mean() - 0.5
@@ -118,7 +118,7 @@ def test_trained_adapter_loads_in_peft_with_moa_logits(smoke: Path, tmp_path: Pa
     from transformers import LlamaForCausalLM
 
     config = load_config(smoke, FAST)
-    out = train_lora(config, "sentiment")
+    out = train_lora(config, "sentiment").path
     base, tokenizer = load_pretrained("random:tiny")
     ours = copy.deepcopy(base)
     attach_adapter(ours, out, arch_fingerprint=base.config.fingerprint())
@@ -141,12 +141,13 @@ def test_balanced_upsamples_every_task_to_the_largest() -> None:
 
 
 def test_train_mixed_writes_one_adapter_for_all_tasks(smoke: Path) -> None:
-    from moa.train.lora import MIXED, train_mixed
+    from moa.layout import MIXED
+    from moa.train.lora import train_mixed
 
     config = load_config(smoke, FAST + ["training.steps=6"])
     for task in ("qa", "math"):
         prepare_task(config, task, byte_tokenizer())
-    out = train_mixed(config)
+    out = train_mixed(config).path
     assert out.name == MIXED and (out / "adapter_config.json").is_file()
     log = pd.read_parquet(out / "train_log.parquet")
     assert list(log.step) == list(range(1, 7))
@@ -162,7 +163,7 @@ def test_epochs_accumulation_and_bf16_autocast(smoke: Path) -> None:
     assert settings.autocast_dtype(torch.device("cpu")) == torch.bfloat16
     examples = task_examples(config, "sentiment", "train", byte_tokenizer())
     per_epoch = len(batches_for(examples, settings, config["seed"], 0))
-    out = train_lora(config, "sentiment")
+    out = train_lora(config, "sentiment").path
     log = pd.read_parquet(out / "train_log.parquet")
     assert len(log) == -(-2 * per_epoch // 2)  # ceil(epochs * batches / grad_accum)
     assert log.epoch.max() == 1 and log.loss.notna().all()

@@ -3,6 +3,7 @@ one real smoke run) what reruns when the config, the code or the run itself chan
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,17 +15,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
+from moa.compose.registry import METHODS as REGISTRY
 from moa.config import schema
+from moa.layout import MIXED, ExperimentPaths, Plot
+from moa.lora import load_adapter
+from moa.routing import load_routers
+from moa.steps import STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "config" / "smoke.yaml"
 SMOKE_TASKS = ["qa", "sentiment", "math"]
 METHODS = list(schema()["properties"]["methods"]["default"])  # smoke.yaml lists none: all of them
-STEPS = ["prepare-model", "prepare-data", "train-lora", "train-mixed", "train-router", "compose", "evaluate",
-         "report"]
 # Pinned so that the rerun checks see only what each test changes (test_code_change_reruns_everything
 # covers the real code version, moa's version).
 CODE_VERSION = "test-pinned"
@@ -79,6 +84,10 @@ def dry_run(workdir: Path, *args: str, **kwargs: object) -> tuple[Counter[str], 
     return job_counts(result.stdout), result.stdout
 
 
+def results(workdir: Path) -> ExperimentPaths:
+    return ExperimentPaths(workdir / "results" / "smoke")
+
+
 def smoke_jobs(n_tasks: int = 3, n_methods: int = len(METHODS)) -> Counter[str]:
     return Counter(prepare_model=1, prepare_data=n_tasks, train_lora=n_tasks, train_mixed=1, train_router=1,
                    compose=n_methods, evaluate=n_methods * n_tasks, report=1, all=1)
@@ -101,12 +110,33 @@ def test_dry_run_plans_the_smoke_dag(tmp_path: Path) -> None:
     assert planned(out, "train_lora") == [f"task={t}" for t in sorted(SMOKE_TASKS)]
     assert len(planned(out, "evaluate")) == len(METHODS) * len(SMOKE_TASKS)
     # each step gets the validated config as one content-addressed file under the experiment
-    configs = list((tmp_path / "results" / "smoke" / ".config").glob("*.yaml"))
+    configs = list(results(tmp_path).config_dir.glob("*.yaml"))
     assert len(configs) == 1
     written = yaml.safe_load(configs[0].read_text())
     assert list(written["tasks"]) == SMOKE_TASKS and list(written["methods"]) == METHODS
     assert written["lora"]["rank"] == 8  # defaults filled in
     assert f"--config {configs[0].relative_to(tmp_path)}" in out
+
+
+def test_every_rule_runs_the_moa_step_of_its_name(tmp_path: Path) -> None:
+    """One hop from a rule to its code: rule train_lora runs `moa train-lora`, i.e. STEPS["train_lora"]."""
+    _, out = dry_run(tmp_path, "--printshellcmds")
+    commands = dict(re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?Shell command: moa ([\w-]+) ", out, re.MULTILINE))
+    assert set(commands) == set(STEPS) and all(commands[rule] == rule.replace("_", "-") for rule in commands)
+
+
+@pytest.mark.parametrize(("methods", "trained"), [
+    ({"base": None, "concat": None}, {"train_lora"}),
+    ({"base": None, "mixed": None}, {"train_mixed"}),
+    ({"base": None, "moa": None}, {"train_lora", "train_router"}),
+], ids=["merges", "mixed", "moa"])
+def test_the_dag_trains_only_what_the_methods_need(tmp_path: Path, methods: dict, trained: set[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(yaml.safe_load(SMOKE.read_text()) | {"methods": methods}))
+    counts, _ = dry_run(tmp_path, configfile=config)
+    assert {rule for rule in ("train_lora", "train_mixed", "train_router") if counts[rule]} == trained
+    assert counts["compose"] == len(methods) and counts["evaluate"] == len(methods) * len(SMOKE_TASKS)
+    assert {need for m in methods for need in REGISTRY[m].needs}  # the registry is what decides
 
 
 def test_jobs_on_the_model_take_the_gpu_token_only_where_there_is_a_gpu(tmp_path: Path) -> None:
@@ -128,8 +158,8 @@ def test_nested_config_overrides_are_typed_by_the_schema(tmp_path: Path) -> None
     """Snakemake reads nested --config values as strings; they reach the steps typed like --set."""
     counts, _ = dry_run(tmp_path, "--config", "training={steps: 4, max_grad_norm: null}", "tracking={enabled: false}",
                         "methods={svd_r4: {method: svd, k: 4}, base: null}")
-    assert counts == smoke_jobs(n_methods=2)
-    written = yaml.safe_load(next((tmp_path / "results" / "smoke" / ".config").glob("*.yaml")).read_text())
+    assert counts == smoke_jobs(n_methods=2) - Counter(train_mixed=1, train_router=1)  # neither method needs them
+    written = yaml.safe_load(next(results(tmp_path).config_dir.glob("*.yaml")).read_text())
     assert written["training"]["steps"] == 4 and written["training"]["max_grad_norm"] is None
     assert written["tracking"]["enabled"] is False
     assert written["methods"] == {"svd_r4": {"method": "svd", "k": 4}, "base": None}
@@ -143,8 +173,10 @@ def test_nested_config_overrides_are_typed_by_the_schema(tmp_path: Path) -> None
      "tasks.capitals"),
     ("methods={fancy: null}", "methods.fancy"),
     ("methods={svd: {strategy: vote}}", "methods.svd"),
+    ("methods={concat: {k: 4}}", "methods.concat"),
+    ("training={seq_len: 256}", "data.max_prompt_tokens"),
 ], ids=["unknown-key", "wrong-type", "wrong-nested-type", "custom-task-without-source", "not-a-method",
-        "key-of-another-method"])
+        "key-of-another-method", "key-of-another-merge", "rows-shorter-than-an-example"])
 def test_a_bad_config_stops_with_one_line_naming_the_key(tmp_path: Path, override: str, key: str) -> None:
     result = snakemake(tmp_path, "--dry-run", "--config", override)
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
@@ -158,8 +190,10 @@ def test_a_bad_config_stops_with_one_line_naming_the_key(tmp_path: Path, overrid
 
 
 def missing_steps() -> list[str]:
-    return [step for step in STEPS
-            if subprocess.run([sys.executable, "-m", "moa", step, "--help"], check=False, capture_output=True).returncode]
+    commands = [step.replace("_", "-") for step in STEPS]
+    return [command for command in commands
+            if subprocess.run([sys.executable, "-m", "moa", command, "--help"], check=False,
+                              capture_output=True).returncode]
 
 
 def smoke_config(directory: Path, **changes: object) -> Path:
@@ -196,21 +230,40 @@ def copy_of(built: Path, tmp_path: Path) -> Path:
 
 
 def test_smoke_run_wrote_every_artifact(built: Path) -> None:
-    exp = built / "results" / "smoke"
+    """Every output of the DAG exists and holds what it should: data rows, loadable adapters and routers,
+    one evaluation per method and task, a report covering all of them, logs and benchmarks."""
+    paths, config = results(built), yaml.safe_load(smoke_config(built).read_text())
     for task in SMOKE_TASKS:
-        assert (exp / "data" / task / "stats.json").is_file()
-        assert (exp / "adapters" / task / "adapter_model.safetensors").is_file()
-    assert (exp / "adapters" / "_mixed" / "train_log.parquet").is_file()
-    assert (exp / "moa" / "routers.safetensors").is_file()
+        stats = json.loads(paths.data_stats(task).read_text())
+        for split in ("train", "validation", "test"):
+            assert len(pd.read_parquet(paths.split(task, split))) == stats["splits"][split]["rows_out"] > 0
+        adapter_config, state = load_adapter(paths.adapter(task))
+        assert adapter_config.r == 8 and state
+        assert len(pd.read_parquet(paths.train_log(task))) == config["training"]["steps"]
+    assert load_adapter(paths.adapter(MIXED))[0].r == 8
+    assert load_routers(paths.moa).spec.tasks == tuple(SMOKE_TASKS)
+    assert set(pd.read_parquet(paths.router_eval).routing.dropna()) == {"teacher_forced", "routed"}
+    limit = config["evaluation"]["limit"]
     for method in METHODS:
-        assert (exp / "compositions" / method / "composition.json").is_file()
+        manifest = json.loads(paths.manifest(method).read_text())
+        assert manifest["name"] == method and manifest["tasks"] == SMOKE_TASKS
         for task in SMOKE_TASKS:
-            assert (exp / "eval" / method / task / "metrics.parquet").is_file()
-    for name in ("metrics.parquet", "summary.md", "train_loss.png", "router_confusion.png"):
-        assert (exp / "report" / name).is_file()
-    for rule in ("prepare_model", "train_mixed", "report"):
-        assert (exp / "logs" / f"{rule}.log").is_file() and (exp / "benchmarks" / f"{rule}.tsv").is_file()
-    assert (exp / "logs" / "evaluate" / "svd" / "qa.log").is_file()
+            metrics = pd.read_parquet(paths.metrics(method, task))
+            assert set(metrics.method) == {method} and set(metrics.task) == {task} and set(metrics.n) == {limit}
+            assert len(pd.read_parquet(paths.predictions(method, task))) == limit
+    table = pd.read_parquet(paths.report_metrics)
+    assert set(zip(table.method, table.task)) == {(m, t) for m in METHODS for t in SMOKE_TASKS}
+    summary = paths.summary.read_text()
+    assert all(f"| {method} |" in summary for method in METHODS)
+    for plot in Plot:
+        assert paths.plot(plot).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), plot
+    # the tiny random model's oracle may score 0 on 4 rows, leaving the score plots without data; the rest
+    # always have theirs
+    for plot in (Plot.ROUTER_CONFUSION, Plot.ROUTER_LAYER_ACCURACY, Plot.ADAPTER_COSINE, Plot.TRAIN_LOSS):
+        assert f"{plot}.png skipped" not in summary and len(paths.plot(plot).read_bytes()) > 10_000, plot
+    for rule, wildcards in (("prepare_model", ()), ("train_mixed", ()), ("report", ()), ("evaluate", ("svd", "qa"))):
+        assert "wrote " in paths.log(rule, *wildcards).read_text()
+        assert pd.read_csv(paths.benchmark(rule, *wildcards), sep="\t")["s"].iloc[0] > 0
 
 
 def test_every_job_is_a_child_run_of_the_workflow_run(built: Path) -> None:
@@ -226,7 +279,7 @@ def test_every_job_is_a_child_run_of_the_workflow_run(built: Path) -> None:
     trainings = len(SMOKE_TASKS) + 2  # one LoRA per task, the mixed adapter, the routers
     assert len(children) == preparations + trainings + len(METHODS) * (1 + len(SMOKE_TASKS)) + 1  # + the report
     assert {"prepare_model", "prepare_data:qa"} <= names
-    assert not any((built / "results" / "smoke" / "mlflow-spool").iterdir())  # the workflow logged every run
+    assert not any(results(built).spool.iterdir())  # the workflow logged every run
 
 
 def test_a_second_run_does_nothing(built: Path) -> None:
@@ -277,7 +330,7 @@ def test_report_html(built: Path, tmp_path: Path) -> None:
     result = snakemake(built, "--report", str(html), configfile=smoke_config(built))
     assert result.returncode == 0, result.stdout + result.stderr
     text = html.read_text()
-    plots = [p.name for p in (built / "results" / "smoke" / "report").glob("*.png")]
+    plots = [results(built).plot(plot).name for plot in Plot]
     assert plots and all(name in text for name in plots), plots
 
 
@@ -286,14 +339,14 @@ def test_an_interrupted_run_resumes(built: Path, tmp_path: Path) -> None:
     the job resumes from its checkpoint (checkpoints/ is no output, so Snakemake leaves it alone)."""
     workdir = copy_of(built, tmp_path)
     config = smoke_config(workdir)
-    exp = workdir / "results" / "smoke"
-    for name in ("adapters/_mixed", "report"):  # as if the first run had stopped before these
-        shutil.rmtree(exp / name)
+    paths = results(workdir)
+    for folder in (paths.adapter(MIXED), paths.report):  # as if the first run had stopped before these
+        shutil.rmtree(folder)
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "2", "--configfile", str(config)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=environment(workdir), start_new_session=True)
-    checkpoint = exp / "checkpoints" / "_mixed" / "state.pt"
+    checkpoint = paths.checkpoint(MIXED) / "state.pt"
     deadline = time.monotonic() + 900
     while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -303,11 +356,11 @@ def test_an_interrupted_run_resumes(built: Path, tmp_path: Path) -> None:
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: snakemake and its job
     proc.communicate(timeout=300)
     assert proc.returncode != 0
-    assert not (exp / "adapters" / "_mixed" / "adapter_model.safetensors").exists() and checkpoint.is_file()
+    assert not paths.adapter_files(MIXED)[0].exists() and checkpoint.is_file()
 
     result = snakemake(workdir, configfile=config)
     assert result.returncode == 0, result.stderr[-5000:]
-    assert "resuming from step" in (exp / "logs" / "train_mixed.log").read_text()
-    assert (exp / "adapters" / "_mixed" / "adapter_model.safetensors").is_file() and not checkpoint.exists()
-    assert (exp / "report" / "summary.md").is_file()
+    assert "resuming from step" in paths.log("train_mixed").read_text()
+    assert paths.adapter_files(MIXED)[0].is_file() and not checkpoint.exists()
+    assert paths.summary.is_file()
     assert dry_run(workdir, configfile=config)[0] == Counter()

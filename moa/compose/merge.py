@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -33,34 +34,53 @@ from moa.errors import MoaError
 from moa.lora.inject import PEFT_PREFIX, peft_key
 from moa.lora.peft_io import AdapterConfig
 
-MERGE_METHODS = ("concat", "linear", "avg", "task_arithmetic", "svd", "ties", "dare_linear", "dare_ties",
-                 "magnitude_prune")  # fmt: skip
-_EXACT = ("concat", "task_arithmetic")
-_LINEAR = ("linear", "avg")
-_DENSE = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-_SVD_BASED = ("svd", *_DENSE)
-_MEAN_BY_DEFAULT = ("avg", "task_arithmetic", "svd")
-_SIGN_METHODS = ("total", "frequency")
+
+class MergeMethod(StrEnum):
+    CONCAT = "concat"
+    LINEAR = "linear"
+    AVG = "avg"
+    TASK_ARITHMETIC = "task_arithmetic"
+    SVD = "svd"
+    TIES = "ties"
+    DARE_LINEAR = "dare_linear"
+    DARE_TIES = "dare_ties"
+    MAGNITUDE_PRUNE = "magnitude_prune"
+
+
+class SignMethod(StrEnum):
+    """TIES / DARE-TIES sign election, as PEFT's majority_sign_method."""
+
+    TOTAL = "total"
+    FREQUENCY = "frequency"
+
+
+_EXACT = (MergeMethod.CONCAT, MergeMethod.TASK_ARITHMETIC)
+_LINEAR = (MergeMethod.LINEAR, MergeMethod.AVG)
+_DENSE = (MergeMethod.TIES, MergeMethod.DARE_LINEAR, MergeMethod.DARE_TIES, MergeMethod.MAGNITUDE_PRUNE)
+_SVD_BASED = (MergeMethod.SVD, *_DENSE)
+_MEAN_BY_DEFAULT = (MergeMethod.AVG, MergeMethod.TASK_ARITHMETIC, MergeMethod.SVD)
 
 
 @dataclass(frozen=True)
 class MergeSpec:
     """How to merge: the method and its parameters (validated on construction)."""
 
-    method: str
+    method: MergeMethod
     weights: tuple[float, ...] | None = None  # None = the method's default
     k: int | None = None  # target rank of the SVD-based methods; None = the largest input rank
     density: float = 0.5  # ties / dare / magnitude_prune: the fraction of each update's entries kept
-    majority_sign_method: str = "total"  # ties / dare_ties, as PEFT: "total" or "frequency"
+    majority_sign_method: SignMethod = SignMethod.TOTAL  # ties / dare_ties
     seed: int = 0  # dare
 
     def __post_init__(self) -> None:
-        if self.method not in MERGE_METHODS:
-            raise MoaError(f"unknown merge method {self.method!r}; use one of: {', '.join(MERGE_METHODS)}")
+        if self.method not in set(MergeMethod):
+            raise MoaError(f"unknown merge method {self.method!r}; use one of: {', '.join(MergeMethod)}")
+        object.__setattr__(self, "method", MergeMethod(self.method))
         if not 0 < self.density <= 1:
             raise MoaError(f"merge density={self.density} is outside (0, 1]; it is the fraction of entries kept")
-        if self.majority_sign_method not in _SIGN_METHODS:
+        if self.majority_sign_method not in set(SignMethod):
             raise MoaError(f"majority_sign_method={self.majority_sign_method!r} is unknown; use 'total' or 'frequency'")
+        object.__setattr__(self, "majority_sign_method", SignMethod(self.majority_sign_method))
         if self.k is not None and self.k < 1:
             raise MoaError(f"merge rank k={self.k} must be at least 1")
         if self.weights is not None:
@@ -100,7 +120,7 @@ def resolved_weights(spec: MergeSpec, n: int) -> list[float]:
 def target_rank(spec: MergeSpec, ranks: Sequence[int]) -> int:
     """The rank k of an SVD-based merge of adapters of ``ranks``."""
     k = spec.k or max(ranks)
-    if spec.method == "svd" and k > sum(ranks):
+    if spec.method == MergeMethod.SVD and k > sum(ranks):
         raise MoaError(f"svd: k={k} exceeds the sum of the adapters' ranks ({sum(ranks)}); use k <= {sum(ranks)}")
     return k
 
@@ -115,7 +135,7 @@ def merge_module(spec: MergeSpec, factors: Sequence[Factors], module_index: int)
     if spec.method in _LINEAR:
         return _linear(spec.method, factors, weights)
     k = target_rank(spec, [f.A.shape[0] for f in factors])
-    if spec.method == "svd":
+    if spec.method == MergeMethod.SVD:
         return _svd(factors, weights, k)
     updates = [delta_weight(f) for f in factors]
     return _truncate_dense(dense_merge(spec, updates, weights, module_index), _weighted_sum(updates, weights), k)
@@ -132,9 +152,9 @@ def dense_merge(spec: MergeSpec, updates: Sequence[Tensor], weights: Sequence[fl
     DARE draws one Bernoulli mask per update, in order, from a generator seeded with seed + module_index
     (PEFT uses the global generator, so ``torch.manual_seed(seed + module_index)`` reproduces it there).
     """
-    if spec.method in ("ties", "magnitude_prune"):
+    if spec.method in (MergeMethod.TIES, MergeMethod.MAGNITUDE_PRUNE):
         pruned = [_magnitude_prune(t, spec.density) for t in updates]
-    elif spec.method in ("dare_linear", "dare_ties"):
+    elif spec.method in (MergeMethod.DARE_LINEAR, MergeMethod.DARE_TIES):
         gen = torch.Generator().manual_seed(spec.seed + module_index)
         pruned = [_random_prune(t, spec.density, gen) for t in updates]
     else:
@@ -142,7 +162,7 @@ def dense_merge(spec: MergeSpec, updates: Sequence[Tensor], weights: Sequence[fl
     stacked = torch.stack(pruned, dim=0)
     w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
     weighted = stacked * w.view(w.shape + (1,) * (stacked.dim() - 1))
-    if spec.method in ("magnitude_prune", "dare_linear"):
+    if spec.method in (MergeMethod.MAGNITUDE_PRUNE, MergeMethod.DARE_LINEAR):
         return weighted.sum(dim=0)
     # Sign election on the unweighted pruned updates, then the mean of the weighted entries that agree.
     mask = _majority_sign_mask(stacked, spec.majority_sign_method)
@@ -267,9 +287,9 @@ def _random_prune(t: Tensor, density: float, gen: torch.Generator) -> Tensor:
     return t * torch.bernoulli(torch.full_like(t, density), generator=gen) / density
 
 
-def _majority_sign_mask(stacked: Tensor, method: str) -> Tensor:
+def _majority_sign_mask(stacked: Tensor, method: SignMethod) -> Tensor:
     sign = stacked.sign()
-    magnitude = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    magnitude = stacked.sum(dim=0) if method == SignMethod.TOTAL else sign.sum(dim=0)
     return sign == torch.where(magnitude >= 0, 1, -1)
 
 
@@ -386,8 +406,8 @@ def _report(
     }
     if spec.method in _DENSE:
         report["density"] = spec.density
-    if spec.method in ("ties", "dare_ties"):
+    if spec.method in (MergeMethod.TIES, MergeMethod.DARE_TIES):
         report["majority_sign_method"] = spec.majority_sign_method
-    if spec.method in ("dare_linear", "dare_ties"):
+    if spec.method in (MergeMethod.DARE_LINEAR, MergeMethod.DARE_TIES):
         report["seed"] = spec.seed
     return report

@@ -11,6 +11,8 @@ import random
 from bisect import bisect_left, insort
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,12 @@ from torch import Tensor, nn
 from moa.errors import MoaError
 from moa.model.llama import document_mask
 from moa.model.tokenizer import Tokenizer
+
+
+class Batching(StrEnum):
+    PACK = "pack"  # several examples per row, each attending only to itself
+    BUCKET = "bucket"  # one example per row, rows of similar length together
+
 
 IGNORE = -100  # label of positions without loss (F.cross_entropy's ignore_index)
 PAD_ID = 0  # padding is masked out of attention and loss, so its token id never matters
@@ -41,6 +49,13 @@ def prompt_texts(prompts: Sequence[str], tokenizer: Tokenizer, chat_template: bo
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
 
 
+def encode_prompts(prompts: Sequence[str], tokenizer: Tokenizer, chat_template: bool) -> list[list[int]]:
+    """The token ids the model continues: the prompt (with BOS if the tokenizer asks for one), or a user
+    turn + generation prompt (the chat template writes any BOS itself)."""
+    return [tokenizer.encode(text, add_bos=False if chat_template else None)
+            for text in prompt_texts(prompts, tokenizer, chat_template)]
+
+
 def target_text(target: str, chat_template: bool) -> str:
     """A plain prompt ends in "Answer:" and the model continues with " Paris" (BPE words carry their
     leading space); a chat turn starts its answer on a fresh line."""
@@ -57,9 +72,7 @@ def encode_examples(prompts: Sequence[str], targets: Sequence[str], tokenizer: T
     eos = tokenizer.eos_token_id
     if eos is None:
         raise MoaError("the tokenizer has no EOS token; training needs one to end every target")
-    # A chat template writes any BOS itself; a plain prompt gets one if the tokenizer asks for it.
-    prompt_ids = [tokenizer.encode(text, add_bos=False if chat_template else None)
-                  for text in prompt_texts(prompts, tokenizer, chat_template)]
+    prompt_ids = encode_prompts(prompts, tokenizer, chat_template)
     target_ids = tokenizer.encode_batch([target_text(t, chat_template) for t in targets])
     empty = sum(not ids for ids in prompt_ids)
     if empty:  # the first target token is predicted from the last prompt token, so one must exist
@@ -216,7 +229,10 @@ def padding_fraction(batches: Sequence[Batch]) -> float:
     return 1.0 - sum(b.real_tokens for b in batches) / total if total else 0.0
 
 
-def lm_loss(model: nn.Module, batch: Batch, reduction: str = "mean") -> Tensor:
+Reduction = Literal["mean", "sum", "per_example"]
+
+
+def lm_loss(model: nn.Module, batch: Batch, reduction: Reduction = "mean") -> Tensor:
     """Cross-entropy on target tokens (+ EOS) only; the LM head runs only at those positions.
 
     reduction: "mean" over loss tokens, "sum", or "per_example" -> [n_examples] mean loss of each

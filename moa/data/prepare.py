@@ -23,14 +23,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moa.config import Config, experiment_dir
+from moa.config import Config
 from moa.data.sources import check_columns, load_split
 from moa.data.tasks import DropRow, Task, get_task
 from moa.errors import MoaError
 from moa.io import atomic_dir
+from moa.layout import SPLITS, ExperimentPaths
+from moa.model.load import load_tokenizer
 from moa.model.tokenizer import Tokenizer
+from moa.tracking import StepResult
 
-SPLITS = ("train", "validation", "test")
 COLUMNS = ["id", "task", "prompt", "target", "references", "meta"]
 MARGIN = 1.2  # read/carve a little more than a split needs: some rows may be dropped
 
@@ -161,17 +163,29 @@ def prepare_task(config: Config, name: str, tokenizer: Tokenizer, base_dir: Path
         }
     stats = {"task": name, "kind": task.kind, "source": task.source,
              "splits": {split: split_stats[split] for split in SPLITS}}
-    out = experiment_dir(config) / "data" / name
+    paths = ExperimentPaths.of(config)
+    out = paths.data(name)
     with atomic_dir(out) as tmp:
         for split, frame in frames.items():
-            frame.to_parquet(tmp / f"{split}.parquet", index=False)
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+            frame.to_parquet(tmp / paths.split(name, split).name, index=False)
+        (tmp / paths.data_stats(name).name).write_text(json.dumps(stats, indent=2))
     return out
+
+
+def prepare_data(config: Config, task: str) -> StepResult:
+    """`moa prepare-data`: one task's data with the model's tokenizer (no weights are read)."""
+    out = prepare_task(config, task, load_tokenizer(config["model"]["source"]))
+    stats_file = ExperimentPaths.of(config).data_stats(task)
+    stats = json.loads(stats_file.read_text())["splits"]
+    return StepResult(out, metrics={f"{split}_{key}": s[key] for split, s in stats.items()
+                                    for key in ("rows_out", "truncated")},
+                      artifacts=[stats_file], summary=", ".join(f"{split} {s['rows_out']} rows"
+                                                                for split, s in stats.items()))
 
 
 def read_split(config: Mapping[str, Any], name: str, split: str) -> pd.DataFrame:
     """A prepared split, with a clear error when prepare-data has not run or the file is not ours."""
-    path = experiment_dir(config) / "data" / name / f"{split}.parquet"
+    path = ExperimentPaths.of(config).split(name, split)
     if not path.is_file():
         raise MoaError(f"{path}: not found; run `moa prepare-data --config ... --task {name}` first")
     frame = pd.read_parquet(path)

@@ -8,7 +8,8 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from moa.data.batching import Batch, Example, bucket, lm_loss, pack, padding_fraction
+from moa.data.batching import Batch, Batching, Example, bucket, lm_loss, pack, padding_fraction
 from moa.errors import MoaError
 from moa.io import atomic_dir
 
 LossFn = Callable[[nn.Module, Batch], Tensor]  # summed loss over the batch's loss tokens
 STATE_FILE = "state.pt"
+
+
+class Precision(StrEnum):
+    AUTO = "auto"  # bf16 autocast on CUDA, fp32 elsewhere
+    FP32 = "fp32"
+    BF16 = "bf16"  # autocast; also on CPUs with native bf16
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class TrainSettings:
     epochs: float
     batch_size: int
     seq_len: int
-    batching: str
+    batching: Batching
     grad_accum: int
     lr: float
     weight_decay: float
@@ -43,14 +50,15 @@ class TrainSettings:
     eval_every: int
     eval_batches: int
     checkpoint_every: int
-    precision: str
+    precision: Precision
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> TrainSettings:
-        return cls(**{f.name: section[f.name] for f in fields(cls)})
+        settings = cls(**{f.name: section[f.name] for f in fields(cls)})
+        return replace(settings, batching=Batching(settings.batching), precision=Precision(settings.precision))
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"):
+        if self.precision == Precision.BF16 or (self.precision == Precision.AUTO and device.type == "cuda"):
             return torch.bfloat16
         return None
 
@@ -63,7 +71,7 @@ class TrainSettings:
 def batches_for(examples: Sequence[Example], settings: TrainSettings, seed: int, epoch: int,
                 by_task: bool = False) -> list[Batch]:
     """by_task: every row holds one task (bucketing always has one example per row)."""
-    if settings.batching == "pack":
+    if settings.batching == Batching.PACK:
         return pack(examples, settings.seq_len, settings.batch_size, seed=seed, epoch=epoch, by_task=by_task)
     return bucket(examples, settings.seq_len * settings.batch_size, seed=seed, epoch=epoch)
 

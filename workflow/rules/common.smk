@@ -6,7 +6,7 @@
 #   code_version  moa's version (moa.__version__), so upgrading moa reruns every step the old version
 #                 built, while editing a file between releases (say, a plot) does not rerun 30 minutes
 #                 of training; set MOA_CODE_VERSION (e.g. to a git commit) to rerun on every change;
-#   config_hash   a short hash of exactly the config sections the step reads (see the rule files),
+#   config_hash   a short hash of exactly the config sections the step reads (moa.steps.STEPS[rule].reads),
 # so a config change reruns the steps that read the changed section, and everything downstream of
 # them through their newer inputs. The merged config itself reaches the steps as one YAML file
 # (moa_config()): a derived param, so its name changing with any key never triggers a rerun.
@@ -22,10 +22,13 @@ from pathlib import Path
 import yaml
 
 import moa
-from moa.config import _schema_node, apply_overrides, config_hash, method_params, validate
+from moa.compose.registry import Need, method_of
+from moa.config import schema_node, apply_overrides, method_params, validate
 from moa.data.tasks import get_task
 from moa.errors import MoaError
 from moa.io import atomic_file
+from moa.layout import MIXED, SPLITS, ExperimentPaths, Plot
+from moa.steps import STEPS, step_hash
 from moa.tracking import PARENT_RUN_ENV, SPOOL_ENV, Spool, end_workflow_run, start_workflow_run
 
 # The YAML file(s) and --config overrides the config came from, for error messages.
@@ -42,11 +45,11 @@ def _retyped_overrides(overrides, path=()):
         if isinstance(value, dict):
             yield from _retyped_overrides(value, where)
         elif isinstance(value, list):
-            wants_str = _schema_node(where).get("items", {}).get("type") == "string"
+            wants_str = schema_node(where).get("items", {}).get("type") == "string"
             yield where, [v if wants_str or not isinstance(v, str) else yaml.safe_load(v) for v in value]
         elif isinstance(value, str):
             yield where, _typed_leaf(where, value)
-        elif _schema_node(where).get("type") == "string":  # e.g. experiment=123
+        elif schema_node(where).get("type") == "string":  # e.g. experiment=123
             yield where, str(value)
 
 
@@ -81,7 +84,7 @@ def validated_config():
 
 validated_config()
 
-EXP = f"{config['results_dir']}/{config['experiment']}"
+PATHS = ExperimentPaths.of(config)
 TASKS = list(config["tasks"])
 METHODS = list(config["methods"])
 ENV = "../../environment.yml"  # relative to workflow/rules/
@@ -103,7 +106,7 @@ def _write_config_file():
     """results/{experiment}/.config/{hash}.yaml: the validated config every step reads (content-addressed,
     written once, atomically)."""
     text = yaml.safe_dump(config, sort_keys=False)
-    path = Path(EXP) / ".config" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    path = PATHS.config_dir / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
     if not path.is_file():
         with atomic_file(path) as tmp:
             tmp.write_text(text)
@@ -119,14 +122,29 @@ def moa_config(wildcards, input):
     return MOA_CONFIG
 
 
-def method_of(name):
-    """The method of composition `name` (the entry's `method`, else its name)."""
-    return method_params(config, name)["method"]
+# --- what each step reads and runs ------------------------------------------------------------------
 
 
-def sections(**parts):
-    """A short hash of config sections; `parts` name them so that moving a key changes the hash."""
-    return config_hash(parts)
+def step_params(name):
+    """The params every rule has (see the top of this file), for the step of the rule's name."""
+    wildcards = STEPS[name].wildcards
+    return dict(config_file=moa_config, code_version=CODE_VERSION,
+                config_hash=lambda w: step_hash(name, config, **{k: w[k] for k in wildcards}))
+
+
+def step_shell(name):
+    """The rule's command: `moa <step>` on the job's config, wildcards and threads, logged to {log}."""
+    args = "".join(f" --{w} {{wildcards.{w}}}" for w in STEPS[name].wildcards)
+    return (f"moa {name.replace('_', '-')} --config {{params.config_file}}{args} --threads {{threads}} "
+            "> {log} 2>&1")
+
+
+def step_log(name):
+    return str(PATHS.log(name, *(f"{{{w}}}" for w in STEPS[name].wildcards)))
+
+
+def step_benchmark(name):
+    return str(PATHS.benchmark(name, *(f"{{{w}}}" for w in STEPS[name].wildcards)))
 
 
 # --- resources --------------------------------------------------------------------------------------
@@ -138,27 +156,23 @@ def sections(**parts):
 GPU_JOB = 1 if shutil.which("nvidia-smi") else 0
 
 
-# --- paths ------------------------------------------------------------------------------------------
+# --- paths (moa.layout) and what each composition is built from (moa.compose.registry) -----------------
 
-MODEL_FILES = [f"{EXP}/model/{name}" for name in ("config.json", "model.safetensors", "tokenizer.json")]
-SPLITS = ("train", "validation", "test")
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "train_log.parquet")
-ROUTER_FILES = ("routers.safetensors", "router_config.json", "router_eval.parquet", "confusion.parquet",
-                "train_log.parquet")
-REPORT_PLOTS = ("scores_heatmap", "multitask_score", "router_confusion", "router_layer_accuracy",
-                "adapter_cosine", "train_loss")
+
+def files(paths):
+    return [str(p) for p in paths]
+
+
+MODEL_FILES = files(PATHS.model_files)
+NEEDS = {need for m in METHODS for need in method_of(method_params(config, m)).needs}
 
 
 def data_files(tasks, splits=("train", "validation")):
-    return [f"{EXP}/data/{task}/{split}.parquet" for task in tasks for split in splits]
+    return [str(PATHS.split(task, split)) for task in tasks for split in splits]
 
 
-def adapter_files(name, files=("adapter_model.safetensors", "adapter_config.json")):
-    return [f"{EXP}/adapters/{name}/{file}" for file in files]
-
-
-def task_adapters(files=("adapter_model.safetensors", "adapter_config.json")):
-    return [path for task in TASKS for path in adapter_files(task, files)]
+def task_adapters(train_log=False):
+    return [str(path) for task in TASKS for path in PATHS.adapter_files(task, train_log)]
 
 
 def local_source_files(wildcards):
@@ -172,17 +186,18 @@ def local_source_files(wildcards):
     return sorted({match for pattern in patterns for match in (sorted(glob(pattern)) or [pattern])})
 
 
+def inputs_of(needs):
+    """The files that what `needs` names are read from."""
+    return [
+        *(task_adapters() if Need.TASK_ADAPTERS in needs else []),
+        *(files(PATHS.adapter_files(MIXED, train_log=False)) if Need.MIXED_ADAPTER in needs else []),
+        *(files(PATHS.routers) if Need.ROUTERS in needs else []),
+    ]
+
+
 def composition_inputs(wildcards):
-    """What `moa compose --method M` reads: nothing for base, the task adapters for oracle and the
-    merges, adapters/_mixed for mixed, the routers for moa."""
-    method = method_of(wildcards.method)
-    if method == "base":
-        return []
-    if method == "mixed":
-        return adapter_files("_mixed")
-    if method == "moa":
-        return [f"{EXP}/moa/{file}" for file in ROUTER_FILES[:2]]
-    return task_adapters()
+    """What `moa compose --method M` reads (the registry's `needs` of M)."""
+    return inputs_of(method_of(method_params(config, wildcards.method)).needs)
 
 
 # --- MLflow: one parent run per invocation; every job's run is its child -----------------------------
@@ -200,7 +215,7 @@ def start_tracking():
     run_id = start_workflow_run(config)
     if run_id:
         os.environ[PARENT_RUN_ENV] = run_id
-    spool = Spool(Path(EXP, "mlflow-spool").resolve())
+    spool = Spool(PATHS.spool.resolve())
     spool.start()
     os.environ[SPOOL_ENV] = str(spool.directory)
     WORKFLOW_RUN.update(id=run_id, spool=spool)

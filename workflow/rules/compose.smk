@@ -6,20 +6,13 @@ rule compose:
     input:
         composition_inputs,
     output:
-        f"{EXP}/compositions/{{method}}/composition.json",
+        str(PATHS.manifest("{method}")),
     params:
-        config_file=moa_config,
-        code_version=CODE_VERSION,
-        config_hash=lambda w: sections(
-            method=method_params(config, w.method),
-            lora=config["lora"],
-            tasks=TASKS,
-            seed=config["seed"],
-        ),
+        **step_params("compose"),
     log:
-        f"{EXP}/logs/compose/{{method}}.log",
+        step_log("compose"),
     benchmark:
-        f"{EXP}/benchmarks/compose/{{method}}.tsv"
+        step_benchmark("compose")
     threads: 1  # merges are small matrix work: compositions run side by side
     resources:
         mem_mb=8000,
@@ -27,4 +20,4 @@ rule compose:
     conda:
         ENV
     shell:
-        "moa compose --config {params.config_file} --method {wildcards.method} --threads {threads} > {log} 2>&1"
+        step_shell("compose")

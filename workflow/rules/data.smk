@@ -6,21 +6,14 @@ rule prepare_data:
     input:
         local_source_files,
     output:
-        data=expand(f"{EXP}/data/{{{{task}}}}/{{split}}.parquet", split=SPLITS),
-        stats=f"{EXP}/data/{{task}}/stats.json",
+        data=[str(PATHS.split("{task}", split)) for split in SPLITS],
+        stats=str(PATHS.data_stats("{task}")),
     params:
-        config_file=moa_config,
-        code_version=CODE_VERSION,
-        config_hash=lambda w: sections(
-            model_source=config["model"]["source"],
-            data=config["data"],
-            task=config["tasks"][w.task],
-            seed=config["seed"],
-        ),
+        **step_params("prepare_data"),
     log:
-        f"{EXP}/logs/prepare_data/{{task}}.log",
+        step_log("prepare_data"),
     benchmark:
-        f"{EXP}/benchmarks/prepare_data/{{task}}.tsv"
+        step_benchmark("prepare_data")
     threads: 1
     resources:
         mem_mb=8000,
@@ -28,4 +21,4 @@ rule prepare_data:
     conda:
         ENV
     shell:
-        "moa prepare-data --config {params.config_file} --task {wildcards.task} > {log} 2>&1"
+        step_shell("prepare_data")

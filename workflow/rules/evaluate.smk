@@ -4,26 +4,17 @@
 rule evaluate:
     input:
         MODEL_FILES,
-        composition=f"{EXP}/compositions/{{method}}/composition.json",
-        test=f"{EXP}/data/{{task}}/test.parquet",
+        composition=str(PATHS.manifest("{method}")),
+        test=str(PATHS.split("{task}", "test")),
     output:
-        predictions=f"{EXP}/eval/{{method}}/{{task}}/predictions.parquet",
-        metrics=f"{EXP}/eval/{{method}}/{{task}}/metrics.parquet",
+        predictions=str(PATHS.predictions("{method}", "{task}")),
+        metrics=str(PATHS.metrics("{method}", "{task}")),
     params:
-        config_file=moa_config,
-        code_version=CODE_VERSION,
-        config_hash=lambda w: sections(
-            method=method_params(config, w.method),
-            evaluation=config["evaluation"],
-            task=config["tasks"][w.task],
-            model=config["model"],
-            data=config["data"],
-            seed=config["seed"],
-        ),
+        **step_params("evaluate"),
     log:
-        f"{EXP}/logs/evaluate/{{method}}/{{task}}.log",
+        step_log("evaluate"),
     benchmark:
-        f"{EXP}/benchmarks/evaluate/{{method}}/{{task}}.tsv"
+        step_benchmark("evaluate")
     # One thread: decoding a small model on CPU is memory-bound, so one-thread evaluations side by side
     # finish sooner than multi-thread ones in turn. The slurm profile raises it for GPU nodes.
     threads: 1
@@ -34,5 +25,4 @@ rule evaluate:
     conda:
         ENV
     shell:
-        "moa evaluate --config {params.config_file} --method {wildcards.method} --task {wildcards.task} "
-        "--threads {threads} > {log} 2>&1"
+        step_shell("evaluate")

@@ -1,17 +1,16 @@
 # The base model, written once as an HF directory that every later step loads (a GGUF is dequantized here).
+# Each rule runs the moa step of its name: moa.steps.STEPS["prepare_model"].
 
 
 rule prepare_model:
     output:
         MODEL_FILES,
     params:
-        config_file=moa_config,
-        code_version=CODE_VERSION,
-        config_hash=sections(model=config["model"], seed=config["seed"]),
+        **step_params("prepare_model"),
     log:
-        f"{EXP}/logs/prepare_model.log",
+        step_log("prepare_model"),
     benchmark:
-        f"{EXP}/benchmarks/prepare_model.tsv"
+        step_benchmark("prepare_model")
     threads: 2
     resources:
         mem_mb=16000,
@@ -19,4 +18,4 @@ rule prepare_model:
     conda:
         ENV
     shell:
-        "moa prepare-model --config {params.config_file} > {log} 2>&1"
+        step_shell("prepare_model")

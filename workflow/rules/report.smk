@@ -3,29 +3,23 @@
 
 rule report:
     input:
-        expand(f"{EXP}/eval/{{method}}/{{task}}/metrics.parquet", method=METHODS, task=TASKS),
-        [f"{EXP}/moa/{file}" for file in ROUTER_FILES],
-        task_adapters(ADAPTER_FILES),
-        adapter_files("_mixed", ["train_log.parquet"]),
+        [str(PATHS.metrics(method, task)) for method in METHODS for task in TASKS],
+        files(PATHS.router_files) if Need.ROUTERS in NEEDS else [],
+        task_adapters(train_log=True) if NEEDS & {Need.TASK_ADAPTERS, Need.ROUTERS} else [],  # routers need them
+        [str(PATHS.train_log(MIXED))] if Need.MIXED_ADAPTER in NEEDS else [],
     output:
-        metrics=f"{EXP}/report/metrics.parquet",
-        summary=report(f"{EXP}/report/summary.md", category="Summary", caption="../report/summary.rst"),
+        metrics=str(PATHS.report_metrics),
+        summary=report(str(PATHS.summary), category="Summary", caption="../report/summary.rst"),
         plots=[
-            report(f"{EXP}/report/{plot}.png", category="Plots", caption=f"../report/{plot}.rst")
-            for plot in REPORT_PLOTS
+            report(str(PATHS.plot(plot)), category="Plots", caption=f"../report/{plot}.rst")
+            for plot in Plot
         ],
     params:
-        config_file=moa_config,
-        code_version=CODE_VERSION,
-        config_hash=sections(
-            methods={m: method_params(config, m) for m in METHODS},
-            tasks=config["tasks"],
-            order=[METHODS, TASKS],
-        ),
+        **step_params("report"),
     log:
-        f"{EXP}/logs/report.log",
+        step_log("report"),
     benchmark:
-        f"{EXP}/benchmarks/report.tsv"
+        step_benchmark("report")
     threads: 1
     resources:
         mem_mb=4000,
@@ -33,4 +27,4 @@ rule report:
     conda:
         ENV
     shell:
-        "moa report --config {params.config_file} > {log} 2>&1"
+        step_shell("report")

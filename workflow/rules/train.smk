@@ -8,22 +8,13 @@ rule train_lora:
         MODEL_FILES,
         data_files(["{task}"]),
     output:
-        adapter_files("{task}", ADAPTER_FILES),
+        files(PATHS.adapter_files("{task}")),
     params:
-        config_file=moa_config,
-        code_version=CODE_VERSION,
-        config_hash=lambda w: sections(
-            model=config["model"],
-            data=config["data"],
-            task=config["tasks"][w.task],
-            seed=config["seed"],
-            lora=config["lora"],
-            training=config["training"],
-        ),
+        **step_params("train_lora"),
     log:
-        f"{EXP}/logs/train_lora/{{task}}.log",
+        step_log("train_lora"),
     benchmark:
-        f"{EXP}/benchmarks/train_lora/{{task}}.tsv"
+        step_benchmark("train_lora")
     threads: 8
     resources:
         mem_mb=16000,
@@ -32,7 +23,7 @@ rule train_lora:
     conda:
         ENV
     shell:
-        "moa train-lora --config {params.config_file} --task {wildcards.task} --threads {threads} > {log} 2>&1"
+        step_shell("train_lora")
 
 
 rule train_mixed:
@@ -40,23 +31,13 @@ rule train_mixed:
         MODEL_FILES,
         data_files(TASKS),
     output:
-        adapter_files("_mixed", ADAPTER_FILES),
+        files(PATHS.adapter_files(MIXED)),
     params:
-        config_file=moa_config,
-        code_version=CODE_VERSION,
-        config_hash=sections(
-            model=config["model"],
-            data=config["data"],
-            tasks=config["tasks"],
-            order=TASKS,  # the expert / label index of each task
-            seed=config["seed"],
-            lora=config["lora"],
-            training=config["training"],
-        ),
+        **step_params("train_mixed"),
     log:
-        f"{EXP}/logs/train_mixed.log",
+        step_log("train_mixed"),
     benchmark:
-        f"{EXP}/benchmarks/train_mixed.tsv"
+        step_benchmark("train_mixed")
     threads: 8
     resources:
         mem_mb=16000,
@@ -65,7 +46,7 @@ rule train_mixed:
     conda:
         ENV
     shell:
-        "moa train-mixed --config {params.config_file} --threads {threads} > {log} 2>&1"
+        step_shell("train_mixed")
 
 
 rule train_router:
@@ -74,24 +55,13 @@ rule train_router:
         data_files(TASKS),
         task_adapters(),
     output:
-        [f"{EXP}/moa/{file}" for file in ROUTER_FILES],
+        files(PATHS.router_files),
     params:
-        config_file=moa_config,
-        code_version=CODE_VERSION,
-        config_hash=sections(
-            model=config["model"],
-            data=config["data"],
-            tasks=config["tasks"],
-            order=TASKS,  # the expert / label index of each task
-            seed=config["seed"],
-            lora=config["lora"],
-            training=config["training"],
-            router=config["router"],
-        ),
+        **step_params("train_router"),
     log:
-        f"{EXP}/logs/train_router.log",
+        step_log("train_router"),
     benchmark:
-        f"{EXP}/benchmarks/train_router.tsv"
+        step_benchmark("train_router")
     threads: 8
     resources:
         mem_mb=16000,
@@ -100,4 +70,4 @@ rule train_router:
     conda:
         ENV
     shell:
-        "moa train-router --config {params.config_file} --threads {threads} > {log} 2>&1"
+        step_shell("train_router")

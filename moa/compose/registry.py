@@ -1,0 +1,197 @@
+"""Every composition method in one table: its kind, the parameters a `methods` entry may set, what it is
+built from (so the DAG trains only that), how `moa compose` builds it and how it is applied to the base
+model. Adding a method is one entry plus its functions.
+
+A build function writes the composition's own files into its (scratch) folder and returns what the
+manifest, compositions/{name}/composition.json, records about it; a load function applies the built
+composition to a freshly loaded base model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from moa.compose.merge import MergeMethod, MergeSpec, merge_adapters
+from moa.config import Config
+from moa.errors import MoaError
+from moa.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_REPORT, MIXED, ROUTER_WEIGHTS, ExperimentPaths
+from moa.lora import attach_experts, load_adapter, merge_and_unload, write_adapter
+from moa.model.llama import Transformer
+from moa.routing import LearnedRouter, Strategy, load_routers
+
+
+class Kind(StrEnum):
+    BASE = "base"  # the base model alone
+    ADAPTER = "adapter"  # one adapter trained on every task, folded into the weights
+    ROUTE = "route"  # the task adapters as experts, each sequence served by its own
+    MERGE = "merge"  # the task adapters merged into one adapter, folded into the weights
+
+
+class Need(StrEnum):
+    """What a composition is built from."""
+
+    TASK_ADAPTERS = "task_adapters"  # adapters/{task}/ of every task
+    MIXED_ADAPTER = "mixed_adapter"  # adapters/_mixed/
+    ROUTERS = "routers"  # moa/ (routers and experts)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A composition applied to the base model: how it picks each sequence's expert, and which task each
+    expert index stands for."""
+
+    router: LearnedRouter | None = None
+    experts: tuple[str, ...] = ()
+
+
+Build = Callable[[Config, str, dict[str, Any], Path], dict[str, Any]]  # (config, name, params, folder) -> entries
+Load = Callable[[Config, Mapping[str, Any], Transformer, "str | None", bool], Applied]  # (.., task, fold)
+
+
+@dataclass(frozen=True)
+class Method:
+    kind: Kind
+    build: Build
+    load: Load
+    needs: frozenset[Need] = frozenset()
+    params: frozenset[str] = frozenset()  # the keys a `methods` entry may set besides `method`
+
+
+def task_adapters(config: Config) -> list[Path]:
+    """The task LoRAs (experts 0..N-1 in config task order); each must exist."""
+    paths = ExperimentPaths.of(config)
+    dirs = [paths.adapter(task) for task in config["tasks"]]
+    for path in dirs:
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise MoaError(f"{path}: no trained adapter for task {path.name!r}; "
+                           f"run `moa train-lora --config ... --task {path.name}` first")
+    return dirs
+
+
+def attach(model: Transformer, dirs: list[Path]) -> None:
+    for path in dirs:
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise MoaError(f"{path}: adapter not found; rerun the step that writes it (moa train-lora / compose)")
+    attach_experts(model, dirs)
+
+
+# --- base --------------------------------------------------------------------------------------------
+
+
+def _build_nothing(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    return {}
+
+
+def _load_nothing(config: Config, manifest: Mapping[str, Any], model: Transformer, task: str | None,
+                  fold: bool) -> Applied:
+    return Applied()
+
+
+# --- one adapter, folded (mixed and every merge) ---------------------------------------------------------
+
+
+def _build_mixed(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    source = ExperimentPaths.of(config).adapter(MIXED)
+    if not (source / ADAPTER_WEIGHTS).is_file():
+        raise MoaError(f"{source}: the mixed-data adapter is not trained; run `moa train-mixed --config ...` first")
+    for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        shutil.copy2(source / file, out / file)
+    return {"adapter": "."}
+
+
+def merge_spec(config: Config, params: Mapping[str, Any]) -> MergeSpec:
+    """The merge of a `methods` entry; weights given per task are put in task order."""
+    weights = params.get("weights")
+    if isinstance(weights, dict):
+        weights = [weights[task] for task in config["tasks"]]
+    return MergeSpec(params["method"], tuple(weights) if weights else None, params.get("k"),
+                     params.get("density", 0.5), params.get("majority_sign_method", "total"),
+                     params.get("seed", config["seed"]))
+
+
+def _build_merge(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    dirs = task_adapters(config)
+    adapter_config, state, report = merge_adapters(merge_spec(config, params), [load_adapter(d) for d in dirs],
+                                                   [d.name for d in dirs])
+    write_adapter(out, adapter_config, state)
+    (out / MERGE_REPORT).write_text(json.dumps({"name": name} | report, indent=2) + "\n")
+    return {"adapter": ".", "rank": report["rank"]}
+
+
+def _load_folded(config: Config, manifest: Mapping[str, Any], model: Transformer, task: str | None,
+                 fold: bool) -> Applied:
+    attach(model, [ExperimentPaths.of(config).composition(manifest["name"]) / manifest["adapter"]])
+    if fold:
+        merge_and_unload(model)
+    return Applied()
+
+
+# --- the task adapters as experts -------------------------------------------------------------------------
+
+
+def _build_oracle(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    root = ExperimentPaths.of(config).root
+    return {"adapters": [str(d.relative_to(root)) for d in task_adapters(config)]}
+
+
+def _load_oracle(config: Config, manifest: Mapping[str, Any], model: Transformer, task: str | None,
+                 fold: bool) -> Applied:
+    name, tasks = manifest["name"], manifest["tasks"]
+    if task is None:
+        raise MoaError(f"{name}: the oracle applies each task's own LoRA, so it needs the task (--task)")
+    if task not in tasks:
+        raise MoaError(f"{name}: no adapter for task {task!r}; composed tasks: {', '.join(tasks)}")
+    attach(model, [ExperimentPaths.of(config).root / manifest["adapters"][tasks.index(task)]])
+    return Applied(experts=(task,))
+
+
+def _build_moa(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    paths = ExperimentPaths.of(config)
+    if not (paths.moa / ROUTER_WEIGHTS).is_file():
+        raise MoaError(f"{paths.moa}: no trained MoA routers; run `moa train-router --config ...` first")
+    return {"strategy": params.get("strategy", Strategy.LAST), "router": str(paths.moa.relative_to(paths.root)),
+            "adapters": [str(paths.expert(task).relative_to(paths.root)) for task in config["tasks"]]}
+
+
+def _load_moa(config: Config, manifest: Mapping[str, Any], model: Transformer, task: str | None,
+              fold: bool) -> Applied:
+    root = ExperimentPaths.of(config).root
+    attach(model, [root / path for path in manifest["adapters"]])
+    routers = load_routers(root / manifest["router"])
+    return Applied(LearnedRouter(routers.eval(), Strategy(manifest["strategy"])), tuple(routers.spec.tasks))
+
+
+# --- the table ----------------------------------------------------------------------------------------
+
+_MERGE = frozenset({Need.TASK_ADAPTERS})
+_WEIGHTS = frozenset({"weights"})
+_SVD = _WEIGHTS | {"k"}
+_PRUNED = _SVD | {"density"}
+
+METHODS: dict[str, Method] = {
+    "base": Method(Kind.BASE, _build_nothing, _load_nothing),
+    "oracle": Method(Kind.ROUTE, _build_oracle, _load_oracle, _MERGE),
+    "mixed": Method(Kind.ADAPTER, _build_mixed, _load_folded, frozenset({Need.MIXED_ADAPTER})),
+    "moa": Method(Kind.ROUTE, _build_moa, _load_moa, frozenset({Need.ROUTERS}), frozenset({"strategy"})),
+    MergeMethod.CONCAT: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
+    MergeMethod.LINEAR: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
+    MergeMethod.AVG: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
+    MergeMethod.TASK_ARITHMETIC: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
+    MergeMethod.SVD: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _SVD),
+    MergeMethod.TIES: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _PRUNED | {"majority_sign_method"}),
+    MergeMethod.DARE_LINEAR: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _PRUNED | {"seed"}),
+    MergeMethod.DARE_TIES: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE,
+                                  _PRUNED | {"majority_sign_method", "seed"}),
+    MergeMethod.MAGNITUDE_PRUNE: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _PRUNED),
+}
+
+
+def method_of(params: Mapping[str, Any]) -> Method:
+    """The registry entry of a `methods` entry's parameters (see moa.config.method_params)."""
+    return METHODS[params["method"]]

@@ -1,0 +1,193 @@
+"""Every folder and file of results/{experiment}/, in one place: the Python steps, the Snakemake rules
+(workflow/rules/common.smk) and the tests all build their paths here.
+
+    model/                      the base model as an HF directory (+ moa_source.json: what it came from)
+    data/{task}/                {train,validation,test}.parquet, stats.json
+    adapters/{task}/            PEFT adapter + train_log.parquet; adapters/_mixed/: the mixed-data LoRA
+    checkpoints/{name}/         a training's last checkpoint (gone once its outputs are written)
+    moa/                        routers, router_config.json, router_eval.parquet, confusion.parquet,
+                                train_log.parquet, experts/{task}/
+    compositions/{method}/      composition.json (+ a PEFT adapter and merge_report.json for merges)
+    eval/{method}/{task}/       predictions.parquet, metrics.parquet, info.json
+    report/                     metrics.parquet, summary.md, {plot}.png
+    logs/, benchmarks/          every job's log and Snakemake benchmark
+    mlflow-spool/               run records waiting for the workflow to log them
+    .config/                    the validated config each workflow hands its jobs
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+# File names fixed by formats that tools outside moa read: PEFT adapters and moa's router bundle.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ROUTER_WEIGHTS = "routers.safetensors"
+ROUTER_CONFIG = "router_config.json"
+
+MIXED = "_mixed"  # adapters/_mixed/: the paper's "Single-LoRA (mixed)" baseline, one LoRA on every task
+SPLITS = ("train", "validation", "test")
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+TRAIN_LOG = "train_log.parquet"
+MANIFEST = "composition.json"  # in compositions/{method}/
+MERGE_REPORT = "merge_report.json"  # in compositions/{merge}/
+
+
+class Plot(StrEnum):
+    """The report's plots, report/{name}.png; each has a caption workflow/report/{name}.rst."""
+
+    SCORES_HEATMAP = "scores_heatmap"
+    MULTITASK_SCORE = "multitask_score"
+    ROUTER_CONFUSION = "router_confusion"
+    ROUTER_LAYER_ACCURACY = "router_layer_accuracy"
+    ADAPTER_COSINE = "adapter_cosine"
+    TRAIN_LOSS = "train_loss"
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """The paths of one experiment's results. Any name may be a Snakemake wildcard such as "{task}"."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> ExperimentPaths:
+        return cls(Path(config["results_dir"]) / config["experiment"])
+
+    # --- the base model and the data ---------------------------------------------------------------
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def model_files(self) -> list[Path]:
+        return [self.model / name for name in MODEL_FILES]
+
+    @property
+    def model_source(self) -> Path:
+        """Which config.model (and seed) model/ was prepared from."""
+        return self.model / "moa_source.json"
+
+    def data(self, task: str) -> Path:
+        return self.root / "data" / task
+
+    def split(self, task: str, split: str) -> Path:
+        return self.data(task) / f"{split}.parquet"
+
+    def data_stats(self, task: str) -> Path:
+        return self.data(task) / "stats.json"
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def adapter(self, name: str) -> Path:
+        """adapters/{name}/: a task's LoRA, or MIXED."""
+        return self.root / "adapters" / name
+
+    def adapter_files(self, name: str, train_log: bool = True) -> list[Path]:
+        files = [self.adapter(name) / ADAPTER_WEIGHTS, self.adapter(name) / ADAPTER_CONFIG]
+        return files + ([self.train_log(name)] if train_log else [])
+
+    def train_log(self, name: str) -> Path:
+        return self.adapter(name) / TRAIN_LOG
+
+    def checkpoint(self, name: str) -> Path:
+        return self.root / "checkpoints" / name
+
+    @property
+    def moa(self) -> Path:
+        """moa/: what train-router writes."""
+        return self.root / "moa"
+
+    @property
+    def routers(self) -> list[Path]:
+        """The router bundle that compose reads (weights and spec)."""
+        return [self.moa / ROUTER_WEIGHTS, self.moa / ROUTER_CONFIG]
+
+    @property
+    def router_eval(self) -> Path:
+        return self.moa / "router_eval.parquet"
+
+    @property
+    def router_confusion(self) -> Path:
+        return self.moa / "confusion.parquet"
+
+    @property
+    def router_files(self) -> list[Path]:
+        return [*self.routers, self.router_eval, self.router_confusion, self.moa / TRAIN_LOG]
+
+    def expert(self, task: str) -> Path:
+        """moa/experts/{task}/: the expert MoA serves for a task (the task LoRA, or its joint fine-tune)."""
+        return self.moa / "experts" / task
+
+    # --- compositions and evaluations ----------------------------------------------------------------
+
+    def composition(self, method: str) -> Path:
+        return self.root / "compositions" / method
+
+    def manifest(self, method: str) -> Path:
+        return self.composition(method) / MANIFEST
+
+    def merge_report(self, method: str) -> Path:
+        return self.composition(method) / MERGE_REPORT
+
+    def evaluation(self, method: str, task: str) -> Path:
+        return self.root / "eval" / method / task
+
+    def predictions(self, method: str, task: str) -> Path:
+        return self.evaluation(method, task) / "predictions.parquet"
+
+    def metrics(self, method: str, task: str) -> Path:
+        return self.evaluation(method, task) / "metrics.parquet"
+
+    def eval_info(self, method: str, task: str) -> Path:
+        return self.evaluation(method, task) / "info.json"
+
+    # --- the report ------------------------------------------------------------------------------
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def report_metrics(self) -> Path:
+        return self.report / "metrics.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.report / "summary.md"
+
+    def plot(self, plot: Plot) -> Path:
+        return self.report / f"{plot}.png"
+
+    @property
+    def report_files(self) -> list[Path]:
+        """Everything report/ holds, for MLflow and for Snakemake's outputs."""
+        return [self.report_metrics, self.summary, *(self.plot(plot) for plot in Plot)]
+
+    # --- bookkeeping ---------------------------------------------------------------------------------
+
+    def log(self, rule: str, *wildcards: str) -> Path:
+        """logs/{rule}.log, or logs/{rule}/{w1}/.../{wn}.log for a rule with wildcards."""
+        return self._per_job(self.root / "logs", rule, wildcards, ".log")
+
+    def benchmark(self, rule: str, *wildcards: str) -> Path:
+        return self._per_job(self.root / "benchmarks", rule, wildcards, ".tsv")
+
+    @staticmethod
+    def _per_job(folder: Path, rule: str, wildcards: tuple[str, ...], suffix: str) -> Path:
+        if not wildcards:
+            return folder / f"{rule}{suffix}"
+        return folder.joinpath(rule, *wildcards[:-1], f"{wildcards[-1]}{suffix}")
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "mlflow-spool"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / ".config"

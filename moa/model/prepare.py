@@ -1,0 +1,49 @@
+"""The experiment's base model: written once as an HF directory by `moa prepare-model` (a GGUF is
+dequantized there), then loaded by every later step."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from moa.config import Config
+from moa.io import atomic_file
+from moa.layout import ExperimentPaths
+from moa.model.checkpoint import save_hf_dir
+from moa.model.config import DTYPES
+from moa.model.llama import Transformer
+from moa.model.load import load_pretrained
+from moa.model.tokenizer import Tokenizer
+from moa.tracking import StepResult
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def provenance(config: Config) -> dict[str, object]:
+    """What model/ depends on: random:PRESET models depend on the seed too."""
+    return {"model": config["model"], "seed": config["seed"]}
+
+
+def prepare_model(config: Config) -> StepResult:
+    """results/{experiment}/model/: the base model as an HF directory, which every later step loads
+    instead of the source."""
+    paths = ExperimentPaths.of(config)
+    dtype = DTYPES[config["model"]["dtype"]]
+    model, tokenizer = load_pretrained(config["model"]["source"], dtype, seed=config["seed"])
+    out = save_hf_dir(model, tokenizer, paths.model, dtype)
+    with atomic_file(paths.model_source) as tmp:
+        tmp.write_text(json.dumps(provenance(config), sort_keys=True) + "\n")
+    return StepResult(out, metrics={"parameters": sum(p.numel() for p in model.parameters())},
+                      artifacts=[out / "config.json"])
+
+
+def base_model(config: Config) -> tuple[Transformer, Tokenizer]:
+    """The prepared model/ when it was made from this config's model, else the source itself."""
+    paths = ExperimentPaths.of(config)
+    stamp = paths.model_source
+    fresh = stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(provenance(config)))
+    source = paths.model if fresh else config["model"]["source"]
+    return load_pretrained(source, DTYPES[config["model"]["dtype"]], seed=config["seed"])

@@ -1,0 +1,99 @@
+"""The pipeline's steps in one table: each step's function, its wildcards and the config sections it reads.
+
+`moa <step>` is built from this table (moa.cli), the Snakemake rule of the same name runs it
+(workflow/rules/), and both the rule's `config_hash` param, which decides reruns, and the step's MLflow
+params come from the same `reads`, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from moa.compose.composition import compose
+from moa.compose.registry import METHODS
+from moa.config import Config, config_hash, method_params
+from moa.data.prepare import prepare_data
+from moa.evaluate import evaluate
+from moa.model.prepare import prepare_model
+from moa.report import build_report
+from moa.tracking import StepResult, log_step
+from moa.train.lora import train_lora, train_mixed
+from moa.train.router import train_router
+
+
+@dataclass(frozen=True)
+class Step:
+    run: Callable[..., StepResult]  # run(config, **wildcards)
+    wildcards: tuple[str, ...]
+    reads: Callable[..., dict[str, Any]]  # reads(config, **wildcards): the config sections `run` depends on
+    help: str
+
+
+def _trainer(config: Config) -> dict[str, Any]:
+    """What every trainer reads: the base model, the data, the LoRA shape, the trainer and the seed."""
+    return {k: config[k] for k in ("model", "data", "lora", "training", "seed")}
+
+
+def _all_tasks(config: Config) -> dict[str, Any]:
+    return {"tasks": config["tasks"], "order": list(config["tasks"])}  # the order is the expert / label index
+
+
+STEPS: dict[str, Step] = {
+    "prepare_model": Step(
+        prepare_model, (), lambda c: {"model": c["model"], "seed": c["seed"]},
+        "write the base model once as an HF directory -> model/ (a GGUF is dequantized here; later steps load "
+        "model/)"),
+    "prepare_data": Step(
+        prepare_data, ("task",),
+        lambda c, task: {"model_source": c["model"]["source"], "data": c["data"], "task": c["tasks"][task],
+                         "seed": c["seed"]},
+        "build data/{task}/{split}.parquet and stats.json for one task"),
+    "train_lora": Step(
+        train_lora, ("task",), lambda c, task: _trainer(c) | {"task": c["tasks"][task]},
+        "train one task's LoRA -> adapters/{task}/ (PEFT format) + train_log.parquet; rerunning after an "
+        "interruption resumes from the last checkpoint"),
+    "train_mixed": Step(
+        train_mixed, (), lambda c: _trainer(c) | _all_tasks(c),
+        "train one LoRA on all tasks' data, balanced -> adapters/_mixed/ (the Single-LoRA (mixed) baseline); "
+        "resumable like train-lora"),
+    "train_router": Step(
+        train_router, (), lambda c: _trainer(c) | _all_tasks(c) | {"router": c["router"]},
+        "MoA stage 2: train a router before every block on the task LoRAs (teacher forcing) -> moa/ (routers, "
+        "experts, router accuracy, confusion matrix); resumable"),
+    "compose": Step(
+        compose, ("method",),
+        lambda c, method: {"method": method_params(c, method), "lora": c["lora"], "tasks": list(c["tasks"]),
+                           "seed": c["seed"]},
+        "build one composition from the trained adapters -> compositions/{method}/ (a PEFT adapter + "
+        f"merge_report.json for merges; a manifest for base, oracle and moa). Methods: {', '.join(METHODS)}"),
+    "evaluate": Step(
+        evaluate, ("method", "task"),
+        lambda c, method, task: {"method": method_params(c, method), "evaluation": c["evaluation"],
+                                 "task": c["tasks"][task], "model": c["model"], "data": c["data"],
+                                 "seed": c["seed"]},
+        "evaluate one composition on one task's test split -> eval/{method}/{task}/predictions.parquet + "
+        "metrics.parquet"),
+    "report": Step(
+        build_report, (),
+        lambda c: {"methods": {m: method_params(c, m) for m in c["methods"]}, "tasks": c["tasks"],
+                   "order": [list(c["methods"]), list(c["tasks"])]},
+        "collect every evaluation -> report/metrics.parquet, summary.md and PNG plots"),
+}
+
+
+def step_hash(name: str, config: Config, **wildcards: str) -> str:
+    """A short hash of what step `name` reads: Snakemake reruns the step when it changes."""
+    return config_hash(STEPS[name].reads(config, **wildcards))
+
+
+def run_step(name: str, config: Config, **wildcards: str) -> StepResult:
+    """Run step `name` on `config` and log it as the MLflow run "{name}:{wildcard values}"."""
+    step = STEPS[name]
+    result = step.run(config, **wildcards)
+    run = ":".join([name, ",".join(wildcards[w] for w in step.wildcards)]) if step.wildcards else name
+    tags = {"moa.step": name} | {f"moa.{w}": wildcards[w] for w in step.wildcards}
+    log_step(config, run, tags, step.reads(config, **wildcards), curves=result.curves, artifacts=result.artifacts,
+             metrics=result.metrics)
+    return result
