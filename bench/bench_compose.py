@@ -10,8 +10,8 @@ fresh process per side, i.e. VmHWM after the calls minus VmRSS before them, with
 Agreement: relative Frobenius difference of the two merged updates, each with its own scaling (PEFT's svd
 applies each adapter's scaling once and gives the merged adapter scaling 1 when, as here, no adapter uses rsLoRA).
 
-generation: SmolLM2-135M, a batch of 8 prompts mixing 4 tasks (synthetic test prompts), 64 new tokens
-(greedy, no early stop), 4 random rank-8 experts on every projection. Tokens/s of base, one adapter, MoA
+generation: SmolLM2-135M, a batch of 8 prompts (--batch) mixing 4 tasks (synthetic test prompts), 64 new
+tokens (greedy, no early stop), 4 random rank-8 experts on every projection, fp32 (--dtype bfloat16). Tokens/s of base, one adapter, MoA
 `last` (routed in the prefill, one expert per sequence) with routers fitted to the prompts' tasks (they
 agree across layers, as trained MoA routers do) and with random routers (their layers disagree, so every
 row is prefilled again with its chosen expert), the exact concat merge (one rank-32 adapter) and an SVD
@@ -168,15 +168,15 @@ GEN_TASKS = ("summarization", "translation", "qa", "math")
 NEW_TOKENS, GEN_RANK = 64, 8
 
 
-def mixed_batch(tokenizer: Any) -> tuple[list[list[int]], list[int]]:
-    """Two synthetic test prompts of each task, and each prompt's task index."""
+def mixed_batch(tokenizer: Any, per_task: int) -> tuple[list[list[int]], list[int]]:
+    """`per_task` synthetic test prompts of each task, and each prompt's task index."""
     from moa.data.synthetic import generate as synthetic
     from moa.data.tasks import get_task
 
     prompts, tasks = [], []
     for index, name in enumerate(GEN_TASKS):
         task = get_task({"tasks": {name: None}}, name)
-        for row in synthetic(name, 2, seed=0, split="test"):
+        for row in synthetic(name, per_task, seed=0, split="test"):
             prompts.append(tokenizer.encode(task.prompt(row)))
             tasks.append(index)
     return prompts, tasks
@@ -204,8 +204,12 @@ def fitted_routers(model: torch.nn.Module, prompts: list[list[int]], tasks: list
     cfg = model.config
     routers = LayerRouters(RouterSpec("linear", "mean", cfg.num_hidden_layers, cfg.hidden_size, GEN_TASKS))
     batch, truth = collate([[i] for i in range(len(prompts))], [Example(p, []) for p in prompts]), torch.tensor(tasks)
-    with torch.no_grad(), activated(model, truth), pooled_block_inputs(model, prompt_index(batch), "mean") as pooled:
-        model(batch.input_ids, positions=batch.positions, attn_mask=batch.attn_mask(), logits_at=slice(0, 0))
+    device = next(model.parameters()).device
+    with torch.no_grad(), activated(model, truth.to(device)), \
+            pooled_block_inputs(model, prompt_index(batch.to(device)), "mean") as pooled:
+        model(batch.input_ids.to(device), positions=batch.positions.to(device), attn_mask=batch.attn_mask().to(device),
+              logits_at=slice(0, 0))
+    routers.to(device)
     optimizer = torch.optim.Adam(routers.parameters(), lr=0.01)
     for _ in range(200):
         loss = torch.nn.functional.cross_entropy(routers(pooled).flatten(0, 1), truth.repeat(len(pooled)))
@@ -251,42 +255,50 @@ def peft_model(base: torch.nn.Module, tokenizer: Any, experts: torch.nn.Module) 
     return model.eval()
 
 
-def bench_generation(repeat: int) -> list[tuple[str, float]]:
-    from moa.generate import Sampling, decode, left_pad
+def bench_generation(repeat: int, per_task: int, dtype: torch.dtype) -> list[tuple[str, float]]:
+    from moa.generate import Request, Sampling, generate
     from moa.lora import activate
     from moa.model import load_pretrained
+    from moa.model.prepare import device
     from moa.routing import LayerRouters, LearnedRouter, RouterSpec
 
     base, tokenizer = load_pretrained()
     base.eval()
-    prompts, tasks = mixed_batch(tokenizer)
+    prompts, tasks = mixed_batch(tokenizer, per_task)
     experts, sampling = expert_model(base), Sampling(NEW_TOKENS)
     cfg = base.config
     fitted = LearnedRouter(fitted_routers(experts, prompts, tasks), "last")
     torch.manual_seed(0)
-    random = LearnedRouter(LayerRouters(RouterSpec("linear", "mean", cfg.num_hidden_layers, cfg.hidden_size, GEN_TASKS)), "last")
+    random = LearnedRouter(LayerRouters(RouterSpec("linear", "mean", cfg.num_hidden_layers, cfg.hidden_size,
+                                                   GEN_TASKS)), "last")
     concat, folded = merged_model(base, experts, "concat", False), merged_model(base, experts, "svd", True)
     peft = peft_model(base, tokenizer, experts)
-    ids, valid = left_pad(prompts, 0)
+    for model in (base, experts, concat, folded, peft):
+        model.to(device(), dtype)
+    ids, valid = (t.to(device()) for t in left_pad(prompts))
     names = [str(t) for t in tasks]
-    routed = [d.expert for d in decode(experts, prompts, Sampling(1), set(), router=fitted)]
-    print(f"fitted routers send {sum(r == t for r, t in zip(routed, tasks))}/{len(tasks)} prompts to their task")
+    batch = len(prompts)
 
-    def ours(model: torch.nn.Module, route: object = None, routing: LearnedRouter | None = None) -> Callable[[], object]:
-        def run() -> object:
-            if route is not None:
-                activate(model, route)
-            return decode(model, prompts, sampling, stop_ids=set(), router=routing)
+    def ours(model: torch.nn.Module, experts_of: list[int] | None = None, router: LearnedRouter | None = None,
+             active: int | None = None) -> Callable[[], list]:
+        requests = [Request(p, sampling, None if experts_of is None else experts_of[i]) for i, p in enumerate(prompts)]
+
+        def run() -> list:
+            if active is not None:
+                activate(model, active)
+            return generate(model, tokenizer, requests, batch, router, stop_tokens=set())  # every row: NEW_TOKENS
         return run
 
+    routed = [g.expert for g in ours(experts, router=fitted)()]
+    print(f"fitted routers send {sum(r == t for r, t in zip(routed, tasks))}/{len(tasks)} prompts to their task")
     runs = {
         "base": ours(base),
-        "single adapter": ours(experts, 0),
-        "MoA last, fitted routers (one prefill)": ours(experts, routing=fitted),
-        "MoA last, random routers (every row prefilled twice)": ours(experts, routing=random),
+        "single adapter": ours(experts, active=0),
+        "MoA last, fitted routers (one prefill)": ours(experts, router=fitted),
+        "MoA last, random routers (every row prefilled twice)": ours(experts, router=random),
         "concat merge (one rank-32 adapter)": ours(concat),
         "SVD merge folded into the weights": ours(folded),
-        "mixed batch, 4 experts: moa per-sequence route": ours(experts, torch.tensor(tasks)),
+        "mixed batch, 4 experts: moa per-sequence experts": ours(experts, tasks),
         "mixed batch, 4 experts: PEFT adapter_names=": lambda: peft.generate(
             input_ids=ids, attention_mask=valid.long(), adapter_names=names, max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0),
@@ -304,16 +316,28 @@ def bench_generation(repeat: int) -> list[tuple[str, float]]:
     return [(name, len(prompts) * NEW_TOKENS / seconds) for name, seconds in best.items()]
 
 
-def print_generation_table(rows: list[tuple[str, float]]) -> None:
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, P] and attention mask [B, P] with every prompt flush right, as transformers' generate wants."""
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    valid = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        valid[row, width - len(prompt):] = True
+    return ids, valid
+
+
+def print_generation_table(rows: list[tuple[str, float]], batch: int, dtype: torch.dtype) -> None:
     rate = dict(rows)
-    print(f"\nGeneration, SmolLM2-135M, batch 8 mixing 4 tasks, {NEW_TOKENS} new tokens  [{device_label()}]")
+    print(f"\nGeneration, SmolLM2-135M {str(dtype).removeprefix('torch.')}, batch {batch} mixing 4 tasks, "
+          f"{NEW_TOKENS} new tokens  [{device_label()}]")
     print("| run | tokens/s | ratio |")
     print("|---|---:|---|")
     peft = "mixed batch, 4 experts: PEFT adapter_names="
     reference = {"single adapter": "base", "MoA last, fitted routers (one prefill)": "single adapter",
                  "MoA last, random routers (every row prefilled twice)": "single adapter",
                  "concat merge (one rank-32 adapter)": "single adapter", "SVD merge folded into the weights": "base",
-                 "mixed batch, 4 experts: moa per-sequence route": peft}
+                 "mixed batch, 4 experts: moa per-sequence experts": peft}
     for name, value in rows:
         peer = reference.get(name)
         ratio = f"{value / rate[peer]:.2f}x vs {peer}" if peer else ""
@@ -326,6 +350,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", choices=["svd", "generation"], default=["svd", "generation"])
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per side (median)")
+    parser.add_argument("--batch", type=int, default=8, help="generation: prompts in the batch (a multiple of 4)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="generation: weights")
     parser.add_argument("--child", nargs=5, metavar=("SIDE", "OUT", "IN", "REPEAT", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -334,7 +360,8 @@ def main() -> None:
     if "svd" in args.sections:
         print_svd_table(bench_svd_merge(repeat=args.repeat), args.repeat)
     if "generation" in args.sections:
-        print_generation_table(bench_generation(args.repeat))
+        dtype = getattr(torch, args.dtype)
+        print_generation_table(bench_generation(args.repeat, args.batch // len(GEN_TASKS), dtype), args.batch, dtype)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ from transformers import AutoModelForCausalLM
 from bench.common import print_table, side_by_side
 from moa.generate import greedy
 from moa.lora import DEFAULT_TARGETS, inject_lora, mark_only_lora_as_trainable
-from moa.model import load_pretrained, save_hf_dir
+from moa.model import Tokenizer, load_pretrained, save_hf_dir
 
 RANK, ALPHA = 8, 16
 
 
-def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+def models() -> tuple[torch.nn.Module, torch.nn.Module, Tokenizer]:
     base, tokenizer = load_pretrained()
     directory = tempfile.mkdtemp(prefix="bench-smollm2-")
     save_hf_dir(base, tokenizer, directory)
@@ -32,7 +32,7 @@ def models() -> tuple[torch.nn.Module, torch.nn.Module]:
     mark_only_lora_as_trainable(ours)
     hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     peer = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(DEFAULT_TARGETS)))
-    return ours, peer
+    return ours, peer, tokenizer
 
 
 def train_step(model: torch.nn.Module, ids: torch.Tensor, hf: bool) -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 1 if args.quick else 5
     torch.manual_seed(0)
-    ours, peer = models()
+    ours, peer, tokenizer = models()
     ours.train(), peer.train()
     ids = torch.randint(0, 49152, (8, 256))
     rows = []
@@ -62,7 +62,7 @@ def main() -> None:
     new = 64
     for batch in (1, 8):
         prompts = torch.randint(100, 49152, (batch, 32))
-        ours_fn = lambda: greedy(ours, prompts.tolist(), new, stop_ids=set())  # noqa: E731
+        ours_fn = lambda: greedy(ours, tokenizer, prompts.tolist(), new, stop_tokens=set())  # noqa: E731
         peer_fn = lambda: peer.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),  # noqa: E731
                                         max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         with torch.inference_mode():

@@ -37,7 +37,7 @@ def model_convert(args: argparse.Namespace) -> None:
 
 
 def model_info(args: argparse.Namespace) -> None:
-    from moa.generate import greedy, stop_ids
+    from moa.generate import greedy
     from moa.model import load_pretrained
 
     start = time.perf_counter()
@@ -51,8 +51,7 @@ def model_info(args: argparse.Namespace) -> None:
     print(f"dtype         {model.lm_head.weight.dtype}".replace("torch.", ""))
     print(f"loaded in     {loaded:.1f} s")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-    answer = greedy(model, [tokenizer.encode(prompt)], args.max_new_tokens, stop_ids(model, tokenizer),
-                    tokenizer.pad_token_id)[0]
+    answer = greedy(model, tokenizer, [tokenizer.encode(prompt)], args.max_new_tokens)[0]
     print(f"user          {args.prompt}")
     print(f"assistant     {tokenizer.decode(answer).strip()}")
 
@@ -70,8 +69,9 @@ def step_command(name: str) -> Callable[[argparse.Namespace], None]:
         from moa.config import load_config
 
         set_threads(args.threads)
-        wildcards = {w: getattr(args, w) for w in STEPS[name].wildcards}
-        result = run_step(name, load_config(args.config, args.set), **wildcards)
+        step = STEPS[name]
+        arguments = {a: getattr(args, a) for a in (*step.wildcards, *step.options)}
+        result = run_step(name, load_config(args.config, args.set), **arguments)
         print(f"wrote {result.path}")
         if result.summary:
             print(result.summary)
@@ -95,26 +95,28 @@ def generate(args: argparse.Namespace) -> None:
     from moa.data.batching import encode_prompts
     from moa.data.tasks import get_task
     from moa.evaluate import sampling_settings
-    from moa.generate import generate
+    from moa.generate import Request, generate
 
     set_threads(args.threads)
     config = load_config(args.config, args.set)
     task = get_task(config, args.task) if args.task else None
-    composed = load_composition(config, args.method, args.task, fold=config["evaluation"]["fold"])
+    composed = load_composition(config, args.method, fold=config["evaluation"]["fold"])
     sampling = sampling_settings(config, task, args.max_new_tokens, args.temperature, args.top_p)
+    expert = composed.expert_for(args.task)
 
     def answer(prompts: list[str]) -> None:
         ids = encode_prompts(prompts, composed.tokenizer, config["data"]["chat_template"])
-        answers = generate(composed.model, composed.tokenizer, ids, sampling, config["evaluation"]["batch_size"],
+        requests = [Request(prompt, sampling, expert) for prompt in ids]
+        answers = generate(composed.model, composed.tokenizer, requests, config["evaluation"]["batch_size"],
                            composed.router)
         for prompt, reply in zip(prompts, answers):
-            expert = None if reply.expert is None else composed.experts[reply.expert]
+            served = None if reply.expert is None else composed.experts[reply.expert]
             if args.json:
-                print(json.dumps({"prompt": prompt, "text": reply.text.strip(), "expert": expert,
+                print(json.dumps({"prompt": prompt, "text": reply.text.strip(), "expert": served,
                                   "new_tokens": len(reply.tokens), "latency_s": round(reply.latency_s, 4),
                                   "finish": reply.finish}), flush=True)
             else:
-                print(("" if expert is None else f"[{expert}] ") + reply.text.strip(), flush=True)
+                print(("" if served is None else f"[{served}] ") + reply.text.strip(), flush=True)
 
     if args.input is None and sys.stdin.isatty():  # a conversation: answer each line as it comes
         print("one prompt per line (\\n for a line break); Ctrl-D ends", file=sys.stderr)
@@ -179,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(commands)
     for name, step in STEPS.items():
         command = add_config_command(commands, name.replace("_", "-"), step.help)
-        for wildcard in step.wildcards:
-            command.add_argument(f"--{wildcard}", required=True, help=WILDCARD_HELP[wildcard])
+        for argument in (*step.wildcards, *step.options):
+            command.add_argument(f"--{argument}", required=argument in step.wildcards, help=WILDCARD_HELP[argument])
         command.set_defaults(run=step_command(name))
     add_generate_command(commands)
     return parser

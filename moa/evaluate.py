@@ -1,10 +1,16 @@
-"""`moa evaluate`: one composition on one task's test split -> eval/{method}/{task}/predictions.parquet
-(every example's prompt, prediction, references, route, cost) and metrics.parquet (method, task,
-metric, value, n), tracked in MLflow."""
+"""`moa evaluate`: one composition on every task's test split in one job -> eval/{method}/{task}/
+predictions.parquet (every example's prompt, prediction, references, expert, cost) and metrics.parquet
+(method, task, metric, value, n), tracked in MLflow.
+
+Every task's test prompts go through the engine as one stream, so a batch mixes tasks and each sequence
+is served by its own route (the oracle: its task's expert; MoA: its routed expert; merges: folded), as a
+deployed composition would serve them.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import pandas as pd
 
@@ -13,7 +19,7 @@ from moa.config import Config, method_params
 from moa.data.batching import encode_examples, encode_prompts
 from moa.data.prepare import read_split
 from moa.data.tasks import LABELS, Task, get_task
-from moa.generate import Generation, Sampling, generate, score
+from moa.generate import Generation, Request, Sampling, Served, score, serve
 from moa.io import atomic_dir
 from moa.layout import ExperimentPaths
 from moa.metrics import Score, router_accuracy, score_task
@@ -38,17 +44,43 @@ def sampling_settings(config: Config, task: Task | None = None, max_new_tokens: 
                     evaluation["top_p"] if top_p is None else top_p, config["seed"], task.stop if task else ())
 
 
-def run_generation(config: Config, composed: Composed, task: Task, frame: pd.DataFrame,
-                   desc: str) -> list[Generation]:
-    prompts = encode_prompts(frame.prompt.tolist(), composed.tokenizer, config["data"]["chat_template"])
-    return generate(composed.model, composed.tokenizer, prompts, sampling_settings(config, task),
-                    config["evaluation"]["batch_size"], composed.router, progress=desc)
+def generates(task: Task) -> bool:
+    """Whether a task's metrics read generated text (all but perplexity do)."""
+    return any(m != "perplexity" for m in task.metrics)
 
 
-def run_scoring(config: Config, composed: Composed, frame: pd.DataFrame) -> list[tuple[float, int]]:
+def cost_scores(served: Served) -> list[Score]:
+    """What serving the stream cost: generated tokens per second of its wall time and of decoding alone,
+    and prompt tokens per second of prefill."""
+    n = len(served.generations)
+    return [Score("new_tokens_per_s", served.new_tokens / max(served.seconds, 1e-9), n),
+            Score("decode_tokens_per_s", served.new_tokens / max(served.decode_s, 1e-9), n),
+            Score("prompt_tokens_per_s", served.prompt_tokens / max(served.prefill_s, 1e-9), n)]
+
+
+def run_generation(config: Config, composed: Composed, tasks: Sequence[Task], frames: dict[str, pd.DataFrame],
+                   desc: str) -> tuple[dict[str, list[Generation]], Served]:
+    """Every task's prompts in one stream; each task's generations, in its rows' order."""
+    chat = config["data"]["chat_template"]
+    requests, owners = [], []
+    for task in tasks:
+        sampling, expert = sampling_settings(config, task), composed.expert_for(task.name)
+        prompts = encode_prompts(frames[task.name].prompt.tolist(), composed.tokenizer, chat)
+        requests += [Request(prompt, sampling, expert) for prompt in prompts]
+        owners += [task.name] * len(prompts)
+    served = serve(composed.model, composed.tokenizer, requests, config["evaluation"]["batch_size"], composed.router,
+                   progress=desc)
+    by_task: dict[str, list[Generation]] = {task.name: [] for task in tasks}
+    for owner, generation in zip(owners, served.generations):
+        by_task[owner].append(generation)
+    return by_task, served
+
+
+def run_scoring(config: Config, composed: Composed, task: Task, frame: pd.DataFrame) -> list[tuple[float, int]]:
     examples = encode_examples(frame.prompt.tolist(), frame.target.tolist(), composed.tokenizer,
                                config["data"]["chat_template"])
-    return score(composed.model, examples, config["evaluation"]["batch_size"], composed.router)
+    expert = composed.expert_for(task.name)
+    return score(composed.model, examples, None if expert is None else [expert] * len(examples), composed.router)
 
 
 def predictions_frame(frame: pd.DataFrame, composed: Composed, generations: list[Generation] | None,
@@ -69,49 +101,50 @@ def predictions_frame(frame: pd.DataFrame, composed: Composed, generations: list
     return out
 
 
-def cost_scores(generations: list[Generation]) -> list[Score]:
-    """What the composition costs at decoding: generated tokens per second of wall time (a batch's wall
-    time is its slowest sequence) and the mean per-sequence latency."""
-    n, tokens = len(generations), sum(len(g.tokens) for g in generations)
-    walls: dict[int, float] = {}
-    for g in generations:
-        walls[g.batch] = max(walls.get(g.batch, 0.0), g.latency_s)
-    return [Score("new_tokens_per_s", tokens / max(sum(walls.values()), 1e-9), n),
-            Score("latency_s", sum(g.latency_s for g in generations) / n, n)]
+def task_scores(task: Task, predictions: pd.DataFrame, composed: Composed,
+                served: Served | None) -> tuple[list[Score], dict]:
+    """The task's metrics, then what serving it cost, and MoA's routing accuracy where one expert served
+    each sequence (not per_layer)."""
+    scored = "nll" in predictions
+    labels = list(LABELS.values()) if task.kind == "sentiment" else None
+    results, extra = score_task(task.kind, task.metrics, predictions["prediction"].fillna("").tolist(),
+                                predictions["references"].tolist(),
+                                predictions["nll"].tolist() if scored else None,
+                                predictions["n_tokens"].tolist() if scored else None, labels)
+    n = len(predictions)
+    if served is not None:
+        results += [*cost_scores(served), Score("latency_s", float(predictions["latency_s"].mean()), n)]
+        if composed.router is not None and predictions["expert"].notna().all():
+            results.append(Score("router_accuracy", router_accuracy(predictions["expert"].tolist(), [task.name] * n), n))
+    results += [Score(k, float(v), n) for k, v in extra.items() if isinstance(v, (int, float))]
+    return results, extra
 
 
-def evaluate(config: Config, method: str, task: str) -> StepResult:
-    """Evaluate composition `method` on `task`; writes eval/{method}/{task}/ atomically."""
+def evaluate(config: Config, method: str, task: str | None = None) -> StepResult:
+    """Evaluate composition `method` on every task (or only `task`); writes eval/{method}/{task}/
+    atomically, one folder per task."""
     params = method_params(config, method)
     read_manifest(config, method)  # fail fast, before the data and the model load
-    spec, frame = get_task(config, task), test_rows(config, task)
-    composed = load_composition(config, method, task, fold=config["evaluation"]["fold"])
-    needs_text = any(m != "perplexity" for m in spec.metrics)
-    desc = f"evaluate {method} on {task}"
-    generations = run_generation(config, composed, spec, frame, desc) if needs_text else None
-    scores = run_scoring(config, composed, frame) if spec.scored else None
-    predictions = predictions_frame(frame, composed, generations, scores)
-    labels = list(LABELS.values()) if spec.kind == "sentiment" else None
-    results, extra = score_task(spec.kind, spec.metrics, predictions["prediction"].fillna("").tolist(),
-                                predictions["references"].tolist(),
-                                None if scores is None else predictions["nll"].tolist(),
-                                None if scores is None else predictions["n_tokens"].tolist(), labels)
-    if generations is not None:
-        results += cost_scores(generations)
-        if composed.router is not None and predictions["expert"].notna().all():  # per_layer has no single expert
-            results.append(Score("router_accuracy", router_accuracy(predictions["expert"].tolist(),
-                                                                    [task] * len(frame)), len(frame)))
-    results += [Score(k, float(v), len(frame)) for k, v in extra.items() if isinstance(v, (int, float))]
-    metrics = pd.DataFrame([{"method": method, "task": task, "metric": s.metric, "value": s.value, "n": s.n}
-                            for s in results])
-    paths = ExperimentPaths.of(config)
-    info = {"method": params, "sampling": vars(sampling_settings(config, spec)) | {"stop": list(spec.stop)},
-            "rows": len(frame)} | {k: v for k, v in extra.items() if isinstance(v, str)}
-    with atomic_dir(paths.evaluation(method, task)) as tmp:
-        predictions.to_parquet(tmp / paths.predictions(method, task).name, index=False)
-        metrics.to_parquet(tmp / paths.metrics(method, task).name, index=False)
-        (tmp / paths.eval_info(method, task).name).write_text(json.dumps(info, indent=2) + "\n")
-    return StepResult(paths.evaluation(method, task), metrics={s.metric: s.value for s in results},
-                      artifacts=[paths.metrics(method, task), paths.predictions(method, task),
-                                 paths.eval_info(method, task)],
-                      summary=", ".join(f"{s.metric} {s.value:.4g}" for s in results))
+    tasks = [get_task(config, name) for name in ([task] if task else config["tasks"])]
+    frames = {t.name: test_rows(config, t.name) for t in tasks}
+    composed = load_composition(config, method, fold=config["evaluation"]["fold"])
+    generated, served = run_generation(config, composed, [t for t in tasks if generates(t)], frames,
+                                       f"evaluate {method}")
+    paths, metrics, artifacts, lines = ExperimentPaths.of(config), {}, [], []
+    for spec in tasks:
+        scores = run_scoring(config, composed, spec, frames[spec.name]) if spec.scored else None
+        predictions = predictions_frame(frames[spec.name], composed, generated.get(spec.name), scores)
+        results, extra = task_scores(spec, predictions, composed, served if spec.name in generated else None)
+        table = pd.DataFrame([{"method": method, "task": spec.name, "metric": s.metric, "value": s.value, "n": s.n}
+                              for s in results])
+        info = {"method": params, "sampling": vars(sampling_settings(config, spec)) | {"stop": list(spec.stop)},
+                "rows": len(predictions)} | {k: v for k, v in extra.items() if isinstance(v, str)}
+        with atomic_dir(paths.evaluation(method, spec.name)) as tmp:
+            predictions.to_parquet(tmp / paths.predictions(method, spec.name).name, index=False)
+            table.to_parquet(tmp / paths.metrics(method, spec.name).name, index=False)
+            (tmp / paths.eval_info(method, spec.name).name).write_text(json.dumps(info, indent=2) + "\n")
+        metrics |= {f"{spec.name}.{s.metric}": s.value for s in results}
+        artifacts += [paths.metrics(method, spec.name), paths.predictions(method, spec.name)]
+        lines.append(f"{spec.name}: " + ", ".join(f"{s.metric} {s.value:.4g}" for s in results))
+    return StepResult(paths.evaluations(method), metrics=metrics, artifacts=artifacts,
+                      summary="\n".join(lines))

@@ -1,22 +1,38 @@
-"""The inference engine: batched decoding with a KV cache over ragged (left-padded) prompts, greedy or
-seeded temperature/top-p sampling, stop on EOS, stop strings or a token budget; MoA routing decided in
-the prefill, once per sequence; and batched log-likelihood scoring of targets."""
+"""The inference engine: continuous batching over a stream of requests, packed prefill, greedy or seeded
+temperature/top-p sampling, stop on EOS, stop strings or a token budget; per-sequence experts (each
+request's own, or MoA's choice decided in the prefill); and packed log-likelihood scoring of targets.
+
+A stream is served by up to `batch_size` sequences at a time, each in a slot of a SlotCache. Every
+iteration first admits waiting prompts into free slots, prefilling them packed into one row (no padding,
+per-document attention), then decodes one token for every sequence in flight. A sequence that ends frees
+its slot at once for the next prompt, so no step decodes a finished sequence. Prompts are admitted
+longest first: the long prefills run while the batch fills, and later refills are short ones that barely
+stall the sequences decoding. Greedy outputs equal those of decoding each prompt alone.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import torch
+import torch.nn.functional as F
+from tokenizers.decoders import DecodeStream
 from torch import Tensor
 from tqdm import tqdm
 
-from moa.data.batching import Example, bucket, lm_loss
-from moa.model.llama import KVCache, Transformer, padding_mask
+from moa.data.batching import Example
+from moa.errors import MoaError
+from moa.lora import lora_layers
+from moa.model.llama import Documents, SlotCache, Transformer
 from moa.model.tokenizer import Tokenizer
-from moa.routing import LearnedRouter, activate_experts, prefill_and_route
+from moa.routing import LearnedRouter, Strategy, activate_experts, prefill_and_route
+
+PREFILL_TOKENS = 2048  # prompt tokens packed into one prefill: enough for full-speed matmuls
+SCORE_TOKENS = 4096  # tokens packed into one scoring row
 
 
 @dataclass(frozen=True)
@@ -26,6 +42,13 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()  # the text is cut before the first stop string after its leading whitespace
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    sampling: Sampling
+    expert: int | None = None  # the expert that serves it (the oracle's); None: the router's choice, or none
 
 
 class Finish(StrEnum):
@@ -39,31 +62,11 @@ class Finish(StrEnum):
 @dataclass(frozen=True)
 class Generation:
     text: str
-    tokens: list[int]  # generated ids, without the EOS and without what follows a stop string
+    tokens: list[int]  # generated ids, without the EOS; the last one completes a stop string if one ended it
     prompt_tokens: int
-    latency_s: float  # from the batch's start (prefill and routing included) to this sequence's end
+    latency_s: float  # from the sequence's admission (prefill and routing included) to its end
     finish: Finish
-    expert: int | None = None  # the expert the route chose (MoA with one expert per sequence)
-    batch: int = 0  # which decoding batch it ran in
-
-
-@dataclass
-class _Decoded:
-    tokens: list[int]
-    finish: Finish
-    seconds: float
-    expert: int | None = None
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """ids [B, P] and valid [B, P] (False on padding) with every prompt flush right."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    valid = torch.zeros((len(prompts), width), dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        valid[row, width - len(prompt):] = True
-    return ids, valid
+    expert: int | None = None  # the expert that served it (None: no expert, or one per layer)
 
 
 def next_token(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> Tensor:
@@ -78,63 +81,6 @@ def next_token(logits: Tensor, sampling: Sampling, generator: torch.Generator | 
     return order.gather(-1, choice)[:, 0]
 
 
-@torch.inference_mode()
-def decode(model: Transformer, prompts: list[list[int]], sampling: Sampling, stop_ids: set[int],
-           pad_id: int = 0, use_cache: bool = True, stopped: Callable[[list[int]], bool] | None = None,
-           router: LearnedRouter | None = None) -> list[_Decoded]:
-    """Continue every prompt in one batch until a stop token, `stopped(tokens)` or the token budget;
-    with `router`, the prefill also picks each sequence's experts (kept for every new token)."""
-    start = time.perf_counter()
-    device = model.lm_head.weight.device
-    ids, valid = (t.to(device) for t in left_pad(prompts, pad_id))
-    ragged = not bool(valid.all())
-    B, P = ids.shape
-    cache = (KVCache(model.config, B, P + sampling.max_new_tokens, device, model.lm_head.weight.dtype)
-             if use_cache else None)
-    generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.temperature else None
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    out: list[_Decoded | None] = [None] * B
-    new: list[list[int]] = [[] for _ in range(B)]
-    experts: list[int | None] = [None] * B
-    step_ids = ids
-    for step in range(sampling.max_new_tokens):
-        q_len = step_ids.shape[1]
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, valid.shape[1] - q_len:]
-        mask = padding_mask(valid, q_len) if ragged else None
-        if step == 0 and router is not None:
-            logits, chosen = prefill_and_route(model, router, ids, valid, positions, mask, cache)
-            experts = chosen.tolist() if chosen.dim() == 1 else experts
-        else:
-            logits = model(step_ids, positions=positions, attn_mask=mask, cache=cache, logits_at=slice(-1, None))
-        token = next_token(logits[:, -1], sampling, generator)
-        is_stop = torch.isin(token, stop).tolist()
-        for row, (tok, eos) in enumerate(zip(token.tolist(), is_stop)):
-            if out[row] is not None:
-                continue
-            if eos:
-                out[row] = _Decoded(new[row], Finish.EOS, time.perf_counter() - start, experts[row])
-                continue
-            new[row].append(tok)
-            if stopped is not None and stopped(new[row]):
-                out[row] = _Decoded(new[row], Finish.STOP, time.perf_counter() - start, experts[row])
-            elif step == sampling.max_new_tokens - 1:
-                out[row] = _Decoded(new[row], Finish.LENGTH, time.perf_counter() - start, experts[row])
-        if all(o is not None for o in out):
-            break
-        token = token.masked_fill(torch.tensor([o is not None for o in out], device=device), pad_id)
-        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        step_ids = token[:, None] if use_cache else ids
-    return [o if o is not None else _Decoded(new[i], Finish.LENGTH, time.perf_counter() - start, experts[i])
-            for i, o in enumerate(out)]
-
-
-def greedy(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int],
-           pad_id: int = 0, use_cache: bool = True) -> list[list[int]]:
-    """Greedy continuation of each prompt, up to and excluding the first stop token."""
-    return [d.tokens for d in decode(model, prompts, Sampling(max_new_tokens), stop_ids, pad_id, use_cache)]
-
-
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """The text before the first stop string that follows its leading whitespace (an answer may begin
     on a new line; a blank line after it ends it)."""
@@ -143,56 +89,259 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(hits)], True) if hits else (text, False)
 
 
+class StopStrings:
+    """`cut_at_stop`'s rule, checked as tokens arrive: only the new text (and the few characters before it
+    that a stop string may start in) is decoded and searched at each step."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.reach = max(map(len, self.stops), default=1) - 1  # how far back a stop string may start
+        self.stream = DecodeStream(skip_special_tokens=True)
+        self.text = ""
+        self.begin: int | None = None  # where the text after its leading whitespace starts
+
+    def add(self, token: int) -> bool:
+        """Take the next token; whether a stop string has now appeared."""
+        piece = self.stream.step(self.tokenizer.backend, token) if self.stops else None
+        if not piece:
+            return False
+        seen, self.text = len(self.text), self.text + piece
+        if self.begin is None:
+            if not self.text.strip():
+                return False
+            self.begin = len(self.text) - len(self.text.lstrip())
+        start = max(self.begin, seen - self.reach)
+        return any(self.text.find(s, start) >= 0 for s in self.stops)
+
+
 def stop_ids(model: Transformer, tokenizer: Tokenizer) -> set[int]:
     ids = (tokenizer.eos_token_id, model.config.eos_token_id)
     return {i for i in ids if isinstance(i, int)}
 
 
-def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
-    for k in range(0, len(order), batch_size):
-        yield order[k:k + batch_size]
+@dataclass(frozen=True)
+class Served:
+    """A stream served: every request's generation (in the input order) and what serving it cost."""
+
+    generations: list[Generation]
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float  # admitting prompts: packed prefills (and MoA's routing)
+    decode_s: float  # decoding steps
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_s + self.decode_s
 
 
-def generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[list[int]], sampling: Sampling,
-             batch_size: int = 8, router: LearnedRouter | None = None,
-             progress: str | None = None) -> list[Generation]:
-    """Generate for every prompt (token ids); batches hold prompts of similar length, results come back
-    in the input order. `router` picks each sequence's expert(s) in the prefill (MoA)."""
-    if not prompts:
-        return []
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[Generation | None] = [None] * len(prompts)
-    stops = sampling.stop
+@dataclass
+class _Sequence:
+    """A request in flight."""
 
-    def stopped(tokens: list[int]) -> bool:
-        return cut_at_stop(tokenizer.decode(tokens), stops)[1]
+    index: int  # into the requests
+    request: Request
+    stops: StopStrings
+    generator: torch.Generator | None
+    started: float
+    tokens: list[int] = field(default_factory=list)
 
-    with tqdm(total=len(prompts), desc=progress, unit="seq", disable=progress is None) as bar:
-        for number, rows in enumerate(_batches(order, batch_size)):
-            batch = [list(prompts[i]) for i in rows]
-            decoded = decode(model, batch, sampling, stop_ids(model, tokenizer), tokenizer.pad_token_id,
-                             stopped=stopped if stops else None, router=router)
-            for i, d in zip(rows, decoded):
-                text, _ = cut_at_stop(tokenizer.decode(d.tokens), stops)
-                results[i] = Generation(text, d.tokens, len(prompts[i]), d.seconds, d.finish, d.expert, number)
-            bar.update(len(rows))
-    return [r for r in results if r is not None]
+
+class _Engine:
+    """Continuous batching of one stream (see the module docstring)."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, requests: Sequence[Request], batch_size: int,
+                 router: LearnedRouter | None, stop_tokens: set[int]) -> None:
+        self.model, self.tokenizer, self.requests, self.router = model, tokenizer, requests, router
+        self.device = model.lm_head.weight.device
+        longest = max(len(r.prompt) + r.sampling.max_new_tokens for r in requests)
+        self.cache = SlotCache(model.config, min(batch_size, len(requests)), longest, self.device,
+                               model.lm_head.weight.dtype)
+        self.stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=self.device)
+        self.running: list[_Sequence] = []  # slot i holds running[i]
+        fixed = [r.expert is not None for r in requests]
+        if any(fixed) and (router is not None or not all(fixed)):
+            raise MoaError("either every request names its expert, or a router chooses them all; not a mix")
+        routed = router is not None or any(fixed)
+        self.experts = (torch.zeros(len(model.model.layers), self.cache.slots, dtype=torch.long, device=self.device)
+                        if routed and lora_layers(model) else None)  # [L, slots]: each slot's expert per layer
+        self.per_layer = router is not None and router.strategy == Strategy.PER_LAYER  # no one expert per sequence
+        self.results: list[Generation | None] = [None] * len(requests)
+        self.done = 0
+        self.prefill_s = self.decode_s = 0.0
+
+    @property
+    def free(self) -> int:
+        return self.cache.slots - len(self.running)
+
+    def admit(self, indices: list[int]) -> None:
+        """Prefill these requests, packed, into the next free slots and take each one's first token."""
+        slots = list(range(len(self.running), len(self.running) + len(indices)))
+        prompts = [self.requests[i].prompt for i in indices]
+        lengths = [len(p) for p in prompts]
+        started = time.perf_counter()
+        positions = self.cache.prefill(slots, lengths)
+        ids = torch.tensor([[t for p in prompts for t in p]], device=self.device)
+        last = torch.zeros_like(ids, dtype=torch.bool)
+        last[0, torch.tensor(lengths, device=self.device).cumsum(0) - 1] = True
+        if self.router is not None:
+            logits, chosen = prefill_and_route(self.model, self.router, ids, positions, lengths, self.cache, slots)
+            self.experts[:, slots] = chosen if chosen.dim() == 2 else chosen[None]
+        else:
+            if self.experts is not None:
+                fixed = torch.tensor([self.requests[i].expert for i in indices], device=self.device)
+                self.experts[:, slots] = fixed[None]
+                activate_experts(self.model, fixed, lengths)
+            logits = self.model(ids, positions=positions, cache=self.cache, logits_at=last)
+        first = len(self.running)
+        for i in indices:
+            sampling = self.requests[i].sampling
+            generator = (torch.Generator(self.device).manual_seed(sampling.seed + i) if sampling.temperature
+                         else None)  # one per request: its draws do not depend on what it is batched with
+            self.running.append(_Sequence(i, self.requests[i], StopStrings(self.tokenizer, sampling.stop),
+                                          generator, started))
+        self._take(logits, first)
+        self.prefill_s += time.perf_counter() - started
+
+    def step(self) -> None:
+        """One token for every sequence in flight."""
+        started, n = time.perf_counter(), len(self.running)
+        positions = self.cache.decode(n)
+        if self.experts is not None:
+            activate_experts(self.model, self.experts[:, :n])
+        last = torch.tensor([[s.tokens[-1]] for s in self.running], device=self.device)
+        self._take(self.model(last, positions=positions, cache=self.cache))
+        self.decode_s += time.perf_counter() - started
+
+    def _take(self, logits: Tensor, first: int = 0) -> None:
+        """The next token of the sequences in slots first.. from their logits ([n, V] or [n, 1, V], in slot
+        order); end the sequences that are done and fill their slots with the last ones."""
+        taking = self.running[first:]
+        logits = logits.reshape(len(taking), -1)
+        greedy = all(s.generator is None for s in taking)
+        tokens = (logits.argmax(-1) if greedy else torch.cat([
+            next_token(row[None], s.request.sampling, s.generator) for row, s in zip(logits, taking)]))
+        ended = torch.isin(tokens, self.stop).tolist()
+        done = []
+        for slot, (seq, token, eos) in enumerate(zip(taking, tokens.tolist(), ended), start=first):
+            finish = Finish.EOS if eos else None
+            if not eos:
+                seq.tokens.append(token)
+                if seq.stops.add(token):
+                    finish = Finish.STOP
+                elif len(seq.tokens) == seq.request.sampling.max_new_tokens:
+                    finish = Finish.LENGTH
+            if finish is not None:
+                self._end(seq, slot, finish)
+                done.append(slot)
+        for slot in reversed(done):  # highest first: a moved sequence never lands in a slot still to clear
+            self._release(slot)
+
+    def _end(self, seq: _Sequence, slot: int, finish: Finish) -> None:
+        text, _ = cut_at_stop(self.tokenizer.decode(seq.tokens), seq.request.sampling.stop)
+        expert = None if self.experts is None or self.per_layer else int(self.experts[0, slot])
+        self.results[seq.index] = Generation(text, seq.tokens, len(seq.request.prompt),
+                                             time.perf_counter() - seq.started, finish, expert)
+        self.done += 1
+
+    def _release(self, slot: int) -> None:
+        last = len(self.running) - 1
+        if slot != last:
+            self.cache.move(last, slot)
+            if self.experts is not None:
+                self.experts[:, slot] = self.experts[:, last]
+            self.running[slot] = self.running[last]
+        self.running.pop()
+
+
+def _admissions(requests: Sequence[Request], order: deque[int], free: int) -> list[int]:
+    """The next waiting requests that fit the free slots and one prefill's token budget (at least one)."""
+    taken, tokens = [], 0
+    while order and len(taken) < free and (not taken or tokens + len(requests[order[0]].prompt) <= PREFILL_TOKENS):
+        tokens += len(requests[order[0]].prompt)
+        taken.append(order.popleft())
+    return taken
 
 
 @torch.inference_mode()
-def score(model: Transformer, examples: Sequence[Example], batch_size: int = 8,
+def serve(model: Transformer, tokenizer: Tokenizer, requests: Sequence[Request], batch_size: int = 64,
+          router: LearnedRouter | None = None, progress: str | None = None,
+          stop_tokens: set[int] | None = None) -> Served:
+    """Serve every request. Requests with an `expert` are served by it; with a `router` (MoA), each
+    sequence's expert(s) are decided in its prefill. A sequence ends at a stop token (default: the
+    tokenizer's and the model's EOS), a stop string or its token budget."""
+    if not requests:
+        return Served([], 0, 0, 0.0, 0.0)
+    stops = stop_ids(model, tokenizer) if stop_tokens is None else stop_tokens
+    engine = _Engine(model, tokenizer, requests, batch_size, router, stops)
+    order = deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt)))
+    with tqdm(total=len(requests), desc=progress, unit="seq", disable=progress is None) as bar:
+        while order or engine.running:
+            if order and engine.free:
+                engine.admit(_admissions(requests, order, engine.free))
+            if engine.running:
+                engine.step()
+            bar.update(engine.done - bar.n)
+    generations = [r for r in engine.results if r is not None]
+    return Served(generations, sum(len(r.prompt) for r in requests), sum(len(g.tokens) for g in generations),
+                  engine.prefill_s, engine.decode_s)
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, requests: Sequence[Request], batch_size: int = 64,
+             router: LearnedRouter | None = None, progress: str | None = None,
+             stop_tokens: set[int] | None = None) -> list[Generation]:
+    """Every request's generation, in the input order (see serve)."""
+    return serve(model, tokenizer, requests, batch_size, router, progress, stop_tokens).generations
+
+
+def greedy(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
+           batch_size: int = 64, stop_tokens: set[int] | None = None) -> list[list[int]]:
+    """Greedy continuation of each prompt, up to and excluding the first stop token (see generate)."""
+    requests = [Request(list(p), Sampling(max_new_tokens)) for p in prompts]
+    return [g.tokens for g in generate(model, tokenizer, requests, batch_size, stop_tokens=stop_tokens)]
+
+
+# --- scoring ------------------------------------------------------------------------------------------
+
+
+def _rows(examples: Sequence[Example], budget: int) -> Iterator[list[int]]:
+    """Examples packed into rows of at most `budget` tokens (one longer example makes a row alone)."""
+    row, tokens = [], 0
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i])):
+        if row and tokens + len(examples[i]) > budget:
+            yield row
+            row, tokens = [], 0
+        row.append(i)
+        tokens += len(examples[i])
+    if row:
+        yield row
+
+
+@torch.inference_mode()
+def score(model: Transformer, examples: Sequence[Example], experts: Sequence[int] | None = None,
           router: LearnedRouter | None = None) -> list[tuple[float, int]]:
     """Per example: the summed negative log-likelihood (nats) of its target tokens (EOS included) given
-    its prompt, and how many tokens that is; in the input order."""
-    if not examples:
-        return []
-    longest = max(len(e) for e in examples)
+    its prompt, and how many tokens that is; in the input order. Examples are packed into rows without
+    padding, each attending only to itself. `experts` serve each example (the oracle's); a `router`
+    decides them from the prompts first (MoA)."""
+    device = model.lm_head.weight.device
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    for batch in bucket(examples, longest * batch_size):
+    for row in _rows(examples, SCORE_TOKENS):
+        docs = [examples[i] for i in row]
+        lengths = [len(e) for e in docs]
         if router is not None:
-            activate_experts(model, router(model, [examples[i].prompt_ids for i in batch.example_index]))
-        means = lm_loss(model, batch, reduction="per_example").tolist()
-        for i, mean in zip(batch.example_index, means):
-            n = len(examples[i].target_ids)
-            out[i] = (mean * n, n)
+            activate_experts(model, router(model, [e.prompt_ids for e in docs]), lengths)
+        elif experts is not None:
+            activate_experts(model, torch.tensor([experts[i] for i in row], device=device), lengths)
+        ids = torch.tensor([[t for e in docs for t in e.prompt_ids + e.target_ids]], device=device)
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+        at = torch.zeros_like(ids, dtype=torch.bool)  # position t predicts token t + 1
+        start = 0
+        for e in docs:
+            at[0, start + len(e.prompt_ids) - 1:start + len(e) - 1] = True
+            start += len(e)
+        logits = model(ids, positions=positions, attn_mask=Documents(tuple(lengths)), logits_at=at)
+        targets = torch.tensor([t for e in docs for t in e.target_ids], device=device)
+        nll = F.cross_entropy(logits.float(), targets, reduction="none").split([len(e.target_ids) for e in docs])
+        for i, values in zip(row, nll):
+            out[i] = (float(values.sum()), len(values))
     return out

@@ -135,8 +135,12 @@ class ExperimentPaths:
     def merge_report(self, method: str) -> Path:
         return self.composition(method) / MERGE_REPORT
 
+    def evaluations(self, method: str) -> Path:
+        """eval/{method}/: one composition's evaluation, a folder per task."""
+        return self.root / "eval" / method
+
     def evaluation(self, method: str, task: str) -> Path:
-        return self.root / "eval" / method / task
+        return self.evaluations(method) / task
 
     def predictions(self, method: str, task: str) -> Path:
         return self.evaluation(method, task) / "predictions.parquet"

@@ -31,12 +31,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from moa.data.batching import IGNORE, Batch, Example, collate
+from moa.data.batching import IGNORE, Batch
 from moa.errors import MoaError
 from moa.io import read_json
 from moa.layout import ROUTER_CONFIG, ROUTER_WEIGHTS
 from moa.lora import activate, activated
-from moa.model.llama import KVCache, Transformer
+from moa.model.llama import Documents, SlotCache, Transformer
 
 
 class RouterType(StrEnum):
@@ -163,11 +163,12 @@ def load_routers(directory: str | Path) -> LayerRouters:
 
 @dataclass(frozen=True)
 class PromptIndex:
-    """Where each document's prompt lies in a batch flattened to [B*T]."""
+    """Where each document lies in a batch flattened to [B*T]."""
 
     last: Tensor  # [D]: flat position of each document's last prompt token
     doc: Tensor  # [B*T]: the document number of each prompt token, -1 elsewhere
     n_docs: int
+    owner: Tensor  # [B*T]: the document number of every token (prompt or target), -1 on padding
 
 
 def prompt_index(batch: Batch) -> PromptIndex:
@@ -181,7 +182,14 @@ def prompt_index(batch: Batch) -> PromptIndex:
     last_token = doc.new_full((n_docs,), -1).scatter_reduce(0, doc[real], pos[real], "amax")
     last = torch.where(first_label < n, first_label, last_token)
     in_prompt = real & (pos <= last[doc.clamp(min=0)])  # documents are contiguous: start <= pos holds
-    return PromptIndex(last, torch.where(in_prompt, doc, -1), n_docs)
+    return PromptIndex(last, torch.where(in_prompt, doc, -1), n_docs, doc)
+
+
+def packed_index(lengths: Sequence[int], device: torch.device) -> PromptIndex:
+    """The PromptIndex of prompts alone packed back to back in one row."""
+    sizes = torch.tensor(lengths, device=device)
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), sizes)
+    return PromptIndex(sizes.cumsum(0) - 1, owner, len(lengths), owner)
 
 
 def pool(hidden: Tensor, index: PromptIndex, pooling: Pooling) -> Tensor:
@@ -202,14 +210,15 @@ def pooled_block_inputs(model: Transformer, index: PromptIndex, pooling: Pooling
                         routers: LayerRouters | None = None) -> Iterator[list[Tensor | None]]:
     """While the model runs once, collect every block's input pooled per document (L x [D, H]).
 
-    With `routers`, each block's LoRA layers first follow that block's own router (argmax per row):
-    the routing pass of inference, where no label is known. It needs one document per row."""
+    With `routers`, each block's LoRA layers first follow that block's own router (argmax per document):
+    the routing pass of inference, where no label is known."""
     pooled: list[Tensor | None] = [None] * len(model.model.layers)
 
     def hook(layer: int, block: nn.Module, args: tuple[Any, ...]) -> None:
         pooled[layer] = pool(args[0], index, pooling)
-        if routers is not None:
-            activate(block, routers.score(layer, pooled[layer]).argmax(-1))
+        if routers is not None:  # each token follows its document's choice
+            choice = routers.score(layer, pooled[layer]).argmax(-1)
+            activate(block, choice[index.owner.clamp(min=0)].view(args[0].shape[:2]))
 
     handles = [block.register_forward_pre_hook(partial(hook, layer)) for layer, block in enumerate(model.model.layers)]
     try:
@@ -227,8 +236,6 @@ def router_logits(model: Transformer, routers: LayerRouters, batch: Batch, follo
     follow=True: each layer's experts follow its own router (what inference can do without labels);
     follow=False: the model's current experts, e.g. the true tasks under `activated(model, batch.tasks)`."""
     batch = batch.to(next(model.parameters()).device)
-    if follow and bool((batch.docs_per_row > 1).any()):
-        raise MoaError("routing by the routers' own decisions needs one document per row; do not pack prompts")
     index = prompt_index(batch)
     restore = activated(model, None) if follow else nullcontext()  # undoes what the hooks activate
     with restore, pooled_block_inputs(model, index, routers.spec.pooling, routers if follow else None) as pooled:
@@ -249,9 +256,12 @@ def choose_experts(logits: Tensor, strategy: Strategy) -> Tensor:
     raise MoaError(f"unknown routing strategy {strategy!r}: use one of {', '.join(Strategy)}")
 
 
-def activate_experts(model: Transformer, chosen: Tensor) -> None:
-    """Activate experts [B] on every layer, or [L, B] layer by layer."""
-    if chosen.dim() == 1:
+def activate_experts(model: Transformer, chosen: Tensor, lengths: Sequence[int] | None = None) -> None:
+    """Activate experts [B] on every layer, or [L, B] layer by layer: one per row, or with `lengths`, one per
+    document of a packed row (each of its tokens gets its document's expert)."""
+    if lengths is not None:
+        chosen = torch.repeat_interleave(chosen, torch.tensor(lengths, device=chosen.device), dim=-1)[..., None, :]
+    if chosen.dim() == 1 or (lengths is not None and chosen.dim() == 2):
         return activate(model, chosen)
     if chosen.shape[0] != len(model.model.layers):
         raise MoaError(f"a per-layer choice needs {len(model.model.layers)} layers of experts, got {chosen.shape[0]}")
@@ -271,33 +281,41 @@ class LearnedRouter:
     strategy: Strategy
 
     def __call__(self, model: Transformer, prompts: list[list[int]]) -> Tensor:
-        """A routing pass of its own, for when the prompt does not run alone first (scoring): experts
-        [B], or [L, B] per layer."""
-        examples = [Example(p, []) for p in prompts]
-        batch = collate([[i] for i in range(len(examples))], examples)
-        return choose_experts(router_logits(model, self.routers, batch), self.strategy)
+        """A routing pass of its own over the prompts packed into one row, for when the prompt does not run
+        alone first (scoring): experts [B], or [L, B] per layer."""
+        device = model.lm_head.weight.device
+        ids = torch.tensor([[t for p in prompts for t in p]], device=device)
+        positions = torch.cat([torch.arange(len(p), device=device) for p in prompts])[None]
+        return prefill_and_route(model, self, ids, positions, [len(p) for p in prompts])[1]
 
 
-def prefill_and_route(model: Transformer, router: LearnedRouter, ids: Tensor, valid: Tensor, positions: Tensor,
-                      mask: Tensor | None, cache: KVCache | None) -> tuple[Tensor, Tensor]:
-    """The prefill of left-padded prompts as MoA's routing pass: each layer follows its own router, read
-    from its input over the prompt. Then the strategy fixes the experts; rows whose layers did not all
-    use the expert chosen for them (last or vote, with routers that disagree) are prefilled again with
-    it, so logits and cache are exactly those of the chosen route. Returns last logits and the experts."""
-    B, P = ids.shape
-    rows = torch.arange(B, device=ids.device)
-    index = PromptIndex(rows * P + P - 1, torch.where(valid, rows[:, None], -1).flatten(), B)
+def prefill_and_route(model: Transformer, router: LearnedRouter, ids: Tensor, positions: Tensor,
+                      lengths: Sequence[int], cache: SlotCache | None = None,
+                      slots: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+    """The prefill of prompts packed into one row ([1, T], into `slots` of the cache if given) as MoA's
+    routing pass: each layer follows its own router, read from its input over each prompt. Then the
+    strategy fixes the experts; prompts whose layers did not all use the expert chosen for them (last or
+    vote, with routers that disagree) are prefilled again with it, so logits and cache are exactly those
+    of the chosen route. Returns each prompt's last logits [D, V] and its experts [D] ([L, D] per_layer);
+    the experts active afterwards are the caller's to set."""
+
+    def prefill(rows: Tensor, where: Tensor, sizes: list[int], into: list[int]) -> Tensor:
+        if cache is not None:
+            cache.prefill(into, sizes)
+        last = torch.zeros_like(rows, dtype=torch.bool)
+        last[0, torch.tensor(sizes, device=rows.device).cumsum(0) - 1] = True
+        return model(rows, positions=where, attn_mask=None if cache is not None else Documents(tuple(sizes)),
+                     cache=cache, logits_at=last)
+
+    index = packed_index(lengths, ids.device)
     with pooled_block_inputs(model, index, router.routers.spec.pooling, router.routers) as pooled:
-        logits = model(ids, positions=positions, attn_mask=mask, cache=cache, logits_at=slice(-1, None))
-    layer_logits = router.routers(pooled)  # [L, B, N]
+        logits = prefill(ids, positions, list(lengths), list(slots))
+    layer_logits = router.routers(pooled)  # [L, D, N]
     chosen = choose_experts(layer_logits, router.strategy)
-    redo = (layer_logits.argmax(-1) != chosen).any(0).nonzero()[:, 0]
-    if len(redo):
-        activate_experts(model, chosen[redo])
-        again = None if cache is None else KVCache(model.config, len(redo), P, cache.k.device, cache.k.dtype)
-        logits[redo] = model(ids[redo], positions=positions[redo], attn_mask=None if mask is None else mask[redo],
-                             cache=again, logits_at=slice(-1, None))
-        if again is not None:
-            cache.k[:, redo, :, :P], cache.v[:, redo, :, :P] = again.k, again.v
-    activate_experts(model, chosen)
+    redo = (layer_logits.argmax(-1) != chosen).any(0).nonzero()[:, 0].tolist()
+    if redo:
+        tokens = torch.cat([(index.owner == d).nonzero()[:, 0] for d in redo])
+        sizes = [lengths[d] for d in redo]
+        activate_experts(model, chosen[..., redo], sizes)
+        logits[redo] = prefill(ids[:, tokens], positions[:, tokens], sizes, [slots[d] for d in redo] if slots else [])
     return logits, chosen

@@ -25,10 +25,11 @@ from moa.train.router import train_router
 
 @dataclass(frozen=True)
 class Step:
-    run: Callable[..., StepResult]  # run(config, **wildcards)
-    wildcards: tuple[str, ...]
+    run: Callable[..., StepResult]  # run(config, **wildcards, **options)
+    wildcards: tuple[str, ...]  # the rule's wildcards: required arguments of `moa <step>`
     reads: Callable[..., dict[str, Any]]  # reads(config, **wildcards): the config sections `run` depends on
     help: str
+    options: tuple[str, ...] = ()  # optional arguments, by hand only (the rule never passes them)
 
 
 def _trainer(config: Config) -> dict[str, Any]:
@@ -69,12 +70,11 @@ STEPS: dict[str, Step] = {
         "build one composition from the trained adapters -> compositions/{method}/ (a PEFT adapter + "
         f"merge_report.json for merges; a manifest for base, oracle and moa). Methods: {', '.join(METHODS)}"),
     "evaluate": Step(
-        evaluate, ("method", "task"),
-        lambda c, method, task: {"method": method_params(c, method), "evaluation": c["evaluation"],
-                                 "task": c["tasks"][task], "model": c["model"], "data": c["data"],
-                                 "seed": c["seed"]},
-        "evaluate one composition on one task's test split -> eval/{method}/{task}/predictions.parquet + "
-        "metrics.parquet"),
+        evaluate, ("method",),
+        lambda c, method: {"method": method_params(c, method), "evaluation": c["evaluation"], **_all_tasks(c),
+                           "model": c["model"], "data": c["data"], "seed": c["seed"]},
+        "evaluate one composition on every task's test split, served as one mixed-task stream -> "
+        "eval/{method}/{task}/predictions.parquet + metrics.parquet (--task: that task alone)", options=("task",)),
     "report": Step(
         build_report, (),
         lambda c: {"methods": {m: method_params(c, m) for m in c["methods"]}, "tasks": c["tasks"],
@@ -88,12 +88,14 @@ def step_hash(name: str, config: Config, **wildcards: str) -> str:
     return config_hash(STEPS[name].reads(config, **wildcards))
 
 
-def run_step(name: str, config: Config, **wildcards: str) -> StepResult:
-    """Run step `name` on `config` and log it as the MLflow run "{name}:{wildcard values}"."""
+def run_step(name: str, config: Config, **arguments: str) -> StepResult:
+    """Run step `name` on `config` with its wildcards (and any options given) and log it as the MLflow run
+    "{name}:{wildcard values}"."""
     step = STEPS[name]
-    result = step.run(config, **wildcards)
-    run = ":".join([name, ",".join(wildcards[w] for w in step.wildcards)]) if step.wildcards else name
-    tags = {"moa.step": name} | {f"moa.{w}": wildcards[w] for w in step.wildcards}
+    result = step.run(config, **arguments)
+    wildcards = {w: arguments[w] for w in step.wildcards}
+    run = ":".join([name, ",".join(wildcards.values())]) if wildcards else name
+    tags = {"moa.step": name} | {f"moa.{k}": v for k, v in arguments.items() if v is not None}
     log_step(config, run, tags, step.reads(config, **wildcards), curves=result.curves, artifacts=result.artifacts,
              metrics=result.metrics)
     return result

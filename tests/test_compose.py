@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -19,7 +20,7 @@ from moa.compose.registry import METHODS, Kind, merge_spec
 from moa.config import load_config, method_params, schema
 from moa.data.prepare import prepare_task
 from moa.evaluate import evaluate
-from moa.generate import Sampling, generate
+from moa.generate import Request, Sampling, generate
 from moa.layout import MIXED, ExperimentPaths
 from moa.lora import AdapterConfig, activate, attach_experts, load_adapter, lora_layers, write_adapter
 from moa.model.prepare import base_model
@@ -81,12 +82,14 @@ def test_every_method_composes_into_what_it_defines(experiment: Path, method: st
     manifest = json.loads((out / "composition.json").read_text())
     params = method_params(config, method)
     assert (manifest["name"], manifest["method"], manifest["tasks"]) == (method, params["method"], TASKS)
-    composed = load_composition(config, method, task="qa")
+    composed = load_composition(config, method)
     ids = torch.tensor([composed.tokenizer.encode(PROMPT)])
     paths, kind = ExperimentPaths.of(config), METHODS[params["method"]].kind
     if kind == Kind.BASE:
         expected = logits(base_model(config)[0], ids)
-    elif params["method"] == "oracle":
+    elif params["method"] == "oracle":  # every task's LoRA; a qa prompt is served by qa's
+        assert composed.experts == tuple(TASKS) and composed.expert_for("qa") == TASKS.index("qa")
+        activate(composed.model, composed.expert_for("qa"))
         expected = logits(reference(config, [paths.adapter("qa")]), ids)
     elif kind == Kind.ADAPTER:
         expected = logits(reference(config, [paths.adapter(MIXED)]), ids)
@@ -143,7 +146,7 @@ def test_moa_routes_each_sequence_to_the_chosen_expert(experiment: Path) -> None
     prompts = [tokenizer.encode(p) for p in ("Review: great film\nSentiment:", "Passage: x\nQuestion: y\nAnswer:")]
     chosen = composed.router(composed.model, prompts)
     assert chosen.shape == (2,)
-    routed = generate(composed.model, tokenizer, prompts, Sampling(6), router=composed.router)
+    routed = generate(composed.model, tokenizer, [Request(p, Sampling(6)) for p in prompts], router=composed.router)
     assert [g.expert for g in routed] == chosen.tolist()
 
 
@@ -156,35 +159,50 @@ def test_moa_per_layer_chooses_an_expert_per_layer_and_sequence(experiment: Path
 
 
 @pytest.mark.parametrize("method", ["moa", "oracle", "svd"])
-def test_evaluate_writes_predictions_and_metrics(experiment: Path, method: str) -> None:
+def test_evaluate_writes_predictions_and_metrics_for_every_task(experiment: Path, method: str) -> None:
     config = load_config(experiment, FAST)
     compose(config, method)
-    for task in ("qa", "dialogue"):
-        out = evaluate(config, method, task).path
-        predictions = pd.read_parquet(out / "predictions.parquet")
-        metrics = pd.read_parquet(out / "metrics.parquet")
+    run = evaluate(config, method)
+    paths = ExperimentPaths.of(config)
+    assert run.path == paths.evaluations(method) and sorted(p.name for p in run.path.iterdir()) == sorted(TASKS)
+    for task in TASKS:
+        predictions = pd.read_parquet(paths.predictions(method, task))
+        metrics = pd.read_parquet(paths.metrics(method, task))
         assert list(metrics.columns) == ["method", "task", "metric", "value", "n"]
         assert set(metrics.method) == {method} and set(metrics.task) == {task}
-        assert set(metrics.n) == {len(predictions)} and 0 < len(predictions) <= 4  # evaluation.limit
+        assert 0 < len(predictions) <= 4  # evaluation.limit
         assert {"id", "prompt", "prediction", "references"} <= set(predictions.columns)
         if task == "dialogue":  # scored, not generated
             assert {"nll", "n_tokens"} <= set(predictions.columns) and predictions.prediction.isna().all()
             ppl = metrics.set_index("metric").value["perplexity"]
             assert ppl == pytest.approx(float(torch.tensor(predictions.nll.sum() / predictions.n_tokens.sum()).exp()))
-        else:
-            assert {"f1", "exact_match", "new_tokens_per_s", "latency_s"} <= set(metrics.metric)
-            assert (predictions.new_tokens <= 6).all() and (predictions.latency_s > 0).all()
-            assert ("router_accuracy" in set(metrics.metric)) == (method == "moa")
-            if method == "moa":
-                assert set(predictions.expert) <= set(TASKS)
+            continue
+        costs = {"new_tokens_per_s", "decode_tokens_per_s", "prompt_tokens_per_s", "latency_s"}
+        assert costs <= set(metrics.metric) and set(metrics[~metrics.metric.isin(costs)].n) == {len(predictions)}
+        assert (predictions.new_tokens <= 6).all() and (predictions.latency_s > 0).all()
+        assert ("router_accuracy" in set(metrics.metric)) == (method == "moa")
+        expected = {"moa": set(TASKS), "oracle": {task}, "svd": {None}}[method]  # who served each prompt
+        assert set(predictions.expert.replace({np.nan: None})) <= expected
+    assert f"{TASKS[1]}.f1" in run.metrics  # the MLflow run has every task's metrics
+
+
+def test_evaluate_one_task_alone_gives_what_the_stream_gives(experiment: Path) -> None:
+    """Served in a mixed stream or alone, greedy outputs are the same."""
+    config = load_config(experiment, FAST)
+    compose(config, "oracle")
+    paths = ExperimentPaths.of(config)
+    evaluate(config, "oracle")
+    streamed = pd.read_parquet(paths.predictions("oracle", "qa"))
+    evaluate(config, "oracle", task="qa")
+    assert pd.read_parquet(paths.predictions("oracle", "qa")).prediction.tolist() == streamed.prediction.tolist()
 
 
 def test_same_config_same_metrics(experiment: Path) -> None:
     config = load_config(experiment, FAST)
     compose(config, "ties")
-    first = pd.read_parquet(evaluate(config, "ties", "qa").path / "predictions.parquet")
+    first = pd.read_parquet(evaluate(config, "ties", "qa").path / "qa" / "predictions.parquet")
     compose(config, "ties")
-    second = pd.read_parquet(evaluate(config, "ties", "qa").path / "predictions.parquet")
+    second = pd.read_parquet(evaluate(config, "ties", "qa").path / "qa" / "predictions.parquet")
     assert first.prediction.tolist() == second.prediction.tolist()
 
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from moa.generate import greedy
-from moa.model import KVCache, ModelConfig, document_mask, load_hf_dir, load_pretrained, padding_mask
+from moa.model import Documents, ModelConfig, SlotCache, document_mask, load_hf_dir, load_pretrained
 from moa.model.llama import rope_inv_freq
 from tests.conftest import hf_tiny_dir
 
@@ -75,54 +75,53 @@ def test_packed_documents_equal_separate_runs(tiny) -> None:
     assert torch.allclose(out[:, 7:], model(b), atol=1e-5)
 
 
-def test_left_padded_batch_equals_single_rows(tiny) -> None:
+def test_documents_attend_only_to_themselves(tiny) -> None:
     model, _ = tiny
-    short, long = torch.randint(3, 300, (1, 4)), torch.randint(3, 300, (1, 9))
-    ids = torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1)
-    batch = torch.cat([ids, long])
-    valid = torch.ones(2, 9, dtype=torch.bool)
-    valid[0, :5] = False
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(batch, positions=positions, attn_mask=padding_mask(valid, 9))
-    assert torch.isfinite(out).all()
-    assert torch.allclose(out[0, 5:], model(short)[0], atol=1e-5)
-    assert torch.allclose(out[1], model(long)[0], atol=1e-5)
+    a, b, c = (torch.randint(0, 300, (1, n)) for n in (7, 5, 1))
+    positions = torch.tensor([list(range(7)) + list(range(5)) + [0]])
+    out = model(torch.cat([a, b, c], dim=1), positions=positions, attn_mask=Documents((7, 5, 1)))
+    for got, alone in zip(out.split([7, 5, 1], dim=1), (a, b, c)):
+        torch.testing.assert_close(got, model(alone), atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_prefill_then_steps_equals_full_forward(tiny) -> None:
+def test_slot_cache_prefill_packed_then_decode_equals_full_forward(tiny) -> None:
+    """Two prompts of different lengths prefilled packed into slots, then decoded side by side at their own
+    positions: every step's logits are those of the whole sequence run at once."""
     model, _ = tiny
-    ids = torch.randint(0, 300, (2, 10))
-    cache = KVCache(model.config, 2, 16)
-    first = model(ids[:, :6], cache=cache)
-    rest = [model(ids[:, t:t + 1], cache=cache) for t in range(6, 10)]
-    assert torch.allclose(torch.cat([first, *rest], dim=1), model(ids), atol=1e-5)
-    assert cache.length == 10
+    seqs = [torch.randint(0, 300, (10,)), torch.randint(0, 300, (7,))]
+    prompts = [seqs[0][:6], seqs[1][:3]]
+    cache = SlotCache(model.config, 3, 16)
+    positions = cache.prefill([0, 1], [6, 3])
+    last = torch.zeros(1, 9, dtype=torch.bool)
+    last[0, [5, 8]] = True
+    first = model(torch.cat(prompts)[None], positions=positions, cache=cache, logits_at=last)
+    torch.testing.assert_close(first, torch.stack([model(p[None])[0, -1] for p in prompts]), atol=1e-5, rtol=1e-5)
+    assert cache.lengths[:2].tolist() == [6, 3]
+    for step in range(4):
+        tokens = torch.stack([seqs[0][6 + step], seqs[1][3 + step]])[:, None]
+        out = model(tokens, positions=cache.decode(2), cache=cache)[:, 0]
+        full = [model(seqs[0][None, :7 + step])[0, -1], model(seqs[1][None, :4 + step])[0, -1]]
+        torch.testing.assert_close(out, torch.stack(full), atol=1e-5, rtol=1e-5)
+    assert cache.lengths[:2].tolist() == [10, 7]
 
 
-def test_kv_cache_chunked_prefill(tiny) -> None:
+def test_slot_cache_move_keeps_a_sequence_going(tiny) -> None:
     model, _ = tiny
-    ids = torch.randint(0, 300, (1, 10))
-    cache = KVCache(model.config, 1, 10)
-    out = torch.cat([model(ids[:, :4], cache=cache), model(ids[:, 4:], cache=cache)], dim=1)
-    assert torch.allclose(out, model(ids), atol=1e-5)
-
-
-def test_greedy_with_cache_equals_without(tiny) -> None:
-    model, tokenizer = tiny
-    prompts = [tokenizer.encode(t) for t in ("hello there", "a much longer prompt than the first", "x")]
-    stop = {tokenizer.eos_token_id}
-    cached = greedy(model, prompts, 20, stop, tokenizer.pad_token_id, use_cache=True)
-    uncached = greedy(model, prompts, 20, stop, tokenizer.pad_token_id, use_cache=False)
-    assert cached == uncached
-    assert all(len(row) > 0 for row in cached)
+    seq = torch.randint(0, 300, (8,))
+    cache = SlotCache(model.config, 2, 12)
+    model(torch.cat([torch.randint(0, 300, (4,)), seq[:5]])[None], positions=cache.prefill([0, 1], [4, 5]),
+          cache=cache)
+    cache.move(1, 0)  # slot 0's sequence is done; slot 1's takes its place
+    out = model(seq[5:6][None], positions=cache.decode(1), cache=cache)
+    torch.testing.assert_close(out[0, -1], model(seq[None, :6])[0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_batch_equals_one_by_one(tiny) -> None:
     model, tokenizer = tiny
-    prompts = [tokenizer.encode(t) for t in ("short", "a somewhat longer prompt")]
-    batch = greedy(model, prompts, 12, {tokenizer.eos_token_id}, tokenizer.pad_token_id)
-    alone = [greedy(model, [p], 12, {tokenizer.eos_token_id}, tokenizer.pad_token_id)[0] for p in prompts]
-    assert batch == alone
+    prompts = [tokenizer.encode(t) for t in ("short", "a somewhat longer prompt", "x")]
+    batch = greedy(model, tokenizer, prompts, 12, batch_size=2)
+    alone = [greedy(model, tokenizer, [p], 12)[0] for p in prompts]
+    assert batch == alone and all(batch)
 
 
 def test_random_preset_is_seeded() -> None:

@@ -15,9 +15,10 @@ from typing import Any
 from moa import __version__
 from moa.compose.registry import Applied, method_of
 from moa.config import Config, method_params
+from moa.errors import MoaError
 from moa.io import atomic_dir, read_json
 from moa.layout import MANIFEST, ExperimentPaths
-from moa.model import Tokenizer, Transformer
+from moa.model import DTYPES, Tokenizer, Transformer
 from moa.model.prepare import base_model, device
 from moa.routing import LearnedRouter
 from moa.tracking import StepResult
@@ -32,8 +33,21 @@ class Composed:
     model: Transformer
     tokenizer: Tokenizer
     manifest: dict[str, Any]
-    router: LearnedRouter | None = None  # MoA: picks each sequence's expert(s) from its prompt
     experts: tuple[str, ...] = ()  # the task each expert index stands for
+    by_task: bool = False  # each sequence is served by its task's expert (the oracle)
+    router: LearnedRouter | None = None  # MoA: picks each sequence's expert(s) from its prompt
+
+    def expert_for(self, task: str | None) -> int | None:
+        """The expert that serves a prompt of `task`: its own for the oracle, else None (no LoRA, a merge
+        folded into the weights, or the router's choice)."""
+        if not self.by_task:
+            return None
+        name = self.manifest["name"]
+        if task is None:
+            raise MoaError(f"{name}: the oracle serves each prompt with its task's LoRA, so it needs the task (--task)")
+        if task not in self.experts:
+            raise MoaError(f"{name}: no adapter for task {task!r}; composed tasks: {', '.join(self.experts)}")
+        return self.experts.index(task)
 
 
 def compose(config: Config, method: str) -> StepResult:
@@ -58,14 +72,14 @@ def read_manifest(config: Config, method: str) -> dict[str, Any]:
                      f"run `moa compose --config ... --method {method}` first")
 
 
-def load_composition(config: Config, method: str, task: str | None = None, fold: bool = True) -> Composed:
-    """The base model with composition `method` applied. `oracle` needs the task of the prompts; merges and
-    `mixed` are folded into the base weights unless fold=False."""
+def load_composition(config: Config, method: str, fold: bool = True) -> Composed:
+    """The base model with composition `method` applied, in `evaluation.dtype`; merges and `mixed` are folded
+    into the base weights unless fold=False (folding happens in the base dtype, before the cast)."""
     manifest = read_manifest(config, method)
     model, tokenizer = base_model(config)
-    applied: Applied = method_of(manifest).load(config, manifest, model, task, fold)
-    model.to(device()).eval()
+    applied: Applied = method_of(manifest).load(config, manifest, model, fold)
+    model.to(device(), DTYPES[config["evaluation"]["dtype"]]).eval()
     router = applied.router
-    if router is not None:
+    if router is not None:  # the routers stay in float32: they read float32 pooled states
         router = LearnedRouter(router.routers.to(device()).eval(), router.strategy)
-    return Composed(model, tokenizer, manifest, router, applied.experts)
+    return Composed(model, tokenizer, manifest, applied.experts, applied.by_task, router)

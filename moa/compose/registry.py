@@ -43,15 +43,16 @@ class Need(StrEnum):
 
 @dataclass(frozen=True)
 class Applied:
-    """A composition applied to the base model: how it picks each sequence's expert, and which task each
-    expert index stands for."""
+    """A composition applied to the base model: which task each expert index stands for, and how each
+    sequence's expert is picked: by its task (`by_task`, the oracle) or by a router from its prompt."""
 
-    router: LearnedRouter | None = None
     experts: tuple[str, ...] = ()
+    by_task: bool = False
+    router: LearnedRouter | None = None
 
 
 Build = Callable[[Config, str, dict[str, Any], Path], dict[str, Any]]  # (config, name, params, folder) -> entries
-Load = Callable[[Config, Mapping[str, Any], Transformer, "str | None", bool], Applied]  # (.., task, fold)
+Load = Callable[[Config, Mapping[str, Any], Transformer, bool], Applied]  # (config, manifest, model, fold)
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,7 @@ def _build_nothing(config: Config, name: str, params: dict[str, Any], out: Path)
     return {}
 
 
-def _load_nothing(config: Config, manifest: Mapping[str, Any], model: Transformer, task: str | None,
-                  fold: bool) -> Applied:
+def _load_nothing(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
     return Applied()
 
 
@@ -124,8 +124,7 @@ def _build_merge(config: Config, name: str, params: dict[str, Any], out: Path) -
     return {"adapter": ".", "rank": report["rank"]}
 
 
-def _load_folded(config: Config, manifest: Mapping[str, Any], model: Transformer, task: str | None,
-                 fold: bool) -> Applied:
+def _load_folded(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
     attach(model, [ExperimentPaths.of(config).composition(manifest["name"]) / manifest["adapter"]])
     if fold:
         merge_and_unload(model)
@@ -140,15 +139,10 @@ def _build_oracle(config: Config, name: str, params: dict[str, Any], out: Path) 
     return {"adapters": [str(d.relative_to(root)) for d in task_adapters(config)]}
 
 
-def _load_oracle(config: Config, manifest: Mapping[str, Any], model: Transformer, task: str | None,
-                 fold: bool) -> Applied:
-    name, tasks = manifest["name"], manifest["tasks"]
-    if task is None:
-        raise MoaError(f"{name}: the oracle applies each task's own LoRA, so it needs the task (--task)")
-    if task not in tasks:
-        raise MoaError(f"{name}: no adapter for task {task!r}; composed tasks: {', '.join(tasks)}")
-    attach(model, [ExperimentPaths.of(config).root / manifest["adapters"][tasks.index(task)]])
-    return Applied(experts=(task,))
+def _load_oracle(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
+    root = ExperimentPaths.of(config).root
+    attach(model, [root / path for path in manifest["adapters"]])
+    return Applied(tuple(manifest["tasks"]), by_task=True)
 
 
 def _build_moa(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -159,12 +153,11 @@ def _build_moa(config: Config, name: str, params: dict[str, Any], out: Path) -> 
             "adapters": [str(paths.expert(task).relative_to(paths.root)) for task in config["tasks"]]}
 
 
-def _load_moa(config: Config, manifest: Mapping[str, Any], model: Transformer, task: str | None,
-              fold: bool) -> Applied:
+def _load_moa(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
     root = ExperimentPaths.of(config).root
     attach(model, [root / path for path in manifest["adapters"]])
     routers = load_routers(root / manifest["router"])
-    return Applied(LearnedRouter(routers.eval(), Strategy(manifest["strategy"])), tuple(routers.spec.tasks))
+    return Applied(tuple(routers.spec.tasks), router=LearnedRouter(routers.eval(), Strategy(manifest["strategy"])))
 
 
 # --- the table ----------------------------------------------------------------------------------------

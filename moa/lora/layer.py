@@ -5,7 +5,8 @@ y = W0 x + b + s_i B_i A_i dropout(x). The `active` attribute says which experts
 
 - ``None``: base layer only;
 - ``int`` i: expert i (the fast path, the same arithmetic as PEFT);
-- integer tensor [B]: expert index per sequence (a mixed-task batch in one pass);
+- integer tensor [B]: expert index per sequence (a mixed-task batch in one pass), or [B, T] per token
+  (several documents packed into one row);
 - float tensor [N] or [B, N]: weighted sum of all experts' outputs (global or per sequence).
 
 A delta can also be folded into W0 (``fold``), after which forward is a plain linear until ``unfold``.
@@ -103,32 +104,38 @@ class LoRALinear(nn.Module):
             return y
         if isinstance(active, Tensor) and active.device != x.device:
             self.active = active = active.to(x.device)  # move once, not in every forward
-        if isinstance(active, Tensor) and active.is_floating_point():
-            return y + self._weighted(self.dropout(x), active.to(x.dtype))
-        # One expert per row: batched matmuls, [G, M, in] @ [G, in, r] @ [G, r, out] with G = 1 (one expert
-        # for all) or B (per sequence). On CPU bmm beats F.linear for these thin shapes, and baddbmm adds
-        # the update to y in the same call.
-        a, b = self._selected(active)
-        if a.shape[0] > 1 and a.shape[0] != x.shape[0]:
-            raise MoaError(f"a per-sequence choice names {a.shape[0]} experts for a batch of {x.shape[0]} rows")
-        h = torch.bmm(self.dropout(x.reshape(a.shape[0], -1, x.shape[-1])), a)
-        return torch.baddbmm(y.view(a.shape[0], -1, y.shape[-1]), h, b).view(y.shape)
+        if isinstance(active, int):
+            # One expert for every row: [1, M, in] @ [1, in, r] @ [1, r, out]. On CPU bmm beats F.linear for
+            # these thin shapes, and baddbmm adds the update to y in the same call.
+            a, b = self._selected(active)
+            h = torch.bmm(self.dropout(x.reshape(1, -1, x.shape[-1])), a)
+            return torch.baddbmm(y.view(1, -1, y.shape[-1]), h, b).view(y.shape)
+        # Several experts (weights, or one expert per row or per token): all experts' A at once, each rank
+        # column scaled by its expert's weight (0 for the experts not chosen), then all B at once. Routes
+        # that change at every step (continuous batching) then cost no gathering of factors.
+        a, b, _, _ = self._concat()
+        return y + F.linear(F.linear(self.dropout(x), a) * self._column_weights(active, x), b)
 
-    def _selected(self, active: int | Tensor) -> tuple[Tensor, Tensor]:
-        """A^T [G, in, r] and (s B)^T [G, r, out] of the active expert(s)."""
+    def _selected(self, active: int) -> tuple[Tensor, Tensor]:
+        """A^T [1, in, r] and (s B)^T [1, r, out] of the active expert."""
         def build() -> tuple[Tensor, ...]:
             a, b = self._stacked()
-            index = torch.tensor([active], device=a.device) if isinstance(active, int) else active
-            return a[index].transpose(1, 2).contiguous(), b[index].transpose(1, 2).contiguous()
+            return a[active:active + 1].transpose(1, 2).contiguous(), b[active:active + 1].transpose(1, 2).contiguous()
 
         return self._cached("selected", build)
 
-    def _weighted(self, x: Tensor, weights: Tensor) -> Tensor:
-        a, b, scale, ranks = self._concat()
-        col = torch.repeat_interleave(weights * scale, ranks, dim=-1)  # [R] or [B, R]
-        if col.dim() == 2:
+    def _column_weights(self, active: Tensor, x: Tensor) -> Tensor:
+        """Each concatenated rank column's weight, broadcastable to x up to [.., R]: the expert weights [N] /
+        [B, N] times the scalings, or the scaling where an expert index [B] / [B, T] names the column's
+        expert and 0 elsewhere."""
+        _, _, scale, owner = self._concat()
+        per_row = active.dim() > (1 if active.is_floating_point() else 0)
+        if per_row and active.shape[0] != x.shape[0]:
+            raise MoaError(f"per-row experts for {active.shape[0]} rows, but the batch has {x.shape[0]} rows")
+        col = (active[..., owner] if active.is_floating_point() else active[..., None] == owner) * scale
+        if per_row and col.dim() == 2:
             col = col.view(col.shape[0], *([1] * (x.dim() - 2)), col.shape[1])  # [B, 1.., R]
-        return F.linear(F.linear(x, a) * col, b)
+        return col.to(x.dtype)
 
     # -- stacked / concatenated factors, cached while no gradient is needed -------------------------
 
@@ -142,11 +149,13 @@ class LoRALinear(nn.Module):
         return self._cached("stacked", build)
 
     def _concat(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """All experts' A [R, in] and B [out, R] side by side (R = sum of ranks), each rank column's scaling
+        [R] and the expert it belongs to [R]."""
         def build() -> tuple[Tensor, ...]:
-            dev = self.weight.device
+            dev, ranks = self.weight.device, torch.tensor([s.rank for s in self.specs], device=self.weight.device)
             scale = torch.tensor([s.scaling for s in self.specs], device=dev, dtype=self.lora_A[0].dtype)
-            ranks = torch.tensor([s.rank for s in self.specs], device=dev)
-            return torch.cat(list(self.lora_A)), torch.cat(list(self.lora_B), dim=1), scale, ranks
+            owner = torch.repeat_interleave(torch.arange(len(self.specs), device=dev), ranks)
+            return torch.cat(list(self.lora_A)), torch.cat(list(self.lora_B), dim=1), scale[owner], owner
 
         return self._cached("concat", build)
 
@@ -165,8 +174,8 @@ class LoRALinear(nn.Module):
 
     def delta(self, weights: Tensor) -> Tensor:
         """Dense update sum_i w_i s_i B_i A_i [out, in] for expert weights [N]."""
-        a, b, scale, ranks = self._concat()
-        return (b * torch.repeat_interleave(weights.to(scale) * scale, ranks)) @ a
+        a, b, scale, owner = self._concat()
+        return (b * (weights.to(scale)[owner] * scale)) @ a
 
     @torch.no_grad()
     def fold(self, experts: int | Tensor | Sequence[float]) -> None:
@@ -205,11 +214,11 @@ def check_active(active: Active | Sequence[float], n_experts: int) -> Active:
     active = active if isinstance(active, Tensor) else torch.tensor(active, dtype=torch.float32)
     if active.is_floating_point() and active.dim() in (1, 2) and active.shape[-1] == n_experts:
         return active
-    if active.dtype in (torch.int64, torch.int32) and active.dim() == 1:
+    if active.dtype in (torch.int64, torch.int32) and active.dim() in (1, 2):
         return active.long()
     raise MoaError(
-        f"the active experts must be an expert index, indices [B] (int) or weights [N]/[B, N] (float) with "
-        f"N={n_experts}; got {active.dtype} {list(active.shape)}"
+        f"the active experts must be an expert index, indices [B] or [B, T] (int) or weights [N]/[B, N] "
+        f"(float) with N={n_experts}; got {active.dtype} {list(active.shape)}"
     )
 
 

@@ -7,6 +7,8 @@ HF checkpoints load without renaming and PEFT adapter keys map one to one.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,26 +61,109 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class KVCache:
-    """Preallocated keys and values of every layer for incremental decoding (gpt-fast style)."""
+@dataclass(frozen=True)
+class Documents:
+    """Documents packed back to back in one row ([1, T], T = sum of lengths): each attends only to itself,
+    causally, so no FLOP is spent on padding or across documents."""
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len,
-                 config.dim_per_head)
+    lengths: tuple[int, ...]
+
+
+def attend_per_document(q: Tensor, k: Tensor, v: Tensor, lengths: Sequence[int]) -> Tensor:
+    """Causal attention within each packed document: q [1, H, T, D], k/v [1, Hkv, T, D] -> [1, H, T, D]."""
+    gqa = q.shape[1] != k.shape[1]
+    return torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa)
+                      for qd, kd, vd in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))], dim=2)
+
+
+@dataclass(frozen=True)
+class _Prefill:
+    lengths: tuple[int, ...]  # of the documents packed into the row, in order
+    slots: Tensor  # [D]: the slot of each document
+    slot_of: Tensor  # [T]: the slot of each token
+    positions: Tensor  # [T]: each token's position in its document
+
+
+@dataclass(frozen=True)
+class _Decode:
+    n: int  # one token for each of the first n slots
+    width: int  # the longest of their sequences, with the new token
+    visible: Tensor  # [n, 1, 1, width]: which cached positions each slot's token attends to
+
+
+class SlotCache:
+    """Keys and values of up to `slots` sequences for continuous batching: each slot holds one sequence at
+    its own length, so a finished sequence's slot is refilled while the others keep decoding.
+
+    Before each forward the engine plans it: `prefill(slots, lengths)` for documents packed into one row
+    (each written into its slot from position 0), or `decode(n)` for one new token of each of the first n
+    slots; the forward then calls `attend` in every layer and `advance` at the end. The slots in use are
+    kept at the front: `move` fills a finished sequence's slot with the last one."""
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, max_len, config.dim_per_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled so far, advanced by the model after every layer ran
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self._plan: _Prefill | _Decode | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def prefill(self, slots: Sequence[int], lengths: Sequence[int]) -> Tensor:
+        """Plan a packed prefill of documents of `lengths` into `slots`; returns their positions [1, T]."""
+        device = self.lengths.device
+        where, sizes = torch.tensor(slots, device=device), torch.tensor(lengths, device=device)
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+        self._plan = _Prefill(tuple(lengths), where, torch.repeat_interleave(where, sizes), positions)
+        return positions[None]
+
+    def decode(self, n: int) -> Tensor:
+        """Plan one token for each of the first n slots; returns their positions [n, 1]."""
+        positions = self.lengths[:n]
+        width = int(positions.max()) + 1
+        visible = torch.arange(width, device=positions.device) <= positions[:, None]  # [n, width]
+        self._plan = _Decode(n, width, visible[:, None, None, :])
+        return positions[:, None].clone()
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store this forward's keys and values, then attend: within each document (prefill), or over each
+        slot's sequence so far (decode)."""
+        plan = self._plan
+        if isinstance(plan, _Prefill):
+            self.k[layer, plan.slot_of, :, plan.positions] = k[0].transpose(0, 1)  # [T, Hkv, D]
+            self.v[layer, plan.slot_of, :, plan.positions] = v[0].transpose(0, 1)
+            return attend_per_document(q, k, v, plan.lengths)
+        if isinstance(plan, _Decode):
+            rows, positions = torch.arange(plan.n, device=q.device), self.lengths[:plan.n]
+            self.k[layer, rows, :, positions] = k[:, :, 0]
+            self.v[layer, rows, :, positions] = v[:, :, 0]
+            keys, values = self.k[layer, :plan.n, :, :plan.width], self.v[layer, :plan.n, :, :plan.width]
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.visible,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+        raise RuntimeError("SlotCache: plan a prefill or a decode step before the forward")
+
+    def advance(self) -> None:
+        """After the forward: the planned tokens are part of their slots' sequences."""
+        plan = self._plan
+        if isinstance(plan, _Prefill):
+            self.lengths[plan.slots] = torch.tensor(plan.lengths, device=self.lengths.device)
+        elif isinstance(plan, _Decode):
+            self.lengths[:plan.n] += 1
+        self._plan = None
+
+    def move(self, source: int, target: int) -> None:
+        """Put slot `source`'s sequence into slot `target` (whose sequence is done)."""
+        n = int(self.lengths[source])
+        self.k[:, target, :, :n] = self.k[:, source, :, :n]
+        self.v[:, target, :, :n] = self.v[:, source, :, :n]
+        self.lengths[target] = n
 
 
 class Attention(nn.Module):
@@ -93,19 +178,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None,
-                cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | Documents | None,
+                cache: SlotCache | None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # [B, Hkv, S, D], S = cached + T
-        # Without a mask, plain causal attention is right when queries and keys start together.
-        is_causal = attn_mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+            y = cache.attend(self.layer, q, k, v)
+        elif isinstance(attn_mask, Documents):
+            y = attend_per_document(q, k, v, attn_mask.lengths)
+        else:  # without a mask, plain causal attention (queries and keys start together)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -128,8 +214,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None,
-                cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | Documents | None,
+                cache: SlotCache | None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -161,26 +247,24 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None,
-                attn_mask: Tensor | None = None, cache: KVCache | None = None,
+                attn_mask: Tensor | Documents | None = None, cache: SlotCache | None = None,
                 logits_at: Tensor | slice | None = None) -> Tensor:
         """Next-token logits.
 
-        input_ids [B, T]; positions [B, T] (default: 0.. after what the cache holds); attn_mask a
-        bool mask broadcastable to [B, 1, T, S], True = attend (default: causal); logits_at selects
-        where the LM head runs: a bool mask [B, T] -> [N, V], or a slice of T -> [B, T', V].
+        input_ids [B, T]; positions [B, T] (default: 0..T-1); attn_mask a bool mask broadcastable to
+        [B, 1, T, T], True = attend, or `Documents` for packed rows (default: causal); cache: a SlotCache
+        with a planned prefill or decode step (its plan gives the positions); logits_at selects where the
+        LM head runs: a bool mask [B, T] -> [N, V], or a slice of T -> [B, T', V].
         """
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        if attn_mask is None and cache is not None and T > 1 and past > 0:
-            attn_mask = causal_mask(T, past + T, input_ids.device)
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for block in self.model.layers:
             x = block(x, cos, sin, attn_mask, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance()
         if logits_at is not None:
             x = x[logits_at] if isinstance(logits_at, Tensor) else x[:, logits_at]
         return self.lm_head(self.model.norm(x))
@@ -190,18 +274,6 @@ def causal_mask(q_len: int, k_len: int, device: torch.device | str = "cpu") -> T
     """[1, 1, q_len, k_len]: query i (the last q_len of k_len positions) sees keys up to itself."""
     q = torch.arange(k_len - q_len, k_len, device=device)[:, None]
     return (torch.arange(k_len, device=device)[None, :] <= q)[None, None]
-
-
-def padding_mask(key_valid: Tensor, q_len: int) -> Tensor:
-    """Causal mask over left-padded rows: key_valid [B, S] is False on padding.
-
-    Every query may also see itself, so that padding rows stay finite (an all-False row gives NaN).
-    """
-    S = key_valid.shape[1]
-    mask = causal_mask(q_len, S, key_valid.device) & key_valid[:, None, None, :]
-    own = torch.arange(S - q_len, S, device=key_valid.device)
-    mask[..., torch.arange(q_len), own] = True
-    return mask
 
 
 def document_mask(doc_ids: Tensor) -> Tensor:

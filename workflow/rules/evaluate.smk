@@ -1,23 +1,23 @@
-# Every composition on every task's test split.
+# Every composition on every task's test split: one job per composition, serving all tasks' prompts as one
+# mixed stream; a folder per task, so a changed task's test set reruns every composition's evaluation.
 
 
 rule evaluate:
     input:
         MODEL_FILES,
         composition=str(PATHS.manifest("{method}")),
-        test=str(PATHS.split("{task}", "test")),
+        tests=[str(PATHS.split(task, "test")) for task in TASKS],
     output:
-        predictions=str(PATHS.predictions("{method}", "{task}")),
-        metrics=str(PATHS.metrics("{method}", "{task}")),
+        predictions=[str(PATHS.predictions("{method}", task)) for task in TASKS],
+        metrics=[str(PATHS.metrics("{method}", task)) for task in TASKS],
     params:
         **step_params("evaluate"),
     log:
         step_log("evaluate"),
     benchmark:
         step_benchmark("evaluate")
-    # One thread: decoding a small model on CPU is memory-bound, so one-thread evaluations side by side
-    # finish sooner than multi-thread ones in turn. The slurm profile raises it for GPU nodes.
-    threads: 1
+    # Decoding with large batches is compute-bound: the job takes the cores, one composition at a time.
+    threads: 2
     resources:
         mem_mb=8000,
         runtime=120,
