@@ -1,6 +1,7 @@
 """`moa evaluate`: one composition on one task's test split -> eval/{method}/{task}/predictions.parquet
-(every example's prompt, prediction, references, route, cost) and metrics.parquet (method, task,
-metric, value, n), tracked in MLflow."""
+(every example's prompt, prediction, references, route, cost and the per-example statistics of every
+metric, which the report's paired bootstrap resamples) and metrics.parquet (method, task, metric, value,
+n), tracked in MLflow."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from moa.data.tasks import LABELS, Task, get_task
 from moa.generate import Generation, Sampling, generate, score
 from moa.io import atomic_dir
 from moa.layout import ExperimentPaths
-from moa.metrics import Score, router_accuracy, score_task
+from moa.metrics import Score, router_accuracy, score_task, statistics_columns
 from moa.tracking import StepResult
 
 DEFAULT_MAX_NEW_TOKENS = 128  # `moa generate` without a task
@@ -52,7 +53,7 @@ def run_scoring(config: Config, composed: Composed, frame: pd.DataFrame) -> list
 
 
 def predictions_frame(frame: pd.DataFrame, composed: Composed, generations: list[Generation] | None,
-                      scores: list[tuple[float, int]] | None) -> pd.DataFrame:
+                      ) -> pd.DataFrame:
     out = pd.DataFrame({"id": frame["id"].to_numpy(), "prompt": frame["prompt"].to_numpy(),
                         "references": [list(r) for r in frame["references"]]})
     if generations is not None:
@@ -63,9 +64,6 @@ def predictions_frame(frame: pd.DataFrame, composed: Composed, generations: list
         out["expert"] = [None if g.expert is None else composed.experts[g.expert] for g in generations]
     else:  # scored only (perplexity): nothing is generated
         out["prediction"] = None
-    if scores is not None:
-        out["nll"] = [s[0] for s in scores]
-        out["n_tokens"] = [s[1] for s in scores]
     return out
 
 
@@ -90,12 +88,12 @@ def evaluate(config: Config, method: str, task: str) -> StepResult:
     desc = f"evaluate {method} on {task}"
     generations = run_generation(config, composed, spec, frame, desc) if needs_text else None
     scores = run_scoring(config, composed, frame) if spec.scored else None
-    predictions = predictions_frame(frame, composed, generations, scores)
+    predictions = predictions_frame(frame, composed, generations)
     labels = list(LABELS.values()) if spec.kind == "sentiment" else None
-    results, extra = score_task(spec.kind, spec.metrics, predictions["prediction"].fillna("").tolist(),
-                                predictions["references"].tolist(),
-                                None if scores is None else predictions["nll"].tolist(),
-                                None if scores is None else predictions["n_tokens"].tolist(), labels)
+    nll, n_tokens = (None, None) if scores is None else ([s[0] for s in scores], [s[1] for s in scores])
+    results, stats, extra = score_task(spec.kind, spec.metrics, predictions["prediction"].fillna("").tolist(),
+                                       predictions["references"].tolist(), nll, n_tokens, labels)
+    predictions = predictions.assign(**statistics_columns(stats))
     if generations is not None:
         results += cost_scores(generations)
         if composed.router is not None and predictions["expert"].notna().all():  # per_layer has no single expert

@@ -173,6 +173,8 @@ def test_evaluate_writes_predictions_and_metrics(experiment: Path, method: str) 
             assert ppl == pytest.approx(float(torch.tensor(predictions.nll.sum() / predictions.n_tokens.sum()).exp()))
         else:
             assert {"f1", "exact_match", "new_tokens_per_s", "latency_s"} <= set(metrics.metric)
+            values = metrics.set_index("metric").value  # per-example statistics, of which each metric is the mean
+            assert predictions.f1.mean() == pytest.approx(values["f1"]) and predictions.exact_match.isin([0, 100]).all()
             assert (predictions.new_tokens <= 6).all() and (predictions.latency_s > 0).all()
             assert ("router_accuracy" in set(metrics.metric)) == (method == "moa")
             if method == "moa":
