@@ -78,8 +78,9 @@ STEPS: dict[str, Step] = {
     "report": Step(
         build_report, (),
         lambda c: {"methods": {m: method_params(c, m) for m in c["methods"]}, "tasks": c["tasks"],
-                   "order": [list(c["methods"]), list(c["tasks"])]},
-        "collect every evaluation -> report/metrics.parquet, summary.md and PNG plots"),
+                   "order": [list(c["methods"]), list(c["tasks"])], "report": c["report"], "seed": c["seed"]},
+        "collect every evaluation -> report/metrics.parquet; paired bootstrap intervals and comparisons against "
+        "report.compare_to -> intervals.parquet, comparisons.parquet; summary.md with the verdict; PNG plots"),
 }
 
 
@@ -95,5 +96,5 @@ def run_step(name: str, config: Config, **wildcards: str) -> StepResult:
     run = ":".join([name, ",".join(wildcards[w] for w in step.wildcards)]) if step.wildcards else name
     tags = {"moa.step": name} | {f"moa.{w}": wildcards[w] for w in step.wildcards}
     log_step(config, run, tags, step.reads(config, **wildcards), curves=result.curves, artifacts=result.artifacts,
-             metrics=result.metrics)
+             metrics=result.metrics, tables=result.tables)
     return result
