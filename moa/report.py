@@ -47,7 +47,7 @@ from moa.stats import (
     comparisons,
     intervals,
 )
-from moa.tracking import StepResult
+from moa.tracking import COMPARISON_TABLE, StepResult
 
 COLUMNS = ["method", "task", "metric", "value", "n"]
 DPI = 120
@@ -209,7 +209,7 @@ class Uncertainty:
     def tasks_used(self) -> str:
         """Which tasks the multitask score averages, in words."""
         if not self.signal:
-            return "no task carries signal: no multitask score"
+            return "cannot be computed: no task carries signal"
         left_out = f"; left out: {', '.join(self.result.excluded)}" if self.result.excluded else ""
         return f"over {', '.join(self.signal)}{left_out}"
 
@@ -287,8 +287,12 @@ def verdict(uncertainty: Uncertainty, kinds: Mapping[str, Kind]) -> list[str]:
     """The answer in words: which merges are indistinguishable from each reference (alpha, after Holm), the
     best merge and its gap, where the first reference matters per task, and what the test sizes can detect."""
     result, alpha = uncertainty.result, uncertainty.alpha
+    if not uncertainty.signal:
+        return [("No task carries signal (on none does the oracle beat base beyond the interval of their difference; "
+                 "each task's reason is under Multitask score), so there is no multitask score and nothing to decide.")]
     if not result.multitask:
-        return [f"No method has a multitask score ({uncertainty.tasks_used()}): nothing to decide."]
+        return [(f"No method was evaluated on every task with signal ({', '.join(uncertainty.signal)}): nothing to "
+                 "decide.")]
     merges = [m for m in uncertainty.multitask().index if kinds[m] == Kind.MERGE]
     sizes = sorted({result.items[t] for t in uncertainty.signal})
     span = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
@@ -422,9 +426,10 @@ def summary(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty, eva
                 f"({uncertainty.resamples} resamples, seed {config['seed']}); every figure is recomputed inside each "
                 "resample, the same items for every method.")
     lines = [f"# Report: {config['experiment']}", "", "## Verdict", "", *verdict(uncertainty, kinds(config)), "",
-             "## Multitask score", "", f"Multitask score {uncertainty.tasks_used()}.", "",
-             *multitask_table(uncertainty), "", brackets + " Differences: method minus reference, in bold where "
-             f"significant at alpha {uncertainty.alpha:g} after Holm's correction.", ""]
+             "## Multitask score", "", f"Multitask score {uncertainty.tasks_used()}.", ""]
+    if result.multitask:
+        lines += [*multitask_table(uncertainty), "", brackets + " Differences: method minus reference, in bold where "
+                  f"significant at alpha {uncertainty.alpha:g} after Holm's correction.", ""]
     lines += [f"- Left out of the multitask score, {task}: {why}; its raw metrics are in the table below."
               for task, why in result.excluded.items()]
     if uncertainty.references and uncertainty.signal:
@@ -472,10 +477,10 @@ def tracked_metrics(uncertainty: Uncertainty) -> dict[str, float]:
 
 
 def comparison_table(uncertainty: Uncertainty, method_kinds: Mapping[str, Kind]) -> pd.DataFrame:
-    """One row per method, best first, for MLflow's table view: kind, multitask score and interval, the
-    difference to each reference with its Holm-adjusted p, and each task's representative metric."""
-    scores = uncertainty.multitask().reindex(uncertainty.multitask().index.append(
-        pd.Index([m for m in uncertainty.methods if m not in uncertainty.multitask().index])))
+    """One row per method, best first, for MLflow's table view (mlflow.log_table): kind, multitask score and
+    interval, the difference to each reference with its Holm-adjusted p, and each task's representative metric."""
+    scores = uncertainty.multitask()
+    scores = scores.reindex([*scores.index, *(m for m in uncertainty.methods if m not in scores.index)])
     table = pd.DataFrame({"method": scores.index, "kind": [str(method_kinds[m]) for m in scores.index],
                           "multitask_score": scores["value"].to_numpy(), "lo": scores["lo"].to_numpy(),
                           "hi": scores["hi"].to_numpy()})
@@ -486,7 +491,7 @@ def comparison_table(uncertainty: Uncertainty, method_kinds: Mapping[str, Kind])
     for task, names in uncertainty.tasks.items():
         rows = [uncertainty.figure(m, task, names[0]) for m in scores.index]
         table[f"{task}.{names[0]}"] = [np.nan if r is None else r["value"] for r in rows]
-    return table
+    return table.round(4)  # for reading; the Parquet files keep every digit
 
 
 def build_report(config: Config) -> StepResult:
@@ -513,4 +518,4 @@ def build_report(config: Config) -> StepResult:
         text = summary(config, metrics, uncertainty, evaluation, router_config, plots, notes)
         (tmp / paths.summary.name).write_text(text)
     return StepResult(paths.report, metrics=tracked_metrics(uncertainty), artifacts=paths.report_files,
-                      tables={"comparison.json": comparison_table(uncertainty, kinds(config))})
+                      tables={COMPARISON_TABLE: comparison_table(uncertainty, kinds(config))})

@@ -39,6 +39,7 @@ MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview ("Traces: 0"); moa's are model
 # training, whose runs table is the view that compares them.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+COMPARISON_TABLE = "comparison.json"  # the report run's table (mlflow.log_table): one row per method
 STARTED_MS = int(time.time() * 1000)  # a step imports this module as it starts: its run's start time
 
 
@@ -277,10 +278,29 @@ def start_workflow_run(config: Config) -> str | None:
 
 
 def end_workflow_run(config: Config, run_id: str | None, status: str) -> None:
-    """Close the parent run with "FINISHED" or "FAILED" (Snakemake's onsuccess / onerror)."""
+    """Close the parent run with "FINISHED" or "FAILED" (Snakemake's onsuccess / onerror), and say where to
+    look at the runs."""
     if run_id is None:
         return
     try:
-        _client(tracking_uri(config)).set_terminated(run_id, status)
+        client = _client(tracking_uri(config))
+        client.set_terminated(run_id, status)
+        log.warning("moa: %s", browse_hint(client, tracking_uri(config), client.get_run(run_id).info.experiment_id))
     except Exception as err:  # noqa: BLE001 -- see log_step
         _warn("the workflow run", err)
+
+
+def browse_hint(client: Any, uri: str, experiment_id: str) -> str:
+    """Where the runs are in MLflow's UI: its runs table in the model-training view (MLflow 3 opens on the GenAI
+    one unless the link says `workflowType=machine_learning`), and the latest report's comparison table."""
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    runs = f"{server}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    lines = [f"MLflow: {runs}"]
+    if not uri.startswith(("http://", "https://")):
+        lines[0] += f" after `mlflow ui --backend-store-uri {uri}`"
+    reports = client.search_runs([experiment_id], "attributes.run_name = 'report'", max_results=1,
+                                 order_by=["attributes.start_time DESC"])
+    if reports:
+        lines.append(f"the report's comparison: {server}/#/experiments/{experiment_id}/runs/{reports[0].info.run_id}"
+                     f"/artifacts/{COMPARISON_TABLE}?workflowType=machine_learning")
+    return "\n".join(lines)

@@ -310,7 +310,8 @@ def test_build_report_with_missing_inputs(tmp_path: Path) -> None:
         assert f"{name}.png skipped" in text and f"![{name}]" not in text
         assert ExperimentPaths.of(config).plot(name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "`oracle` has no evaluation on qa, sentiment, dialogue" in text
-    assert "No method has a multitask score (no task carries signal: no multitask score)" in text
+    assert "No task carries signal (on none does the oracle beat base" in text
+    assert "Multitask score cannot be computed: no task carries signal." in text
 
 
 def test_build_report_on_empty_results(tmp_path: Path) -> None:

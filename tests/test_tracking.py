@@ -17,7 +17,7 @@ from moa.config import load_config
 from moa.data.prepare import prepare_task
 from moa.model.tokenizer import byte_tokenizer
 from moa.steps import STEPS, run_step
-from moa.tracking import SPOOL_ENV, Spool, flatten, tracking_uri
+from moa.tracking import SPOOL_ENV, Spool, browse_hint, flatten, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["training.steps=6", "training.batch_size=4", "training.warmup_steps=2",
@@ -216,3 +216,8 @@ def test_report_run_carries_intervals_p_values_and_its_table(tmp_path: Path, spo
     table = pd.read_json(client.download_artifacts(run.info.run_id, "comparison.json", str(tmp_path)), orient="split")
     assert table["method"].tolist() == ["moa", "oracle", "base", "svd"]
     assert table.loc[0, "multitask_score"] == pytest.approx(metrics["multitask_score.moa"])
+    # what the workflow prints at its end: links that open the model-training view and this table
+    hint = browse_hint(client, tracking_uri(config), experiment.experiment_id)
+    runs = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+    assert f"MLflow: {runs}?workflowType=machine_learning after `mlflow ui --backend-store-uri sqlite:///" in hint
+    assert f"{runs}/{run.info.run_id}/artifacts/comparison.json?workflowType=machine_learning" in hint
