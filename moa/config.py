@@ -53,6 +53,10 @@ def validate(config: Config, source: str = "config") -> Config:
     for name in config.get("methods", {}):
         _check_method(config, name, source)
     _check_lengths(config, source)
+    unknown = [m for m in config["report"]["compare_to"] or () if m not in config["methods"]]
+    if unknown:
+        raise MoaError(f"{source}: report.compare_to: {', '.join(unknown)} is not a configured method; "
+                       f"use names under `methods` ({', '.join(config['methods'])})")
     return config
 
 

@@ -1,6 +1,7 @@
 """`moa evaluate`: one composition on every task's test split in one job -> eval/{method}/{task}/
-predictions.parquet (every example's prompt, prediction, references, expert, cost) and metrics.parquet
-(method, task, metric, value, n), tracked in MLflow.
+predictions.parquet (every example's prompt, prediction, references, expert, cost and the per-example
+statistics of every metric, which the report's paired bootstrap resamples) and metrics.parquet (method,
+task, metric, value, n), tracked in MLflow.
 
 Every task's test prompts go through the engine as one stream, so a batch mixes tasks and each sequence
 is served by its own route (the oracle: its task's expert; MoA: its routed expert; merges: folded), as a
@@ -22,7 +23,7 @@ from moa.data.tasks import LABELS, Task, get_task
 from moa.generate import Generation, Request, Sampling, Served, score, serve
 from moa.io import atomic_dir
 from moa.layout import ExperimentPaths
-from moa.metrics import Score, router_accuracy, score_task
+from moa.metrics import Score, router_accuracy, score_task, statistics_columns
 from moa.tracking import StepResult
 
 DEFAULT_MAX_NEW_TOKENS = 128  # `moa generate` without a task
@@ -83,8 +84,7 @@ def run_scoring(config: Config, composed: Composed, task: Task, frame: pd.DataFr
     return score(composed.model, examples, None if expert is None else [expert] * len(examples), composed.router)
 
 
-def predictions_frame(frame: pd.DataFrame, composed: Composed, generations: list[Generation] | None,
-                      scores: list[tuple[float, int]] | None) -> pd.DataFrame:
+def predictions_frame(frame: pd.DataFrame, composed: Composed, generations: list[Generation] | None) -> pd.DataFrame:
     out = pd.DataFrame({"id": frame["id"].to_numpy(), "prompt": frame["prompt"].to_numpy(),
                         "references": [list(r) for r in frame["references"]]})
     if generations is not None:
@@ -95,29 +95,25 @@ def predictions_frame(frame: pd.DataFrame, composed: Composed, generations: list
         out["expert"] = [None if g.expert is None else composed.experts[g.expert] for g in generations]
     else:  # scored only (perplexity): nothing is generated
         out["prediction"] = None
-    if scores is not None:
-        out["nll"] = [s[0] for s in scores]
-        out["n_tokens"] = [s[1] for s in scores]
     return out
 
 
-def task_scores(task: Task, predictions: pd.DataFrame, composed: Composed,
-                served: Served | None) -> tuple[list[Score], dict]:
+def task_scores(task: Task, predictions: pd.DataFrame, composed: Composed, served: Served | None,
+                scores: list[tuple[float, int]] | None) -> tuple[list[Score], pd.DataFrame, dict]:
     """The task's metrics, then what serving it cost, and MoA's routing accuracy where one expert served
-    each sequence (not per_layer)."""
-    scored = "nll" in predictions
+    each sequence (not per_layer); the predictions with every metric's per-example statistics."""
     labels = list(LABELS.values()) if task.kind == "sentiment" else None
-    results, extra = score_task(task.kind, task.metrics, predictions["prediction"].fillna("").tolist(),
-                                predictions["references"].tolist(),
-                                predictions["nll"].tolist() if scored else None,
-                                predictions["n_tokens"].tolist() if scored else None, labels)
+    nll, n_tokens = (None, None) if scores is None else ([s[0] for s in scores], [s[1] for s in scores])
+    results, stats, extra = score_task(task.kind, task.metrics, predictions["prediction"].fillna("").tolist(),
+                                       predictions["references"].tolist(), nll, n_tokens, labels)
+    predictions = predictions.assign(**statistics_columns(stats))
     n = len(predictions)
     if served is not None:
         results += [*cost_scores(served), Score("latency_s", float(predictions["latency_s"].mean()), n)]
         if composed.router is not None and predictions["expert"].notna().all():
             results.append(Score("router_accuracy", router_accuracy(predictions["expert"].tolist(), [task.name] * n), n))
     results += [Score(k, float(v), n) for k, v in extra.items() if isinstance(v, (int, float))]
-    return results, extra
+    return results, predictions, extra
 
 
 def evaluate(config: Config, method: str, task: str | None = None) -> StepResult:
@@ -133,8 +129,9 @@ def evaluate(config: Config, method: str, task: str | None = None) -> StepResult
     paths, metrics, artifacts, lines = ExperimentPaths.of(config), {}, [], []
     for spec in tasks:
         scores = run_scoring(config, composed, spec, frames[spec.name]) if spec.scored else None
-        predictions = predictions_frame(frames[spec.name], composed, generated.get(spec.name), scores)
-        results, extra = task_scores(spec, predictions, composed, served if spec.name in generated else None)
+        predictions = predictions_frame(frames[spec.name], composed, generated.get(spec.name))
+        results, predictions, extra = task_scores(spec, predictions, composed,
+                                                  served if spec.name in generated else None, scores)
         table = pd.DataFrame([{"method": method, "task": spec.name, "metric": s.metric, "value": s.value, "n": s.n}
                               for s in results])
         info = {"method": params, "sampling": vars(sampling_settings(config, spec)) | {"stop": list(spec.stop)},

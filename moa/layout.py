@@ -9,7 +9,7 @@
                                 train_log.parquet, experts/{task}/
     compositions/{method}/      composition.json (+ a PEFT adapter and merge_report.json for merges)
     eval/{method}/{task}/       predictions.parquet, metrics.parquet, info.json
-    report/                     metrics.parquet, summary.md, {plot}.png
+    report/                     metrics.parquet, intervals.parquet, comparisons.parquet, summary.md, {plot}.png
     logs/, benchmarks/          every job's log and Snakemake benchmark
     mlflow-spool/               run records waiting for the workflow to log them
     .config/                    the validated config each workflow hands its jobs
@@ -42,6 +42,7 @@ class Plot(StrEnum):
 
     SCORES_HEATMAP = "scores_heatmap"
     MULTITASK_SCORE = "multitask_score"
+    DIFFERENCES = "differences"
     ROUTER_CONFUSION = "router_confusion"
     ROUTER_LAYER_ACCURACY = "router_layer_accuracy"
     ADAPTER_COSINE = "adapter_cosine"
@@ -162,6 +163,14 @@ class ExperimentPaths:
         return self.report / "metrics.parquet"
 
     @property
+    def report_intervals(self) -> Path:
+        return self.report / "intervals.parquet"
+
+    @property
+    def report_comparisons(self) -> Path:
+        return self.report / "comparisons.parquet"
+
+    @property
     def summary(self) -> Path:
         return self.report / "summary.md"
 
@@ -171,7 +180,8 @@ class ExperimentPaths:
     @property
     def report_files(self) -> list[Path]:
         """Everything report/ holds, for MLflow and for Snakemake's outputs."""
-        return [self.report_metrics, self.summary, *(self.plot(plot) for plot in Plot)]
+        return [self.report_metrics, self.report_intervals, self.report_comparisons, self.summary,
+                *(self.plot(plot) for plot in Plot)]
 
     # --- bookkeeping ---------------------------------------------------------------------------------
 

@@ -1,26 +1,36 @@
 """Evaluation metrics for moa tasks, each matching its reference implementation.
 
 ROUGE is rouge-score's, BLEU and chrF are sacrebleu's, SQuAD EM/F1 follow the official evaluate-v1.1.py.
-`score_task` computes a task's named metrics; values are on a 0-100 scale except perplexity.
+Every metric is computed from per-example statistics (`example_statistics`): the example's own value for
+metrics that are a mean over examples, sacrebleu's sufficient statistics for corpus BLEU and chrF, the
+summed nll and token count for perplexity. `aggregate` turns them into the metric of any weighting of the
+examples, so a bootstrap resample's corpus BLEU is recomputed exactly without sacrebleu (moa.stats), and
+`score_task` is the same computation on the test set itself. Values are on a 0-100 scale except perplexity.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from itertools import zip_longest
 
+import numpy as np
+import pandas as pd
 from sacrebleu.metrics import BLEU, CHRF
 
 from moa.errors import MoaError
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-KNOWN_METRICS = (*ROUGE_TYPES, "bleu", "chrf", "f1", "exact_match", "accuracy", "perplexity")
+MEAN_METRICS = (*ROUGE_TYPES, "f1", "exact_match", "accuracy")  # the mean of a per-example value
+KNOWN_METRICS = (*MEAN_METRICS, "bleu", "chrf", "perplexity")
+# metric -> the per-example statistics it is computed from: columns of predictions.parquet
+STATISTICS: dict[str, tuple[str, ...]] = {m: (m,) for m in MEAN_METRICS} | {
+    "bleu": ("bleu_stats",), "chrf": ("chrf_stats",), "perplexity": ("nll", "n_tokens")}
+Statistics = dict[str, np.ndarray]  # column -> [n] or [n, k], one row per example
 
 
 @dataclass(frozen=True)
@@ -57,20 +67,17 @@ def split_sentences(text: str) -> str:
     return "\n".join(s for s in sentences if s)
 
 
-def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """ROUGE-1/2/L/Lsum F-measure (rouge-score, Porter stemming) x100, averaged over examples; per example the
-    reference with the best F-measure counts. Texts are split with `split_sentences` first, which changes only
-    Lsum (rouge-score's tokenizer treats newlines as spaces)."""
+def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
+    """Each example's ROUGE-1/2/L/Lsum F-measure (rouge-score, Porter stemming) x100, with the reference of
+    the best F-measure. Texts are split with `split_sentences` first, which changes only Lsum (rouge-score's
+    tokenizer treats newlines as spaces)."""
     _check_pairs(predictions, references)
     from rouge_score import rouge_scorer  # imports nltk (~2 s): only the tasks scored by ROUGE pay for it
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for pred, refs in zip(predictions, references):
-        best = scorer.score_multi([split_sentences(r) for r in refs], split_sentences(pred))
-        for key in ROUGE_TYPES:
-            totals[key] += best[key].fmeasure
-    return {key: 100 * total / len(predictions) for key, total in totals.items()}
+    best = [scorer.score_multi([split_sentences(r) for r in refs], split_sentences(pred))
+            for pred, refs in zip(predictions, references)]
+    return {key: 100 * np.array([b[key].fmeasure for b in best]) for key in ROUGE_TYPES}
 
 
 # --- BLEU / chrF -----------------------------------------------------------------------------------
@@ -81,21 +88,52 @@ def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str | N
     return [list(stream) for stream in zip_longest(*references, fillvalue=None)]
 
 
-def _sacrebleu(metric: BLEU | CHRF, predictions: Sequence[str], references: Sequence[Sequence[str]],
-               ) -> tuple[float, str]:
+def _sacrebleu_statistics(metric: BLEU | CHRF, predictions: Sequence[str], references: Sequence[Sequence[str]],
+                          ) -> tuple[np.ndarray, str]:
+    """What sacrebleu's corpus_score sums over examples, one row per example (its own extraction, which
+    its paired significance tests use too), and the metric's signature."""
     _check_pairs(predictions, references)
-    result = metric.corpus_score(list(predictions), _reference_streams(references))
-    return result.score, str(metric.get_signature())
+    stats = metric._extract_corpus_statistics(list(predictions), _reference_streams(references))
+    return np.array(stats, dtype=np.int64), str(metric.get_signature())
 
 
-def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, str]:
-    """sacrebleu corpus BLEU (default 13a tokenizer) and its signature; any number of references per example."""
-    return _sacrebleu(BLEU(), predictions, references)
+def bleu_statistics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[np.ndarray, str]:
+    """Per example [hypothesis length, closest reference length, matches of 1..4-grams, 1..4-grams in the
+    hypothesis] for sacrebleu's corpus BLEU (13a tokenizer, exp smoothing), and its signature."""
+    return _sacrebleu_statistics(BLEU(), predictions, references)
 
 
-def chrf(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, str]:
-    """sacrebleu corpus chrF and its signature; any number of references per example."""
-    return _sacrebleu(CHRF(), predictions, references)
+def chrf_statistics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[np.ndarray, str]:
+    """Per example [hypothesis, reference, matching] character n-gram counts for n = 1..6 (the best
+    reference's) for sacrebleu's corpus chrF, and its signature."""
+    return _sacrebleu_statistics(CHRF(), predictions, references)
+
+
+def bleu_score(totals: np.ndarray) -> np.ndarray:
+    """sacrebleu's BLEU.compute_bleu (exp smoothing, no effective order) on summed statistics [..., 10]."""
+    totals = totals.astype(float)
+    sys_len, ref_len, correct, ngrams = totals[..., 0], totals[..., 1], totals[..., 2:6], totals[..., 6:10]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        brevity = np.where(sys_len < ref_len, np.where(sys_len > 0, np.exp(1 - ref_len / sys_len), 0.0), 1.0)
+        halvings = np.cumsum(correct == 0, axis=-1)  # each order without a match halves the next smoothed one
+        precision = np.where(correct > 0, 100 * correct / ngrams, 100 / (2.0 ** halvings * ngrams))
+        log_mean = np.log(precision).sum(axis=-1) / 4
+    # no match at all, or an order the hypotheses are too short to have (precision 0): BLEU is 0
+    zero = (correct.sum(axis=-1) == 0) | (ngrams == 0).any(axis=-1)
+    return np.where(zero, 0.0, brevity * np.exp(np.where(zero, 0.0, log_mean)))
+
+
+def chrf_score(totals: np.ndarray, beta: float = CHRF.BETA) -> np.ndarray:
+    """sacrebleu's chrF (effective-order averaging, its default) on summed statistics [..., 3 * orders]."""
+    counts = totals.astype(float).reshape(*totals.shape[:-1], -1, 3)
+    hyp, ref, match = counts[..., 0], counts[..., 1], counts[..., 2]
+    used = (hyp > 0) & (ref > 0)  # orders both sides have: the only ones averaged
+    with np.errstate(divide="ignore", invalid="ignore"):
+        orders = used.sum(axis=-1)
+        precision = np.where(used, match / hyp, 0.0).sum(axis=-1) / orders
+        recall = np.where(used, match / ref, 0.0).sum(axis=-1) / orders
+        f = (1 + beta**2) * precision * recall / (beta**2 * precision + recall)
+    return np.where((orders > 0) & (precision + recall > 0), 100 * f, 0.0)
 
 
 # --- SQuAD v1.1 (official evaluate-v1.1.py) -----------------------------------------------------------
@@ -173,14 +211,15 @@ def parse_label(text: str, labels: Sequence[str]) -> str | None:
 
 
 def _accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]], labels: Sequence[str] | None,
-              ) -> tuple[float, int]:
-    """Accuracy x100 of the parsed labels, and how many predictions held no label (counted wrong)."""
+              ) -> tuple[np.ndarray, int]:
+    """Each example's accuracy (100 if its parsed label is a reference, else 0), and how many predictions
+    held no label (counted wrong)."""
     labels = list(labels) if labels is not None else list(dict.fromkeys(r for refs in references for r in refs))
     if not labels:
         raise MoaError("accuracy needs at least one label to look for in the predictions")
     parsed = [parse_label(p, labels) for p in predictions]
-    correct = sum(p is not None and p.casefold() in {r.casefold() for r in refs} for p, refs in zip(parsed, references))
-    return 100 * correct / len(predictions), parsed.count(None)
+    correct = [p is not None and p.casefold() in {r.casefold() for r in refs} for p, refs in zip(parsed, references)]
+    return 100 * np.array(correct, dtype=float), parsed.count(None)
 
 
 def router_accuracy(chosen: Sequence[str], truth: Sequence[str]) -> float:
@@ -192,67 +231,104 @@ def router_accuracy(chosen: Sequence[str], truth: Sequence[str]) -> float:
 
 # --- perplexity ------------------------------------------------------------------------------------
 
-def _nll_per_token(nll: Sequence[float], n_tokens: Sequence[int]) -> float:
-    if not nll or len(nll) != len(n_tokens):
+def _likelihoods(nll: Sequence[float], n_tokens: Sequence[int]) -> Statistics:
+    """Each example's summed negative log-likelihood (nats) and token count: corpus perplexity is
+    exp(sum nll / sum n_tokens), so every token weighs the same."""
+    if not len(nll) or len(nll) != len(n_tokens):
         raise MoaError(f"perplexity needs equal, non-empty nll and n_tokens lists (got {len(nll)}, {len(n_tokens)})")
-    if any(n < 0 for n in n_tokens) or sum(n_tokens) == 0:
+    counts = np.asarray(n_tokens, dtype=np.int64)
+    if (counts < 0).any() or counts.sum() == 0:
         raise MoaError("perplexity needs non-negative token counts with a positive total")
-    return sum(nll) / sum(n_tokens)
-
-
-def perplexity(nll: Sequence[float], n_tokens: Sequence[int]) -> float:
-    """Corpus perplexity exp(sum nll / sum n_tokens): each example's summed negative log-likelihood (nats) and
-    its token count, so every token weighs the same; inf if it overflows."""
-    try:
-        return math.exp(_nll_per_token(nll, n_tokens))
-    except OverflowError:
-        return math.inf
+    return {"nll": np.asarray(nll, dtype=float), "n_tokens": counts}
 
 
 # --- a task's metrics ------------------------------------------------------------------------------
 
-def _mean(fn: Callable[[str, Sequence[str]], float], predictions: Sequence[str],
-          references: Sequence[Sequence[str]]) -> float:
-    return 100 * sum(fn(p, refs) for p, refs in zip(predictions, references)) / len(predictions)
+def _per_example(fn: Callable[[str, Sequence[str]], float], predictions: Sequence[str],
+                 references: Sequence[Sequence[str]]) -> np.ndarray:
+    return 100 * np.array([fn(p, refs) for p, refs in zip(predictions, references)], dtype=float)
 
 
-def _text_scores(kind: str, metrics: Sequence[str], predictions: Sequence[str],
-                 references: Sequence[Sequence[str]], labels: Sequence[str] | None) -> tuple[dict[str, float], dict]:
-    values: dict[str, float] = {}
+def _text_statistics(kind: str, metrics: Sequence[str], predictions: Sequence[str],
+                     references: Sequence[Sequence[str]], labels: Sequence[str] | None) -> tuple[Statistics, dict]:
+    stats: Statistics = {}
     extra: dict = {}
     if any(m in ROUGE_TYPES for m in metrics):
-        values |= rouge(predictions, references)
-    for name, fn in (("bleu", bleu), ("chrf", chrf)):
+        stats |= {k: v for k, v in rouge(predictions, references).items() if k in metrics}
+    for name, fn in (("bleu", bleu_statistics), ("chrf", chrf_statistics)):
         if name in metrics:
-            values[name], extra[f"{name}_signature"] = fn(predictions, references)
+            stats[f"{name}_stats"], extra[f"{name}_signature"] = fn(predictions, references)
     if "f1" in metrics:
-        values["f1"] = _mean(squad_f1, predictions, references)
+        stats["f1"] = _per_example(squad_f1, predictions, references)
     if "exact_match" in metrics:
-        values["exact_match"] = _mean(math_exact_match if kind == "math" else squad_exact_match,
-                                      predictions, references)
+        stats["exact_match"] = _per_example(math_exact_match if kind == "math" else squad_exact_match,
+                                            predictions, references)
     if "accuracy" in metrics:
-        values["accuracy"], extra["unparseable"] = _accuracy(predictions, references, labels)
-    return values, extra
+        stats["accuracy"], extra["unparseable"] = _accuracy(predictions, references, labels)
+    return stats, extra
 
 
-def score_task(kind: str, metrics: Sequence[str], predictions: list[str], references: list[list[str]],
-               nll: Sequence[float] | None = None, n_tokens: Sequence[int] | None = None,
-               labels: Sequence[str] | None = None) -> tuple[list[Score], dict]:
-    """The named metrics (in the given order) and extras: bleu/chrf signatures, the count of unparseable
-    predictions for accuracy, nll_per_token for perplexity. "exact_match" is GSM8K final-number match for
-    kind "math", SQuAD EM otherwise; "accuracy" looks for `labels` (default: the distinct references);
-    "perplexity" needs per-example nll and n_tokens instead of predictions."""
+def example_statistics(kind: str, metrics: Sequence[str], predictions: Sequence[str],
+                       references: Sequence[Sequence[str]], nll: Sequence[float] | None = None,
+                       n_tokens: Sequence[int] | None = None, labels: Sequence[str] | None = None,
+                       ) -> tuple[Statistics, dict]:
+    """The per-example statistics of the named metrics (`STATISTICS` says which columns each has) and
+    extras: bleu/chrf signatures, the count of unparseable predictions for accuracy, nll_per_token for
+    perplexity. "exact_match" is GSM8K final-number match for kind "math", SQuAD EM otherwise;
+    "accuracy" looks for `labels` (default: the distinct references); "perplexity" needs per-example nll
+    and n_tokens instead of predictions."""
     unknown = [m for m in metrics if m not in KNOWN_METRICS]
     if unknown or not metrics:
         raise MoaError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}: known are {', '.join(KNOWN_METRICS)}")
     text_metrics = [m for m in metrics if m != "perplexity"]
-    values, extra = {}, {}
+    stats, extra = {}, {}
     if text_metrics:
         _check_pairs(predictions, references)
-        values, extra = _text_scores(kind, text_metrics, predictions, references, labels)
+        stats, extra = _text_statistics(kind, text_metrics, predictions, references, labels)
     if "perplexity" in metrics:
         if nll is None or n_tokens is None:
             raise MoaError("perplexity needs the per-example nll and n_tokens of the references")
-        values["perplexity"] = perplexity(nll, n_tokens)
-        extra["nll_per_token"] = _nll_per_token(nll, n_tokens)
-    return [Score(m, values[m], len(nll) if m == "perplexity" else len(predictions)) for m in metrics], extra
+        stats |= _likelihoods(nll, n_tokens)
+        extra["nll_per_token"] = stats["nll"].sum() / stats["n_tokens"].sum()
+    return stats, extra
+
+
+def aggregate(metric: str, stats: Mapping[str, np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """The metric under each weighting of the examples: `weights` [R, n] says how often each example
+    counts (a bootstrap resample's draw counts; a row of ones is the test set itself) -> [R]. Corpus
+    metrics sum their statistics first, exactly as sacrebleu's corpus_score does; perplexity is inf
+    where it overflows."""
+    if metric == "perplexity":
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # inf, or NaN for 0 tokens drawn
+            return np.exp((weights @ stats["nll"]) / (weights @ stats["n_tokens"]))
+    if metric == "bleu":
+        return bleu_score(weights @ stats["bleu_stats"])
+    if metric == "chrf":
+        return chrf_score(weights @ stats["chrf_stats"])
+    return (weights @ stats[metric]) / weights.sum(axis=1)
+
+
+def score_task(kind: str, metrics: Sequence[str], predictions: Sequence[str], references: Sequence[Sequence[str]],
+               nll: Sequence[float] | None = None, n_tokens: Sequence[int] | None = None,
+               labels: Sequence[str] | None = None) -> tuple[list[Score], Statistics, dict]:
+    """The named metrics on the whole test set (in the given order), the per-example statistics they are
+    computed from and the extras (see `example_statistics`)."""
+    stats, extra = example_statistics(kind, metrics, predictions, references, nll, n_tokens, labels)
+    n = len(next(iter(stats.values())))
+    scores = [Score(m, float(aggregate(m, stats, np.ones((1, n)))[0]), n) for m in metrics]
+    return scores, stats, extra
+
+
+def statistics_columns(stats: Statistics) -> dict[str, np.ndarray | list[np.ndarray]]:
+    """Per-example statistics as columns of predictions.parquet ([n, k] ones as list columns)."""
+    return {name: list(values) if values.ndim == 2 else values for name, values in stats.items()}
+
+
+def read_statistics(frame: pd.DataFrame, metrics: Sequence[str], where: str) -> Statistics:
+    """The per-example statistics of `metrics` from a predictions table (`where` names it in errors)."""
+    columns = list(dict.fromkeys(c for m in metrics for c in STATISTICS[m]))
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise MoaError(f"{where}: no per-example statistics {', '.join(missing)} (written by an older moa?); "
+                       "rerun `moa evaluate` for this method and task")
+    return {c: np.stack(frame[c].to_numpy()) if frame[c].dtype == object else frame[c].to_numpy() for c in columns}

@@ -1,5 +1,6 @@
-"""The report step: results/{experiment}/report/ holds every evaluation in one long table (metrics.parquet),
-the reference study's summary table with the multitask ability score (summary.md) and PNG plots.
+"""The report step: results/{experiment}/report/ holds every evaluation in one long table (metrics.parquet), the
+paired bootstrap's intervals and comparisons (intervals.parquet, comparisons.parquet, see moa.stats), the
+summary with its verdict (summary.md) and PNG plots.
 
 Any input may be missing (a step not run yet, a failed job): what it would have fed is skipped or shown
 as "–", and the summary's notes say so, so a partial report is still a report.
@@ -13,53 +14,59 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure  # Figure.savefig renders PNGs with Agg; no pyplot global state
-from matplotlib.ticker import LogFormatter
+from matplotlib.figure import Figure
 from torch import Tensor
 
-from moa.config import Config
+from moa.compose.registry import Kind, method_of
+from moa.config import Config, method_params
 from moa.data.tasks import get_task
 from moa.io import atomic_dir, read_json
 from moa.layout import ADAPTER_WEIGHTS, MIXED, ROUTER_CONFIG, TRAIN_LOG, ExperimentPaths, Plot
 from moa.lora.peft_io import load_adapter
-from moa.metrics import higher_is_better
-from moa.tracking import StepResult
+from moa.metrics import read_statistics
+from moa.plots import (
+    label,
+    placeholder,
+    plot_confusion,
+    plot_cosine,
+    plot_differences,
+    plot_layer_accuracy,
+    plot_multitask,
+    plot_scores,
+    plot_train_loss,
+)
+from moa.stats import (
+    ALL_TASKS,
+    MULTITASK,
+    NORMALIZED,
+    ORACLE,
+    POWER,
+    Bootstrap,
+    Evaluated,
+    bootstrap,
+    comparisons,
+    intervals,
+)
+from moa.tracking import COMPARISON_TABLE, StepResult
 
 COLUMNS = ["method", "task", "metric", "value", "n"]
-LABELS = {"rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeLsum": "ROUGE-Lsum",
-          "bleu": "BLEU", "chrf": "chrF", "f1": "F1", "exact_match": "EM"}
 DPI = 120
-SCORE_NOTE = ("Task metrics on a 0–100 scale (perplexity: lower is better). Multitask score: the mean over tasks of "
-              "the method's representative metric (the first of each task) divided by the oracle's (inverted for "
-              "perplexity); oracle = 1.000, base is the floor.")
+DEFAULT_REFERENCES = ("moa", ORACLE)  # report.compare_to: null
+SCORE_NOTE = ("Task metrics on a 0–100 scale (perplexity: lower is better). Multitask score: the mean over the tasks "
+              "with signal of the method's representative metric (the first of each task) divided by the oracle's "
+              "(inverted for perplexity); oracle = 1.000, base is the floor.")
 
 
-def label(metric: str) -> str:
-    return LABELS.get(metric, metric)
+def references(config: Config) -> list[str]:
+    """The methods every other is compared with: report.compare_to, or moa and the oracle where configured."""
+    return config["report"]["compare_to"] or [m for m in DEFAULT_REFERENCES if m in config["methods"]]
 
 
-# --- scores ------------------------------------------------------------------------------------------
+def kinds(config: Config) -> dict[str, Kind]:
+    return {m: method_of(method_params(config, m)).kind for m in config["methods"]}
 
 
-def normalized_scores(metrics: pd.DataFrame, representative: Mapping[str, str],
-                      reference: str = "oracle") -> pd.DataFrame:
-    """Methods x tasks: each method's representative metric divided by the reference's (reference over
-    method where lower is better, i.e. perplexity), so the reference is 1.0 on every task."""
-    rows = metrics[metrics["metric"] == metrics["task"].map(representative)]
-    values = rows.set_index(["method", "task"])["value"].astype(float).unstack("task")
-    values = values.reindex(index=pd.unique(metrics["method"]), columns=list(representative))
-    ratios = values / (values.loc[reference] if reference in values.index else np.nan)
-    lower = [task for task, metric in representative.items() if not higher_is_better(metric)]
-    ratios[lower] = 1 / ratios[lower]
-    return ratios.replace([np.inf, -np.inf], np.nan)  # a zero denominator leaves the ratio undefined
-
-
-def multitask_scores(metrics: pd.DataFrame, representative: Mapping[str, str], reference: str = "oracle") -> pd.Series:
-    """The reference study's multitask ability score: the mean over tasks of `normalized_scores`; NaN for a
-    method missing any task, since a mean over the tasks it has would flatter it."""
-    scores = normalized_scores(metrics, representative, reference).mean(axis=1, skipna=False)
-    return scores.rename("multitask_score")
+# --- adapter similarity ------------------------------------------------------------------------------
 
 
 def _factors(state: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -102,8 +109,21 @@ def read_metrics(config: Config) -> tuple[pd.DataFrame, list[str]]:
         if missing:
             where = layout.metrics(method, "TASK").relative_to(layout.root)
             notes.append(f"`{method}` has no evaluation on {', '.join(missing)} ({where})")
-    empty = pd.DataFrame({"method": [], "task": [], "metric": [], "value": [], "n": []})
+    empty = pd.DataFrame({c: pd.Series(dtype=float if c == "value" else int if c == "n" else str) for c in COLUMNS})
     return pd.concat([empty, *frames], ignore_index=True).astype({"value": float}), notes
+
+
+def read_evaluations(config: Config) -> dict[tuple[str, str], Evaluated]:
+    """Every evaluation's test-row ids and per-example statistics (eval/{method}/{task}/predictions.parquet)."""
+    layout, evaluations = ExperimentPaths.of(config), {}
+    for task in config["tasks"]:
+        metrics = get_task(config, task).metrics
+        for method in config["methods"]:
+            path = layout.predictions(method, task)
+            if path.is_file():
+                frame = pd.read_parquet(path)
+                evaluations[method, task] = Evaluated(frame["id"].to_numpy(), read_statistics(frame, metrics, str(path)))
+    return evaluations
 
 
 def _parquet(path: Path) -> pd.DataFrame | None:
@@ -127,117 +147,86 @@ def train_logs(config: Config) -> dict[str, pd.DataFrame]:
     return {name: pd.read_parquet(p / TRAIN_LOG) for name, p in paths.items() if (p / TRAIN_LOG).is_file()}
 
 
-# --- plots -------------------------------------------------------------------------------------------
+# --- what the report computes --------------------------------------------------------------------------
 
 
-def _heatmap(ax: Axes, values: np.ndarray, rows: Sequence[str], columns: Sequence[str], fmt: str, cmap: str,
-             vmin: float, vmax: float) -> None:
-    """An annotated heatmap; each number is black or white, whichever reads on its cell's colour."""
-    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    tilt = len(columns) > 4
-    ax.set_xticks(range(len(columns)), columns, rotation=30 if tilt else 0, ha="right" if tilt else "center")
-    ax.set_yticks(range(len(rows)), rows)
-    for (i, j), value in np.ndenumerate(values):
-        r, g, b, _ = image.cmap(image.norm(value))
-        dark = not np.isnan(value) and 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # NaN cells are left blank
-        ax.text(j, i, "–" if np.isnan(value) else format(value, fmt), ha="center", va="center", fontsize=9,
-                color="white" if dark else "black")
-    ax.figure.colorbar(image, ax=ax, shrink=0.8)
+class Uncertainty:
+    """The bootstrap of one report and its two tables, with the lookups the summary and plots need."""
+
+    def __init__(self, config: Config, evaluations: Mapping[tuple[str, str], Evaluated]) -> None:
+        settings = config["report"]
+        self.alpha = settings["alpha"]
+        self.methods = list(config["methods"])
+        self.tasks = {task: get_task(config, task).metrics for task in config["tasks"]}
+        self.resamples = settings["bootstrap"]["resamples"]
+        self.references = references(config)
+        self.result: Bootstrap = bootstrap(evaluations, self.methods, self.tasks, self.resamples, config["seed"],
+                                           self.alpha)
+        self.intervals = intervals(self.result, self.alpha)
+        self.comparisons = comparisons(self.result, self.references, self.alpha)
+        self._figures = self.intervals.set_index(["method", "task", "metric"])
+        self._compared = self.comparisons.set_index(["method", "reference", "task", "metric"])
+
+    @property
+    def confidence(self) -> float:
+        return 1 - self.alpha
+
+    @property
+    def signal(self) -> list[str]:
+        return [t for t in self.tasks if t in self.result.items and t not in self.result.excluded]
+
+    def figure(self, method: str, task: str, metric: str) -> pd.Series | None:
+        key = (method, task, metric)
+        return self._figures.loc[key] if key in self._figures.index else None
+
+    def compared(self, method: str, reference: str, task: str = ALL_TASKS,
+                 metric: str = MULTITASK) -> pd.Series | None:
+        key = (method, reference, task, metric)
+        return self._compared.loc[key] if key in self._compared.index else None
+
+    def multitask(self) -> pd.DataFrame:
+        """Methods with a multitask score, best first: value, lo, hi."""
+        rows = self.intervals[self.intervals["metric"] == MULTITASK].set_index("method")[["value", "lo", "hi"]]
+        return rows.sort_values("value", ascending=False, kind="stable")
+
+    def normalized(self) -> pd.DataFrame:
+        """Methods x tasks: the oracle-normalized score on the test set (NaN where there is none)."""
+        rows = self.intervals[self.intervals["metric"] == NORMALIZED]
+        return rows.pivot(index="method", columns="task", values="value").reindex(index=self.methods,
+                                                                                  columns=list(self.tasks))
+
+    def resolution(self) -> str | None:
+        """Why no comparison can be significant, if so: the smallest bootstrap p-value is 2 / (B + 1), and Holm
+        multiplies the smallest of m by m."""
+        family = self.comparisons.groupby(["reference", "task", "metric"]).size().max() if len(self.comparisons) else 0
+        if family * 2 / (self.resamples + 1) < self.alpha:
+            return None
+        needed = int(np.ceil(2 * family / self.alpha))
+        return (f"with {self.resamples} resamples no p-value is below {2 / (self.resamples + 1):.4f}, so after Holm "
+                f"over {family} methods no difference can be significant at alpha {self.alpha:g}: raise "
+                f"report.bootstrap.resamples to at least {needed}")
+
+    def tasks_used(self) -> str:
+        """Which tasks the multitask score averages, in words."""
+        if not self.signal:
+            return "cannot be computed: no task carries signal"
+        left_out = f"; left out: {', '.join(self.result.excluded)}" if self.result.excluded else ""
+        return f"over {', '.join(self.signal)}{left_out}"
 
 
-def plot_scores(normalized: pd.DataFrame, representative: Mapping[str, str]) -> Figure:
-    fig = Figure(figsize=(1.4 * normalized.shape[1] + 3, 0.5 * len(normalized) + 2))
-    ax = fig.subplots()
-    top = max(1.0, float(np.nanmax(normalized.to_numpy())))
-    _heatmap(ax, normalized.to_numpy(), list(normalized.index),
-             [f"{task}\n{label(metric)}" for task, metric in representative.items()], ".2f", "RdYlGn", 0.0, top)
-    ax.set_title("Score relative to oracle (representative metric; perplexity inverted)")
-    ax.set_xlabel("task")
-    ax.set_ylabel("method")
-    return fig
+# --- the summary ---------------------------------------------------------------------------------------
 
 
-def plot_multitask(scores: pd.Series) -> Figure:
-    fig = Figure(figsize=(0.8 * len(scores) + 3, 4.5))
-    ax = fig.subplots()
-    colors = ["tab:red" if m == "base" else "tab:green" if m == "oracle" else "tab:blue" for m in scores.index]
-    bars = ax.bar(scores.index, scores.fillna(0).to_numpy(), color=colors)
-    ax.bar_label(bars, [format(s, ".3f") if np.isfinite(s) else "n/a" for s in scores], fontsize=9, padding=3)
-    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="oracle = 1.000")
-    if np.isfinite(scores.get("base", np.nan)):
-        ax.axhline(scores["base"], color="tab:red", linestyle=":", linewidth=1, label="base (floor)")
-    ax.set_title("Multitask ability score (mean over tasks of method / oracle)")
-    ax.set_ylabel("multitask score")
-    ax.set_ylim(0, 1.25 * max(1.0, float(np.nanmax(scores.to_numpy(), initial=1.0))))  # room for the legend
-    ax.tick_params(axis="x", labelrotation=30)
-    ax.legend(loc="upper left", ncols=2)
-    return fig
+def _fmt(value: object, digits: int, sign: bool = False) -> str:
+    if value is None or not np.isfinite(float(value)):
+        return "–"
+    return format(float(value), f"{'+' if sign else ''}.{digits}f").replace("-", "−")
 
 
-def plot_confusion(confusion: pd.DataFrame, tasks: Sequence[str]) -> Figure:
-    """Routed confusion per whole-sequence strategy: what inference without labels does."""
-    routed = confusion[confusion["routing"] == "routed"]
-    strategies = list(pd.unique(routed["strategy"]))
-    fig = Figure(figsize=(4.2 * len(strategies) + 1, 0.5 * len(tasks) + 3))
-    for ax, strategy in zip(np.atleast_1d(fig.subplots(1, len(strategies))), strategies):
-        counts = routed[routed["strategy"] == strategy].pivot_table(
-            index="true_task", columns="predicted_task", values="count", aggfunc="sum", fill_value=0)
-        counts = counts.reindex(index=tasks, columns=tasks, fill_value=0).to_numpy(dtype=float)
-        _heatmap(ax, counts, tasks, tasks, ".0f", "Blues", 0.0, max(counts.max(), 1.0))
-        ax.set_title(f"strategy `{strategy}` (routed): {100 * np.trace(counts) / max(counts.sum(), 1):.1f}% correct")
-        ax.set_xlabel("predicted task")
-        ax.set_ylabel("true task")
-    fig.suptitle("Router confusion on held-out prompts")
-    return fig
-
-
-def plot_layer_accuracy(evaluation: pd.DataFrame, n_tasks: int) -> Figure:
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    layers = evaluation[(evaluation["strategy"] == "layer") & (evaluation["task"] == "all")]
-    for routing, rows in layers.groupby("routing", sort=False):
-        rows = rows.sort_values("layer")
-        ax.plot(rows["layer"].astype(int), 100 * rows["value"], marker="o", markersize=3,
-                label=str(routing).replace("_", "-"))
-    ax.axhline(100 / n_tasks, color="gray", linestyle=":", label=f"chance (1/{n_tasks})")
-    ax.set_title("Routing accuracy of each layer's router (held-out prompts)")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(loc="lower right")
-    return fig
-
-
-def plot_cosine(tasks: Sequence[str], cosine: np.ndarray) -> Figure:
-    fig = Figure(figsize=(0.9 * len(tasks) + 3, 0.8 * len(tasks) + 2))
-    ax = fig.subplots()
-    _heatmap(ax, cosine, tasks, tasks, ".3f", "coolwarm", -1.0, 1.0)
-    ax.set_title("Cosine similarity of task adapters' updates ΔW = s·B·A")
-    return fig
-
-
-def plot_train_loss(logs: Mapping[str, pd.DataFrame]) -> Figure:
-    fig = Figure(figsize=(8, 5))
-    ax = fig.subplots()
-    for name, log in logs.items():
-        (line,) = ax.plot(log["step"], log["loss"], linewidth=1, label=name)
-        val = log.dropna(subset=["val_loss"]) if "val_loss" in log else log.iloc[:0]
-        ax.plot(val["step"], val["val_loss"], "o", color=line.get_color(), markersize=5)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter("{x:g}")  # "0.1", not "10^-1" nor "1e-01"
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
-    ax.set_title("Training loss (lines) and validation loss (markers)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend(title="adapter")
-    return fig
-
-
-# --- summary -----------------------------------------------------------------------------------------
-
-
-def _fmt(value: object, digits: int) -> str:
-    return format(float(value), f".{digits}f") if value is not None and np.isfinite(float(value)) else "–"
+def _with_interval(row: pd.Series | None, digits: int, sign: bool = False, value: str = "value") -> str:
+    if row is None or not np.isfinite(row[value]):
+        return "–"
+    return f"{_fmt(row[value], digits, sign)} [{_fmt(row['lo'], digits, sign)}, {_fmt(row['hi'], digits, sign)}]"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -246,21 +235,138 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def score_table(config: Config, metrics: pd.DataFrame, scores: pd.Series) -> list[str]:
-    columns = [(task, metric) for task in config["tasks"] for metric in get_task(config, task).metrics]
+def score_table(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty) -> list[str]:
+    """Every task metric of every method with its interval, and the multitask score."""
+    columns = [(task, metric) for task, names in uncertainty.tasks.items() for metric in names]
     values = metrics.drop_duplicates(["method", "task", "metric"]).set_index(["method", "task", "metric"])["value"]
     header = ["method", *(f"{task} {label(metric)}" for task, metric in columns), "multitask score"]
-    rows = [[method, *(_fmt(values.get((method, *c)), 2) for c in columns), _fmt(scores.get(method), 3)]
+
+    def cell(method: str, task: str, metric: str) -> str:
+        row = uncertainty.figure(method, task, metric)
+        return _with_interval(row, 2) if row is not None else _fmt(values.get((method, task, metric)), 2)
+
+    rows = [[method, *(cell(method, *c) for c in columns), _with_interval(uncertainty.figure(method, ALL_TASKS,
+                                                                                               MULTITASK), 3)]
             for method in config["methods"]]
     return markdown_table(header, rows)
 
 
-COST_METRICS = {"new_tokens_per_s": ("decoding tokens/s", 1), "latency_s": ("latency per sequence (s)", 2),
+def _difference(row: pd.Series | None, digits: int = 3) -> str:
+    """A paired difference, its interval and Holm-adjusted p; bold where significant."""
+    if row is None:
+        return "–"
+    text = f"{_with_interval(row, digits, sign=True, value='difference')}, p {_fmt(row['p_holm'], 3)}"
+    return f"**{text}**" if row["significant"] else text
+
+
+def multitask_table(uncertainty: Uncertainty) -> list[str]:
+    scores = uncertainty.multitask()
+    header = ["method", "multitask score", f"{uncertainty.confidence:.0%} interval",
+              *(f"minus `{r}` (p Holm)" for r in uncertainty.references)]
+    rows = [[f"`{m}`", _fmt(row["value"], 3), f"[{_fmt(row['lo'], 3)}, {_fmt(row['hi'], 3)}]",
+             *(_difference(uncertainty.compared(m, r)) for r in uncertainty.references)]
+            for m, row in scores.iterrows()]
+    rows += [[f"`{m}`", "–", "–", *("–" for _ in uncertainty.references)] for m in uncertainty.methods
+             if m not in scores.index]
+    return markdown_table(header, rows)
+
+
+def per_task_table(uncertainty: Uncertainty, reference: str) -> list[str]:
+    """Each method's normalized score minus the reference's, per task with signal."""
+    header = ["method", *uncertainty.signal]
+    rows = [[f"`{m}`", *(_difference(uncertainty.compared(m, reference, t, NORMALIZED), 2) for t in uncertainty.signal)]
+            for m in uncertainty.methods if m != reference]
+    return markdown_table(header, rows)
+
+
+def _names(methods: Sequence[str]) -> str:
+    return ", ".join(f"`{m}`" for m in methods) or "none"
+
+
+def verdict(uncertainty: Uncertainty, kinds: Mapping[str, Kind]) -> list[str]:
+    """The answer in words: which merges are indistinguishable from each reference (alpha, after Holm), the
+    best merge and its gap, where the first reference matters per task, and what the test sizes can detect."""
+    result, alpha = uncertainty.result, uncertainty.alpha
+    if not uncertainty.signal:
+        return [("No task carries signal (on none does the oracle beat base beyond the interval of their difference; "
+                 "each task's reason is under Multitask score), so there is no multitask score and nothing to decide.")]
+    if not result.multitask:
+        return [(f"No method was evaluated on every task with signal ({', '.join(uncertainty.signal)}): nothing to "
+                 "decide.")]
+    merges = [m for m in uncertainty.multitask().index if kinds[m] == Kind.MERGE]
+    sizes = sorted({result.items[t] for t in uncertainty.signal})
+    span = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+    first = (f"- Multitask score {uncertainty.tasks_used()} ({span} test items per task, {uncertainty.resamples} "
+             f"paired resamples); alpha {alpha:g}, Holm-corrected over the methods compared with each reference.")
+    lines = [first]
+    if not merges:
+        return lines + ["- No merge was evaluated on every task with signal."]
+    for reference in uncertainty.references:
+        rows = {m: uncertainty.compared(m, reference) for m in merges}
+        rows = {m: row for m, row in rows.items() if row is not None}
+        if not rows:
+            lines.append(f"- `{reference}` has no multitask score: no comparison with it.")
+            continue
+        same = [m for m, row in rows.items() if not row["significant"]]
+        worse = [f"`{m}` ({_with_interval(row, 3, True, 'difference')})" for m, row in rows.items()
+                 if row["significant"] and row["difference"] < 0]
+        better = [f"`{m}` ({_with_interval(row, 3, True, 'difference')})" for m, row in rows.items()
+                  if row["significant"] and row["difference"] > 0]
+        lines.append(f"- **Merges vs `{reference}`**: indistinguishable: {_names(same)}; worse: "
+                     f"{', '.join(worse) or 'none'}; better: {', '.join(better) or 'none'}.")
+    best = merges[0]
+    lines.append(f"- **Best merge**: `{best}`, {_with_interval(uncertainty.figure(best, ALL_TASKS, MULTITASK), 3)}"
+                 + "".join(f"; minus `{r}`: {_difference(uncertainty.compared(best, r))}"
+                           for r in uncertainty.references if uncertainty.compared(best, r) is not None) + ".")
+    lines += _per_task_verdict(uncertainty, merges)
+    lines += _detectable_verdict(uncertainty, merges)
+    return lines
+
+
+def _per_task_verdict(uncertainty: Uncertainty, merges: Sequence[str]) -> list[str]:
+    if not uncertainty.references:
+        return []
+    reference, parts = uncertainty.references[0], []
+    for task in uncertainty.signal:
+        rows = {m: uncertainty.compared(m, reference, task, NORMALIZED) for m in merges}
+        rows = {m: r for m, r in rows.items() if r is not None}
+        if not rows:
+            continue
+        below = [m for m, r in rows.items() if r["significant"] and r["difference"] < 0]
+        above = [m for m, r in rows.items() if r["significant"] and r["difference"] > 0]
+        if below or above:
+            worst = min(rows, key=lambda m: rows[m]["difference"])
+            parts.append(f"{task}: {len(below)} of {len(rows)} merges below, {len(above)} above (largest gap "
+                         f"`{worst}` {_fmt(rows[worst]['difference'], 2, True)})")
+        else:
+            detectable = np.nanmedian([r["detectable"] for r in rows.values()])
+            parts.append(f"{task}: no merge differs (detectable: about {_fmt(detectable, 2)})")
+    return [f"- **Per task, merges vs `{reference}`** (normalized score): {'; '.join(parts)}."] if parts else []
+
+
+def _detectable_verdict(uncertainty: Uncertainty, merges: Sequence[str]) -> list[str]:
+    sizes = []
+    for reference in uncertainty.references:
+        detectable = [row["detectable"] for m in merges if (row := uncertainty.compared(m, reference)) is not None]
+        if detectable:
+            sizes.append(f"{_fmt(np.nanmedian(detectable), 3)} to `{reference}`")
+    if not sizes:
+        return []
+    text = (f"- **What these test sizes can decide**: a multitask difference smaller than about {', '.join(sizes)} "
+            f"(median over the merges of (z_{{1-alpha/2}} + z_{POWER:g}) x the bootstrap standard error of the "
+            f"difference: {POWER:.0%} power, before Holm) is likely to be missed, so \"indistinguishable\" means "
+            "that no difference of about that size was shown, not that the methods are equal.")
+    return [text]
+
+
+COST_METRICS = {"new_tokens_per_s": ("generated tokens/s", 1), "decode_tokens_per_s": ("decoding tokens/s", 1),
+                "prompt_tokens_per_s": ("prefill tokens/s", 0), "latency_s": ("latency per sequence (s)", 2),
                 "router_accuracy": ("router accuracy (%)", 2)}
 
 
 def cost_table(config: Config, metrics: pd.DataFrame) -> list[str]:
-    """What each method costs at decoding (means over the generated tasks) and how well MoA routes."""
+    """What each method costs at decoding and how well MoA routes: the throughputs are the whole mixed-task
+    stream's (the same for every task), latency and routing accuracy the means over the generated tasks."""
     means = metrics[metrics["metric"].isin(list(COST_METRICS))].groupby(["method", "metric"])["value"].mean()
     rows = [[method, *(_fmt(means.get((method, m)), digits) for m, (_, digits) in COST_METRICS.items())]
             for method in config["methods"]]
@@ -285,27 +391,26 @@ def router_summary(evaluation: pd.DataFrame, router_config: Mapping[str, object]
 # --- the step ----------------------------------------------------------------------------------------
 
 
-def placeholder(name: str, reason: str) -> Figure:
-    """A plot with nothing to show: its title and why, so a reader of the PNG alone knows."""
-    figure = Figure(figsize=(6, 2))
-    ax = figure.subplots()
-    ax.axis("off")
-    ax.set_title(name.replace("_", " "))
-    ax.text(0.5, 0.5, f"no data: {reason}", ha="center", va="center", wrap=True)
-    return figure
-
-
-def figures(config: Config, normalized: pd.DataFrame, scores: pd.Series, evaluation: pd.DataFrame | None,
+def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame | None,
             confusion: pd.DataFrame | None, cosine: tuple[list[str], np.ndarray] | None) -> dict[Plot, Figure | str]:
     """Each plot's figure, or why it was skipped."""
     tasks = list(config["tasks"])
-    representative = {task: get_task(config, task).metric for task in tasks}
+    representative = {task: names[0] for task, names in uncertainty.tasks.items()}
+    normalized, scores, method_kinds = uncertainty.normalized(), uncertainty.multitask(), kinds(config)
     logs = train_logs(config)
     paths = ExperimentPaths.of(config)
+    reference = uncertainty.references[0] if uncertainty.references else None
+    differences = uncertainty.comparisons[uncertainty.comparisons["reference"] == reference].assign(
+        panel=lambda t: np.where(t["task"] == ALL_TASKS, "multitask score", t["task"]))
+    differences = differences.sort_values("task", key=lambda t: t != ALL_TASKS, kind="stable")  # the headline first
     return {
-        Plot.SCORES_HEATMAP: plot_scores(normalized, representative) if normalized.notna().to_numpy().any()
-        else "no method has an oracle-normalized score",
-        Plot.MULTITASK_SCORE: plot_multitask(scores) if scores.notna().any() else "no method has scores on every task",
+        Plot.SCORES_HEATMAP: plot_scores(normalized, representative, uncertainty.result.excluded)
+        if normalized.notna().to_numpy().any() else "no method has an oracle-normalized score",
+        Plot.MULTITASK_SCORE: plot_multitask(scores, method_kinds, uncertainty.confidence, uncertainty.tasks_used())
+        if len(scores) else f"no method has a multitask score ({uncertainty.tasks_used()})",
+        Plot.DIFFERENCES: plot_differences(differences, list(scores.index) + uncertainty.methods, method_kinds,
+                                           reference, uncertainty.confidence, uncertainty.alpha)
+        if len(differences) else "no method to compare with a reference (report.compare_to)",
         Plot.ROUTER_CONFUSION: plot_confusion(confusion, tasks)
         if confusion is not None and (confusion["routing"] == "routed").any()
         else f"no routed {paths.router_confusion.relative_to(paths.root)}",
@@ -316,54 +421,106 @@ def figures(config: Config, normalized: pd.DataFrame, scores: pd.Series, evaluat
     }
 
 
-def summary(config: Config, metrics: pd.DataFrame, normalized: pd.DataFrame, scores: pd.Series,
-            evaluation: pd.DataFrame | None, router_config: Mapping[str, object], plots: Mapping[Plot, Figure | str],
-            notes: list[str]) -> str:
-    paths = ExperimentPaths.of(config)
-    lines = [f"# Report: {config['experiment']}", "", "## Scores", "", *score_table(config, metrics, scores), "",
-             SCORE_NOTE, "", "## Cost", "", *cost_table(config, metrics), "",
-             "Means over the tasks with generated answers (batched greedy decoding, the batch size of `evaluation`).",
-             "", "## Router", ""]
+def summary(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty, evaluation: pd.DataFrame | None,
+            router_config: Mapping[str, object], plots: Mapping[Plot, Figure | str], notes: list[str]) -> str:
+    paths, result = ExperimentPaths.of(config), uncertainty.result
+    brackets = (f"Brackets: {uncertainty.confidence:.0%} paired bootstrap percentile intervals over the test items "
+                f"({uncertainty.resamples} resamples, seed {config['seed']}); every figure is recomputed inside each "
+                "resample, the same items for every method.")
+    lines = [f"# Report: {config['experiment']}", "", "## Verdict", "", *verdict(uncertainty, kinds(config)), "",
+             "## Multitask score", "", f"Multitask score {uncertainty.tasks_used()}.", ""]
+    if result.multitask:
+        lines += [*multitask_table(uncertainty), "", brackets + " Differences: method minus reference, in bold where "
+                  f"significant at alpha {uncertainty.alpha:g} after Holm's correction.", ""]
+    lines += [f"- Left out of the multitask score, {task}: {why}; its raw metrics are in the table below."
+              for task, why in result.excluded.items()]
+    if uncertainty.references and uncertainty.signal:
+        reference = uncertainty.references[0]
+        lines += ["", f"## Per task: normalized score minus `{reference}`", "", *per_task_table(uncertainty, reference)]
+    lines += ["", "## Scores", "", *score_table(config, metrics, uncertainty), "", SCORE_NOTE + " " + brackets, "",
+              "## Cost", "", *cost_table(config, metrics), "",
+              "Each composition serves every task's test prompts as one stream (continuous batching, "
+              "`evaluation.batch_size` sequences in flight): tokens/s are the stream's (generated tokens over its "
+              "wall time, over its decoding steps alone; prompt tokens over its prefills), latency and router "
+              "accuracy the means over the tasks with generated answers.",
+              "", "## Router", ""]
     lines += router_summary(evaluation, router_config) if evaluation is not None \
         else [f"No router evaluation ({paths.router_eval.relative_to(paths.root)}): run `moa train-router` first."]
     lines += ["", "## Plots", "", *(f"![{name}]({paths.plot(name).name})" for name, p in plots.items()
                                     if isinstance(p, Figure))]
-    notes = notes + [f"`{method}` multitask score is – (no normalized score on "
-                     f"{', '.join(normalized.columns[normalized.loc[method].isna()])})"
-                     for method in scores.index[scores.isna()]]
+    notes = notes + [f"`{method}` has no multitask score: no evaluation on {', '.join(tasks)}"
+                     for method, tasks in result.missing.items()]
+    notes += [resolution] if (resolution := uncertainty.resolution()) else []
     notes += [f"{paths.plot(name).name} skipped (it says why): {plot}" for name, plot in plots.items()
               if isinstance(plot, str)]
     return "\n".join(lines + (["", "## Notes", "", *(f"- {note}" for note in notes)] if notes else [])) + "\n"
 
 
-def with_normalized(metrics: pd.DataFrame, normalized: pd.DataFrame, representative: Mapping[str, str]) -> pd.DataFrame:
+def with_normalized(metrics: pd.DataFrame, uncertainty: Uncertainty) -> pd.DataFrame:
     """`metrics` plus a `normalized` column: the ratio to the oracle on each task's representative metric."""
-    long = normalized.rename_axis(index="method").reset_index().melt("method", var_name="task", value_name="normalized")
-    long["metric"] = long["task"].map(representative)
-    return metrics.merge(long, on=["method", "task", "metric"], how="left")
+    normalized = uncertainty.intervals[uncertainty.intervals["metric"] == NORMALIZED]
+    representative = {task: names[0] for task, names in uncertainty.tasks.items()}
+    normalized = normalized.assign(metric=normalized["task"].map(representative))[["method", "task", "metric", "value"]]
+    return metrics.merge(normalized.rename(columns={"value": "normalized"}), on=["method", "task", "metric"],
+                         how="left")
+
+
+def tracked_metrics(uncertainty: Uncertainty) -> dict[str, float]:
+    """The report run's MLflow metrics: every figure with its bounds ("{task}.{metric}.{method}", ".lo", ".hi";
+    "multitask_score.{method}"), every comparison's difference, bounds and p-values ("vs_{reference}.{figure}.
+    {method}", ".lo", ".hi", ".p", ".p_holm")."""
+    tracked: dict[str, float] = {}
+    for row in uncertainty.intervals.itertuples():
+        key = f"{MULTITASK}.{row.method}" if row.metric == MULTITASK else f"{row.task}.{row.metric}.{row.method}"
+        tracked |= {key: row.value, f"{key}.lo": row.lo, f"{key}.hi": row.hi}
+    for row in uncertainty.comparisons.itertuples():
+        figure = MULTITASK if row.metric == MULTITASK else f"{row.task}.{row.metric}"
+        key = f"vs_{row.reference}.{figure}.{row.method}"
+        tracked |= {key: row.difference, f"{key}.lo": row.lo, f"{key}.hi": row.hi, f"{key}.p": row.p,
+                    f"{key}.p_holm": row.p_holm}
+    return tracked
+
+
+def comparison_table(uncertainty: Uncertainty, method_kinds: Mapping[str, Kind]) -> pd.DataFrame:
+    """One row per method, best first, for MLflow's table view (mlflow.log_table): kind, multitask score and
+    interval, the difference to each reference with its Holm-adjusted p, and each task's representative metric."""
+    scores = uncertainty.multitask()
+    scores = scores.reindex([*scores.index, *(m for m in uncertainty.methods if m not in scores.index)])
+    table = pd.DataFrame({"method": scores.index, "kind": [str(method_kinds[m]) for m in scores.index],
+                          "multitask_score": scores["value"].to_numpy(), "lo": scores["lo"].to_numpy(),
+                          "hi": scores["hi"].to_numpy()})
+    for reference in uncertainty.references:
+        rows = [uncertainty.compared(m, reference) for m in scores.index]
+        table[f"minus_{reference}"] = [np.nan if r is None else r["difference"] for r in rows]
+        table[f"p_holm_vs_{reference}"] = [np.nan if r is None else r["p_holm"] for r in rows]
+    for task, names in uncertainty.tasks.items():
+        rows = [uncertainty.figure(m, task, names[0]) for m in scores.index]
+        table[f"{task}.{names[0]}"] = [np.nan if r is None else r["value"] for r in rows]
+    return table.round(4)  # for reading; the Parquet files keep every digit
 
 
 def build_report(config: Config) -> StepResult:
-    """Write results/{experiment}/report/ (metrics.parquet, summary.md, PNGs) atomically."""
-    paths, methods = ExperimentPaths.of(config), list(config["methods"])
-    representative = {task: get_task(config, task).metric for task in config["tasks"]}
+    """Write results/{experiment}/report/ (metrics, intervals, comparisons, summary.md, PNGs) atomically."""
+    paths = ExperimentPaths.of(config)
     metrics, notes = read_metrics(config)
-    normalized = normalized_scores(metrics, representative).reindex(methods)
-    scores = multitask_scores(metrics, representative).reindex(methods)
+    uncertainty = Uncertainty(config, read_evaluations(config))
     evaluation, confusion = _parquet(paths.router_eval), _parquet(paths.router_confusion)
     router_file = paths.moa / ROUTER_CONFIG
     router_config = read_json(router_file, "rerun `moa train-router`") if router_file.is_file() else {}
     cosine = task_adapter_cosine(config)
     if cosine and len(cosine[0]) < len(config["tasks"]):
         notes.append(f"{paths.plot(Plot.ADAPTER_COSINE).name} covers only the trained adapters: {', '.join(cosine[0])}")
-    plots = figures(config, normalized, scores, evaluation, confusion, cosine)
+    plots = figures(config, uncertainty, evaluation, confusion, cosine)
     with atomic_dir(paths.report) as tmp:
-        with_normalized(metrics, normalized, representative).to_parquet(tmp / paths.report_metrics.name, index=False)
+        with_normalized(metrics, uncertainty).to_parquet(tmp / paths.report_metrics.name, index=False)
+        uncertainty.intervals.to_parquet(tmp / paths.report_intervals.name, index=False)
+        uncertainty.comparisons.to_parquet(tmp / paths.report_comparisons.name, index=False)
         for name, plot in plots.items():  # every PNG is written (the workflow declares them all)
             figure = plot if isinstance(plot, Figure) else placeholder(name, plot)
-            figure.tight_layout()
+            if figure.get_layout_engine() is None:  # a figure with a suptitle lays itself out (constrained)
+                figure.tight_layout()
             figure.savefig(tmp / paths.plot(name).name, dpi=DPI)
-        text = summary(config, metrics, normalized, scores, evaluation, router_config, plots, notes)
+        text = summary(config, metrics, uncertainty, evaluation, router_config, plots, notes)
         (tmp / paths.summary.name).write_text(text)
-    return StepResult(paths.report, metrics={f"multitask_score.{m}": v for m, v in scores.items()},
-                      artifacts=paths.report_files)
+    return StepResult(paths.report, metrics=tracked_metrics(uncertainty), artifacts=paths.report_files,
+                      tables={COMPARISON_TABLE: comparison_table(uncertainty, kinds(config))})

@@ -78,8 +78,9 @@ STEPS: dict[str, Step] = {
     "report": Step(
         build_report, (),
         lambda c: {"methods": {m: method_params(c, m) for m in c["methods"]}, "tasks": c["tasks"],
-                   "order": [list(c["methods"]), list(c["tasks"])]},
-        "collect every evaluation -> report/metrics.parquet, summary.md and PNG plots"),
+                   "order": [list(c["methods"]), list(c["tasks"])], "report": c["report"], "seed": c["seed"]},
+        "collect every evaluation -> report/metrics.parquet; paired bootstrap intervals and comparisons against "
+        "report.compare_to -> intervals.parquet, comparisons.parquet; summary.md with the verdict; PNG plots"),
 }
 
 
@@ -97,5 +98,5 @@ def run_step(name: str, config: Config, **arguments: str) -> StepResult:
     run = ":".join([name, ",".join(wildcards.values())]) if wildcards else name
     tags = {"moa.step": name} | {f"moa.{k}": v for k, v in arguments.items() if v is not None}
     log_step(config, run, tags, step.reads(config, **wildcards), curves=result.curves, artifacts=result.artifacts,
-             metrics=result.metrics)
+             metrics=result.metrics, tables=result.tables)
     return result

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import pandas as pd
 
@@ -36,6 +36,10 @@ SPOOL_ENV = "MOA_MLFLOW_SPOOL"  # set by the workflow: steps leave their runs th
 MLFLOW_RUN_NAME = "mlflow.runName"
 MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview ("Traces: 0"); moa's are model
+# training, whose runs table is the view that compares them.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+COMPARISON_TABLE = "comparison.json"  # the report run's table (mlflow.log_table): one row per method
 STARTED_MS = int(time.time() * 1000)  # a step imports this module as it starts: its run's start time
 
 
@@ -48,6 +52,7 @@ class StepResult:
     artifacts: Sequence[Path] = ()
     curves: pd.DataFrame | None = None  # per-step metrics (a `step` column), e.g. a training log
     summary: str | None = None  # a line for the CLI to print after "wrote {path}"
+    tables: Mapping[str, pd.DataFrame] = field(default_factory=dict)  # artifact file -> MLflow's table view
 
 
 def tracking_uri(config: Config) -> str:
@@ -78,13 +83,14 @@ def _warn(what: str, err: Exception) -> None:
 
 def log_step(config: Config, name: str, tags: Mapping[str, str], params: Mapping[str, Any],
              curves: pd.DataFrame | None = None, artifacts: Sequence[Path] = (),
-             metrics: Mapping[str, float] | None = None) -> None:
+             metrics: Mapping[str, float] | None = None, tables: Mapping[str, pd.DataFrame] | None = None) -> None:
     """One run `name` ("{step}:{wildcards}") with its tags, params, per-step metric curves, final
-    metrics and artifacts; a child of the workflow's parent run when PARENT_RUN_ENV is set. Inside a
-    workflow (SPOOL_ENV set) the run is written to the spool for the workflow to log."""
+    metrics, artifacts and tables (mlflow.log_table); a child of the workflow's parent run when
+    PARENT_RUN_ENV is set. Inside a workflow (SPOOL_ENV set) the run is written to the spool for the
+    workflow to log."""
     if not config["tracking"]["enabled"]:
         return
-    record = _run_record(config, name, tags, params, curves, artifacts, metrics or {})
+    record = _run_record(config, name, tags, params, curves, artifacts, metrics or {}, tables or {})
     if spool := os.environ.get(SPOOL_ENV):
         path = Path(spool) / f"{record['end_time']}-{os.getpid()}-{name.replace('/', '_')}.json"
         with atomic_file(path) as tmp:
@@ -109,10 +115,12 @@ class RunRecord(TypedDict):
     artifacts: list[str]
     start_time: int
     end_time: int
+    tables: NotRequired[dict[str, dict[str, list]]]  # artifact file -> DataFrame.to_dict("split") (JSON-safe)
 
 
 def _run_record(config: Config, name: str, tags: Mapping[str, str], params: Mapping[str, Any],
-                curves: pd.DataFrame | None, artifacts: Sequence[Path], final: Mapping[str, float]) -> RunRecord:
+                curves: pd.DataFrame | None, artifacts: Sequence[Path], final: Mapping[str, float],
+                tables: Mapping[str, pd.DataFrame]) -> RunRecord:
     now = int(time.time() * 1000)
     metrics = [] if curves is None else [
         (key, float(value), now, int(row["step"]))
@@ -122,7 +130,8 @@ def _run_record(config: Config, name: str, tags: Mapping[str, str], params: Mapp
     return RunRecord(uri=tracking_uri(config), experiment=config["experiment"],
                      artifact_location=_artifact_location(config), name=name, tags=_run_tags(config, name, tags),
                      params=flatten(params), metrics=metrics, artifacts=[str(Path(a).resolve()) for a in artifacts],
-                     start_time=STARTED_MS, end_time=now)
+                     start_time=STARTED_MS, end_time=now,
+                     tables={file: json.loads(table.to_json(orient="split", index=False)) for file, table in tables.items()})
 
 
 def _artifact_location(config: Config) -> str:
@@ -131,9 +140,11 @@ def _artifact_location(config: Config) -> str:
 
 def _experiment_id(client: Any, name: str, artifact_location: str) -> str:
     experiment = client.get_experiment_by_name(name)
-    if experiment:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND]))
+    if EXPERIMENT_KIND[0] not in experiment.tags:  # created by an older moa, or by hand
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def git_commit() -> str | None:
@@ -179,6 +190,8 @@ def log_record(client: Any, record: RunRecord) -> None:
             client.log_batch(run_id, metrics=metrics[i:i + 1000])
         for path in record["artifacts"]:
             client.log_artifact(run_id, path)
+        for file, table in record.get("tables", {}).items():
+            client.log_table(run_id, pd.DataFrame(table["data"], columns=table["columns"]), file)
         client.set_terminated(run_id, end_time=record["end_time"])
     except Exception:
         with contextlib.suppress(Exception):  # no half-logged run; a retry logs it whole
@@ -265,10 +278,29 @@ def start_workflow_run(config: Config) -> str | None:
 
 
 def end_workflow_run(config: Config, run_id: str | None, status: str) -> None:
-    """Close the parent run with "FINISHED" or "FAILED" (Snakemake's onsuccess / onerror)."""
+    """Close the parent run with "FINISHED" or "FAILED" (Snakemake's onsuccess / onerror), and say where to
+    look at the runs."""
     if run_id is None:
         return
     try:
-        _client(tracking_uri(config)).set_terminated(run_id, status)
+        client = _client(tracking_uri(config))
+        client.set_terminated(run_id, status)
+        log.warning("moa: %s", browse_hint(client, tracking_uri(config), client.get_run(run_id).info.experiment_id))
     except Exception as err:  # noqa: BLE001 -- see log_step
         _warn("the workflow run", err)
+
+
+def browse_hint(client: Any, uri: str, experiment_id: str) -> str:
+    """Where the runs are in MLflow's UI: its runs table in the model-training view (MLflow 3 opens on the GenAI
+    one unless the link says `workflowType=machine_learning`), and the latest report's comparison table."""
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    runs = f"{server}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    lines = [f"MLflow: {runs}"]
+    if not uri.startswith(("http://", "https://")):
+        lines[0] += f" after `mlflow ui --backend-store-uri {uri}`"
+    reports = client.search_runs([experiment_id], "attributes.run_name = 'report'", max_results=1,
+                                 order_by=["attributes.start_time DESC"])
+    if reports:
+        lines.append(f"the report's comparison: {server}/#/experiments/{experiment_id}/runs/{reports[0].info.run_id}"
+                     f"/artifacts/{COMPARISON_TABLE}?workflowType=machine_learning")
+    return "\n".join(lines)

@@ -179,6 +179,9 @@ def test_evaluate_writes_predictions_and_metrics_for_every_task(experiment: Path
             continue
         costs = {"new_tokens_per_s", "decode_tokens_per_s", "prompt_tokens_per_s", "latency_s"}
         assert costs <= set(metrics.metric) and set(metrics[~metrics.metric.isin(costs)].n) == {len(predictions)}
+        values = metrics.set_index("metric").value  # per-example statistics, of which each metric is the mean
+        metric = {"qa": "f1", "sentiment": "accuracy"}[task]
+        assert predictions[metric].mean() == pytest.approx(values[metric]) and predictions[metric].between(0, 100).all()
         assert (predictions.new_tokens <= 6).all() and (predictions.latency_s > 0).all()
         assert ("router_accuracy" in set(metrics.metric)) == (method == "moa")
         expected = {"moa": set(TASKS), "oracle": {task}, "svd": {None}}[method]  # who served each prompt

@@ -1,7 +1,11 @@
-"""moa.metrics against rouge-score and sacrebleu called directly, and against hand-computed official values."""
+"""moa.metrics against rouge-score and sacrebleu called directly, and against hand-computed official values;
+per-example statistics recompute any resample's corpus BLEU and chrF as sacrebleu does."""
 
 import math
+from itertools import zip_longest
 
+import numpy as np
+import pandas as pd
 import pytest
 import sacrebleu
 import yaml
@@ -12,21 +16,23 @@ from moa.config import SCHEMA_PATH
 from moa.data.tasks import BUILTIN, get_task
 from moa.errors import MoaError
 from moa.metrics import (
+    STATISTICS,
     Score,
-    bleu,
-    chrf,
+    aggregate,
+    example_statistics,
     final_number,
     higher_is_better,
     math_exact_match,
     normalize_answer,
     parse_label,
-    perplexity,
+    read_statistics,
     rouge,
     router_accuracy,
     score_task,
     split_sentences,
     squad_exact_match,
     squad_f1,
+    statistics_columns,
 )
 
 PREDICTIONS = ["The cats were sitting on the mat. It was sunny!", "", "Police arrested two men on Tuesday."]
@@ -44,12 +50,12 @@ def test_rouge_matches_rouge_score_with_max_over_references() -> None:
     got = rouge(PREDICTIONS, REFERENCES)
     for key in ("rouge1", "rouge2", "rougeL"):
         best = [max(scorer.score(r, p)[key].fmeasure for r in refs) for p, refs in zip(PREDICTIONS, REFERENCES)]
-        assert got[key] == pytest.approx(100 * sum(best) / len(best))
+        np.testing.assert_allclose(got[key], 100 * np.array(best), rtol=1e-12)
     assert set(got) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
 
 
 def test_rouge_empty_prediction_scores_zero() -> None:
-    assert rouge([""], [["Some reference text."]]) == dict.fromkeys(["rouge1", "rouge2", "rougeL", "rougeLsum"], 0.0)
+    assert all(v.tolist() == [0.0] for v in rouge([""], [["Some reference text."]]).values())
 
 
 def test_rouge_lsum_splits_sentences_like_pre_split_text() -> None:
@@ -59,7 +65,7 @@ def test_rouge_lsum_splits_sentences_like_pre_split_text() -> None:
                             "The cat sat on the mat.\nThen it slept!\nDid it dream?")["rougeLsum"].fmeasure
     unsplit = scorer.score(ref, pred)["rougeLsum"].fmeasure
     assert expected != pytest.approx(unsplit)  # the splitting matters
-    assert rouge([pred], [[ref]])["rougeLsum"] == pytest.approx(100 * expected)
+    assert rouge([pred], [[ref]])["rougeLsum"][0] == pytest.approx(100 * expected)
 
 
 def test_split_sentences_rule() -> None:
@@ -71,16 +77,21 @@ def test_split_sentences_rule() -> None:
 
 # --- BLEU / chrF -----------------------------------------------------------------------------------
 
+def corpus(metric: str, predictions: list[str], references: list[list[str]]) -> tuple[float, str]:
+    scores, _, extra = score_task("translation", [metric], predictions, references)
+    return scores[0].value, extra[f"{metric}_signature"]
+
+
 def test_bleu_and_chrf_match_sacrebleu_single_reference() -> None:
     preds = ["Der Hund bellt laut.", "Ich habe heute keine Zeit.", ""]
     refs = [["Der Hund bellt sehr laut."], ["Heute habe ich keine Zeit."], ["Guten Morgen."]]
     streams = [[r[0] for r in refs]]
     reference = sacrebleu.metrics.BLEU()
     expected = reference.corpus_score(preds, streams).score
-    assert bleu(preds, refs) == (pytest.approx(expected), str(reference.get_signature()))
+    assert corpus("bleu", preds, refs) == (pytest.approx(expected, rel=1e-13), str(reference.get_signature()))
     assert str(reference.get_signature()).startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|")
-    value, signature = chrf(preds, refs)
-    assert value == pytest.approx(sacrebleu.corpus_chrf(preds, streams).score)
+    value, signature = corpus("chrf", preds, refs)
+    assert value == pytest.approx(sacrebleu.corpus_chrf(preds, streams).score, rel=1e-13)
     assert signature.startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no")
 
 
@@ -89,16 +100,55 @@ def test_bleu_ragged_references_pad_with_none() -> None:
     refs = [["there is a cat on the mat", "the cat is on the mat"], ["the quick brown fox jumped"]]
     streams = [["there is a cat on the mat", "the quick brown fox jumped"], ["the cat is on the mat", None]]
     expected = sacrebleu.metrics.BLEU().corpus_score(preds, streams).score
-    value, signature = bleu(preds, refs)
-    assert value == pytest.approx(expected)
+    value, signature = corpus("bleu", preds, refs)
+    assert value == pytest.approx(expected, rel=1e-13)
     assert signature.startswith("nrefs:var|")
     # the second reference of example 0 is an exact match: more references can only help
-    assert value > bleu(preds, [refs[0][:1], refs[1]])[0]
-    assert chrf(preds, refs)[0] == pytest.approx(sacrebleu.metrics.CHRF().corpus_score(preds, streams).score)
+    assert value > corpus("bleu", preds, [refs[0][:1], refs[1]])[0]
+    assert corpus("chrf", preds, refs)[0] == pytest.approx(
+        sacrebleu.metrics.CHRF().corpus_score(preds, streams).score, rel=1e-13)
 
 
 def test_bleu_perfect_multi_reference() -> None:
-    assert bleu(["a b c d e"], [["x y z", "a b c d e"]])[0] == pytest.approx(100.0)
+    assert corpus("bleu", ["a b c d e"], [["x y z", "a b c d e"]])[0] == pytest.approx(100.0)
+
+
+def random_corpus(n: int, seed: int) -> tuple[list[str], list[list[str]]]:
+    """Short and long sentences over a small vocabulary, 1-3 references each: every BLEU branch occurs in
+    its subsets (no 4-gram match, too few words for a 4-gram, empty hypotheses, brevity penalty)."""
+    rng = np.random.default_rng(seed)
+    vocab = ["der", "die", "das", "Hund", "Katze", "bellt", "schläft", "laut", "heute", "nicht", ",", "."]
+
+    def sentence() -> str:
+        return " ".join(rng.choice(vocab, size=rng.integers(0, 9)))
+
+    refs = [[sentence() or "Hund" for _ in range(rng.integers(1, 4))] for _ in range(n)]
+    preds = [r[0] if rng.random() < 0.2 else sentence() for r in refs]
+    return preds, refs
+
+
+@pytest.mark.parametrize("metric", ["bleu", "chrf"])
+def test_corpus_metrics_of_any_resample_equal_sacrebleu(metric: str) -> None:
+    """A bootstrap resample's corpus score, from the summed per-example statistics, is sacrebleu's corpus
+    score of the resampled examples (exact up to numpy's exp/log, which may differ from libm's in the last
+    bit); on the full set the summed statistics are sacrebleu's own, integer for integer."""
+    preds, refs = random_corpus(40, seed=0)
+    stats, _ = example_statistics("translation", [metric], preds, refs)
+    reference = sacrebleu.metrics.BLEU() if metric == "bleu" else sacrebleu.metrics.CHRF()
+    streams = [list(s) for s in zip_longest(*refs)]
+    full = reference._extract_corpus_statistics(preds, streams)
+    np.testing.assert_array_equal(stats[f"{metric}_stats"].sum(axis=0), np.sum(full, axis=0))
+    rng = np.random.default_rng(1)
+    draws = [rng.integers(0, len(preds), size=rng.integers(1, 12)) for _ in range(300)]
+    weights = np.stack([np.bincount(d, minlength=len(preds)) for d in draws]).astype(float)
+    got = aggregate(metric, stats, np.vstack([np.ones(len(preds)), weights]))
+    expected = [reference.corpus_score(preds, streams).score]
+    for d in draws:
+        picked = [refs[i] for i in d]
+        expected.append(reference.corpus_score([preds[i] for i in d],
+                                               [list(s) for s in zip_longest(*picked)]).score)
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13)
+    assert 0 < np.mean(np.array(expected) == 0) < 0.5  # not vacuous: zero and non-zero scores both occur
 
 
 # --- SQuAD -----------------------------------------------------------------------------------------
@@ -124,10 +174,12 @@ def test_squad_exact_match_and_f1() -> None:
 
 def test_score_task_qa_corpus_level() -> None:
     preds, refs = ["The cat sat on a mat", "Denver"], [["cat on the mat"], ["Denver Broncos", "Denver"]]
-    scores, extra = score_task("qa", ["f1", "exact_match"], preds, refs)
+    scores, stats, extra = score_task("qa", ["f1", "exact_match"], preds, refs)
     # f1: (6/7 + 1) / 2 x100; EM: (0 + 1) / 2 x100
     assert scores == [Score("f1", pytest.approx(100 * (6 / 7 + 1) / 2), 2), Score("exact_match", 50.0, 2)]
     assert extra == {}
+    np.testing.assert_allclose(stats["f1"], [600 / 7, 100.0])
+    np.testing.assert_array_equal(stats["exact_match"], [0.0, 100.0])
 
 
 # --- GSM8K -----------------------------------------------------------------------------------------
@@ -156,13 +208,13 @@ def test_math_exact_match() -> None:
     assert math_exact_match("#### 18", ["18"]) == 1.0  # moa's math references are the bare final number
     assert math_exact_match("The answer is 17", ["#### 18"]) == 0.0
     assert math_exact_match("I don't know", ["18"]) == 0.0
-    scores, _ = score_task("math", ["exact_match"], ["#### 5", "it is 6", "no idea"], [["5"], ["7"], ["1"]])
+    scores, _, _ = score_task("math", ["exact_match"], ["#### 5", "it is 6", "no idea"], [["5"], ["7"], ["1"]])
     assert scores == [Score("exact_match", pytest.approx(100 / 3), 3)]
 
 
 def test_exact_match_is_squad_for_other_kinds() -> None:
     # "#### 5" normalizes to "5" under SQuAD rules; "five 5" does not, although its last number is 5
-    scores, _ = score_task("custom", ["exact_match"], ["#### 5", "five 5"], [["5"], ["5"]])
+    scores, _, _ = score_task("custom", ["exact_match"], ["#### 5", "five 5"], [["5"], ["5"]])
     assert scores[0].value == 50.0
 
 
@@ -181,11 +233,12 @@ def test_parse_label() -> None:
 def test_accuracy_counts_unparseable() -> None:
     preds = ["Positive", "negative review", "I cannot tell", "positive"]
     refs = [["positive"], ["negative"], ["negative"], ["negative"]]
-    scores, extra = score_task("sentiment", ["accuracy"], preds, refs)
+    scores, stats, extra = score_task("sentiment", ["accuracy"], preds, refs)
     assert scores == [Score("accuracy", 50.0, 4)]  # 2 of 4 right; the unparseable one counts as wrong
+    assert stats["accuracy"].tolist() == [100.0, 100.0, 0.0, 0.0]
     assert extra == {"unparseable": 1}
     # labels given explicitly: "neutral" is then a label, not unparseable
-    _, extra = score_task("sentiment", ["accuracy"], ["neutral"], [["positive"]], labels=["positive", "neutral"])
+    _, _, extra = score_task("sentiment", ["accuracy"], ["neutral"], [["positive"]], labels=["positive", "neutral"])
     assert extra == {"unparseable": 0}
 
 
@@ -201,31 +254,34 @@ def test_router_accuracy() -> None:
 
 def test_perplexity_is_token_weighted() -> None:
     # 12 nats over 5 tokens: exp(2.4); the mean of per-example perplexities would be (e^2 + e^2.5) / 2
-    assert perplexity([2.0, 10.0], [1, 4]) == pytest.approx(math.exp(2.4))
-    assert perplexity([1e6], [1]) == math.inf
-    scores, extra = score_task("dialogue", ["perplexity"], [], [], nll=[2.0, 10.0], n_tokens=[1, 4])
+    scores, stats, extra = score_task("dialogue", ["perplexity"], [], [], nll=[2.0, 10.0], n_tokens=[1, 4])
     assert scores == [Score("perplexity", pytest.approx(math.exp(2.4)), 2)]
     assert extra == {"nll_per_token": pytest.approx(2.4)}
+    assert stats["n_tokens"].tolist() == [1, 4]
+    assert score_task("dialogue", ["perplexity"], [], [], nll=[1e6], n_tokens=[1])[0][0].value == math.inf
+    # a resample drawing the second example twice: exp((10 + 10) / 8)
+    assert aggregate("perplexity", stats, np.array([[0.0, 2.0]]))[0] == pytest.approx(math.exp(2.5))
 
 
 @pytest.mark.parametrize(("nll", "n_tokens"), [([], []), ([1.0], [1, 2]), ([1.0], [0]), ([1.0, 1.0], [2, -1])])
 def test_perplexity_errors(nll: list[float], n_tokens: list[int]) -> None:
     with pytest.raises(MoaError):
-        perplexity(nll, n_tokens)
+        score_task("dialogue", ["perplexity"], [], [], nll=nll, n_tokens=n_tokens)
 
 
 # --- score_task ------------------------------------------------------------------------------------
 
 def test_score_task_summarization_order_and_values() -> None:
-    scores, extra = score_task("summarization", ["rougeL", "rouge1"], PREDICTIONS, REFERENCES)
+    scores, stats, extra = score_task("summarization", ["rougeL", "rouge1"], PREDICTIONS, REFERENCES)
     expected = rouge(PREDICTIONS, REFERENCES)
-    assert scores == [Score("rougeL", expected["rougeL"], 3), Score("rouge1", expected["rouge1"], 3)]
-    assert extra == {}
+    assert scores == [Score("rougeL", pytest.approx(expected["rougeL"].mean()), 3),
+                      Score("rouge1", pytest.approx(expected["rouge1"].mean()), 3)]
+    assert extra == {} and set(stats) == {"rougeL", "rouge1"}  # only the statistics of the metrics asked for
 
 
 def test_score_task_translation_signatures() -> None:
     preds, refs = ["Guten Tag."], [["Guten Tag!"]]
-    scores, extra = score_task("translation", ["bleu", "chrf"], preds, refs)
+    scores, _, extra = score_task("translation", ["bleu", "chrf"], preds, refs)
     assert [s.metric for s in scores] == ["bleu", "chrf"]
     assert scores[0].value == pytest.approx(sacrebleu.corpus_bleu(preds, [["Guten Tag!"]]).score)
     assert extra["bleu_signature"].startswith("nrefs:1|") and extra["chrf_signature"].startswith("nrefs:1|")
@@ -257,3 +313,20 @@ def test_task_metric_names_are_known() -> None:
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     custom = set(schema["$defs"]["task"]["properties"]["metric"]["enum"])
     assert used | custom <= set(metrics.KNOWN_METRICS)
+
+
+def test_statistics_round_trip_through_parquet(tmp_path) -> None:
+    """What evaluate writes to predictions.parquet is what the report reads back, for every kind of column."""
+    preds, refs = random_corpus(6, seed=2)
+    stats, _ = example_statistics("translation", ["bleu", "chrf", "rouge1"], preds, refs)
+    stats |= example_statistics("dialogue", ["perplexity"], [], [], nll=[1.5] * 6, n_tokens=[3] * 6)[0]
+    path = tmp_path / "predictions.parquet"
+    pd.DataFrame({"id": range(6)} | statistics_columns(stats)).to_parquet(path)
+    back = read_statistics(pd.read_parquet(path), ["bleu", "chrf", "rouge1", "perplexity"], str(path))
+    assert back.keys() == stats.keys()
+    for name, values in stats.items():
+        np.testing.assert_array_equal(back[name], values)
+        assert back[name].shape == values.shape
+    with pytest.raises(MoaError, match=r"predictions.parquet: no per-example statistics f1 .*rerun `moa evaluate`"):
+        read_statistics(pd.read_parquet(path), ["f1"], str(path))
+    assert set(STATISTICS) == set(metrics.KNOWN_METRICS)

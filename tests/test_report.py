@@ -1,9 +1,11 @@
-"""The report: multitask scores (perplexity inverted), the factored adapter cosine, and a full report built
-from a hand-written results tree, with and without its optional inputs."""
+"""The report: multitask scores (perplexity inverted) and their paired bootstrap from per-example statistics, the
+verdict, the factored adapter cosine, and a full report built from a hand-written results tree, with and without
+its optional inputs."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,41 +14,64 @@ import pytest
 import torch
 
 from moa.config import Config, validate
+from moa.errors import MoaError
 from moa.layout import MIXED, ExperimentPaths, Plot
 from moa.lora import AdapterConfig, write_adapter
-from moa.report import adapter_cosine, build_report, multitask_scores, normalized_scores
+from moa.metrics import STATISTICS, aggregate, statistics_columns
+from moa.report import adapter_cosine, build_report
 from moa.routing import Upstream
+from moa.stats import ALL_TASKS, MULTITASK
 from moa.train.router import router_report
 
 TASKS = ["qa", "sentiment", "dialogue"]
-REPRESENTATIVE = {"qa": "f1", "sentiment": "accuracy", "dialogue": "perplexity"}
+N = 50  # test items per task
 SCORES = {  # method -> task -> metric -> value; svd was never evaluated on dialogue
     "oracle": {"qa": {"f1": 80.0, "exact_match": 70.0}, "sentiment": {"accuracy": 90.0},
                "dialogue": {"perplexity": 5.0}},
-    "base": {"qa": {"f1": 20.0, "exact_match": 10.0}, "sentiment": {"accuracy": 45.0},
+    "base": {"qa": {"f1": 20.0, "exact_match": 10.0}, "sentiment": {"accuracy": 46.0},
              "dialogue": {"perplexity": 20.0}},
-    "moa": {"qa": {"f1": 84.0, "exact_match": 72.5, "unparseable": 1.0}, "sentiment": {"accuracy": 90.0},
+    "moa": {"qa": {"f1": 84.0, "exact_match": 72.0}, "sentiment": {"accuracy": 90.0},
             "dialogue": {"perplexity": 4.0}},
     "svd": {"qa": {"f1": 60.0, "exact_match": 50.0}, "sentiment": {"accuracy": 72.0}},
 }
+MULTITASK_BASE = (20 / 80 + 46 / 90 + 5 / 20) / 3  # perplexity: oracle / method
+MULTITASK_MOA = (84 / 80 + 1.0 + 5 / 4) / 3
 
 
-def long_metrics(scores: dict = SCORES) -> pd.DataFrame:
-    return pd.DataFrame([{"method": m, "task": t, "metric": k, "value": v, "n": 50}
-                         for m, tasks in scores.items() for t, values in tasks.items() for k, v in values.items()])
+def example_stats(task: str, values: dict[str, float], n: int = N) -> dict[str, np.ndarray]:
+    """Per-example statistics with the given means: the first k items right (100), the rest wrong (0); a
+    perplexity of p from n_tokens 10 and nll 10 ln p per item."""
+    if task == "dialogue":
+        return {"nll": np.full(n, 10 * np.log(values["perplexity"])), "n_tokens": np.full(n, 10)}
+    return {m: np.where(np.arange(n) < round(v * n / 100), 100.0, 0.0) for m, v in values.items()}
 
 
-def make_config(tmp_path: Path) -> Config:
+def write_evaluation(config: Config, method: str, task: str, stats: dict[str, np.ndarray],
+                     ids: list[str] | None = None, extra: dict[str, float] | None = None) -> None:
+    """eval/{method}/{task}/: predictions.parquet with the statistics, metrics.parquet computed from them."""
+    n = len(next(iter(stats.values())))
+    paths = ExperimentPaths.of(config)
+    paths.evaluation(method, task).mkdir(parents=True)
+    metrics = [m for m in STATISTICS if set(STATISTICS[m]) <= stats.keys()]
+    values = {m: float(aggregate(m, stats, np.ones((1, n)))[0]) for m in metrics} | (extra or {})
+    pd.DataFrame([{"method": method, "task": task, "metric": m, "value": v, "n": n} for m, v in values.items()]
+                 ).to_parquet(paths.metrics(method, task), index=False)
+    pd.DataFrame({"id": ids or [f"{task}-{i}" for i in range(n)], "prompt": "p", "prediction": "x",
+                  "references": [["r"]] * n} | statistics_columns(stats)).to_parquet(paths.predictions(method, task))
+
+
+def make_config(tmp_path: Path, **report: object) -> Config:
     return validate({"experiment": "t", "results_dir": str(tmp_path),
                      "tasks": {t: {"source": {"type": "synthetic"}} for t in TASKS},
-                     "methods": {"base": None, "oracle": None, "moa": None, "svd": {"method": "svd"}}})
+                     "methods": {"base": None, "oracle": None, "moa": None, "svd": {"method": "svd"}},
+                     "report": {"bootstrap": {"resamples": 400}} | report})
 
 
-def write_metrics(config: Config) -> None:
-    for (method, task), rows in long_metrics().groupby(["method", "task"]):
-        path = ExperimentPaths.of(config).metrics(method, task)
-        path.parent.mkdir(parents=True)
-        rows.to_parquet(path, index=False)
+def write_metrics(config: Config, scores: dict = SCORES) -> None:
+    for method, tasks in scores.items():
+        for task, values in tasks.items():
+            write_evaluation(config, method, task, example_stats(task, values),
+                             extra={"unparseable": 1.0} if (method, task) == ("moa", "qa") else None)
 
 
 def write_router(config: Config, n_layers: int = 6, n: int = 60) -> None:
@@ -111,22 +136,6 @@ def full(tmp_path: Path) -> Config:
     return config
 
 
-def test_multitask_scores_by_hand() -> None:
-    scores = multitask_scores(long_metrics(), REPRESENTATIVE)
-    assert scores["oracle"] == 1.0
-    assert scores["base"] == pytest.approx((20 / 80 + 45 / 90 + 5 / 20) / 3)  # perplexity: oracle / method
-    assert scores["moa"] == pytest.approx((84 / 80 + 1.0 + 5 / 4) / 3)
-    assert np.isnan(scores["svd"])  # no dialogue score: no mean over the tasks it happens to have
-    normalized = normalized_scores(long_metrics(), REPRESENTATIVE)
-    assert list(normalized.columns) == TASKS and list(normalized.index) == list(SCORES)
-    assert normalized.loc["svd", "sentiment"] == pytest.approx(0.8)
-
-
-def test_multitask_scores_without_reference_are_nan() -> None:
-    scores = multitask_scores(long_metrics({k: v for k, v in SCORES.items() if k != "oracle"}), REPRESENTATIVE)
-    assert scores.isna().all()
-
-
 def test_adapter_cosine_matches_dense() -> None:
     # different ranks and scalings; the second adapter lacks v_proj (zero there in the concatenated vector)
     states = [lora_state(2, seed=1), lora_state(4, seed=2, modules=("q_proj",))]
@@ -153,14 +162,27 @@ def test_build_report(full: Config) -> None:
     out = build_report(full).path
     assert out == ExperimentPaths.of(full).report
     text = (out / "summary.md").read_text()
+    intervals = pd.read_parquet(out / "intervals.parquet").set_index(["method", "task", "metric"])
+
+    def cell(method: str, task: str, metric: str, digits: int = 2) -> str:
+        value, lo, hi = intervals.loc[method, task, metric][["value", "lo", "hi"]]
+        return f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
     header = "| method | qa F1 | qa EM | sentiment accuracy | dialogue perplexity | multitask score |"
     assert header in text
-    assert "| base | 20.00 | 10.00 | 45.00 | 20.00 | 0.333 |" in text
-    assert "| oracle | 80.00 | 70.00 | 90.00 | 5.00 | 1.000 |" in text
-    assert f"| moa | 84.00 | 72.50 | 90.00 | 4.00 | {(1.05 + 1 + 1.25) / 3:.3f} |" in text
-    assert "| svd | 60.00 | 50.00 | 72.00 | – | – |" in text
+    assert intervals.loc["base", ALL_TASKS, MULTITASK]["value"] == pytest.approx(MULTITASK_BASE)
+    assert intervals.loc["moa", ALL_TASKS, MULTITASK]["value"] == pytest.approx(MULTITASK_MOA)
+    assert intervals.loc["oracle", ALL_TASKS, MULTITASK][["value", "lo", "hi"]].tolist() == [1.0, 1.0, 1.0]
+    base = [cell("base", "qa", "f1"), cell("base", "qa", "exact_match"), cell("base", "sentiment", "accuracy"),
+            "20.00 [20.00, 20.00]", cell("base", ALL_TASKS, MULTITASK, 3)]
+    assert f"| base | {' | '.join(base)} |" in text
+    assert base[0].startswith("20.00 [") and base[-1].startswith(f"{MULTITASK_BASE:.3f} [")
+    assert "| svd | 60.00 [" in text and text.split("| svd |")[-1].split("\n")[0].endswith("| – | – |")
     assert "`svd` has no evaluation on dialogue" in text
-    assert "`svd` multitask score is – (no normalized score on dialogue)" in text
+    assert "`svd` has no multitask score: no evaluation on dialogue" in text
+    assert "Multitask score over qa, sentiment, dialogue." in text
+    verdict = text.split("## Verdict")[1].split("## Multitask score")[0]
+    assert "No merge was evaluated on every task with signal." in verdict  # svd lacks dialogue
     assert "Router parameters: 1,234 (type linear, pooling mean, mode routers, eta 1.0)" in text
     assert "| `last` |" in text and "| `vote` |" in text and "each layer's router (mean)" in text
     assert "skipped" not in text
@@ -170,32 +192,131 @@ def test_build_report(full: Config) -> None:
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
     table = pd.read_parquet(out / "metrics.parquet")
     assert list(table.columns) == ["method", "task", "metric", "value", "n", "normalized"]
-    assert len(table) == len(long_metrics())
+    assert len(table) == sum(len(v) for tasks in SCORES.values() for v in tasks.values()) + 1  # + unparseable
     normalized = table.set_index(["method", "task", "metric"])["normalized"]
     assert normalized["base", "dialogue", "perplexity"] == pytest.approx(0.25)
     assert normalized["oracle", "qa", "f1"] == 1.0
     assert np.isnan(normalized["base", "qa", "exact_match"]) and np.isnan(normalized["moa", "qa", "unparseable"])
-    assert {p.name for p in out.iterdir()} == {"metrics.parquet", "summary.md", *(f"{n}.png" for n in Plot)}
+    # the bootstrap's values on the test set are the evaluations' own metrics
+    merged = table.merge(intervals.reset_index(), on=["method", "task", "metric"], suffixes=("", "_bootstrap"))
+    assert len(merged) == len(table) - 1
+    np.testing.assert_allclose(merged["value_bootstrap"], merged["value"], rtol=1e-12)
+    assert {p.name for p in out.iterdir()} == {"metrics.parquet", "intervals.parquet", "comparisons.parquet",
+                                               "summary.md", *(f"{n}.png" for n in Plot)}
+    comparisons = pd.read_parquet(out / "comparisons.parquet")
+    assert set(comparisons["reference"]) == {"moa", "oracle"}
+    assert list(comparisons.columns) == ["method", "reference", "task", "metric", "difference", "lo", "hi", "p",
+                                         "p_holm", "significant", "detectable"]
+
+
+def test_report_logs_intervals_p_values_and_a_table(full: Config) -> None:
+    result = build_report(full)
+    assert result.metrics["multitask_score.moa"] == pytest.approx(MULTITASK_MOA)
+    assert result.metrics["multitask_score.moa.lo"] <= MULTITASK_MOA <= result.metrics["multitask_score.moa.hi"]
+    assert {"qa.f1.svd", "qa.f1.svd.lo", "qa.normalized.svd.hi", "vs_moa.multitask_score.base.p_holm",
+            "vs_oracle.qa.normalized.svd.p"} <= result.metrics.keys()
+    assert {p.name for p in result.artifacts} >= {"intervals.parquet", "comparisons.parquet", "summary.md"}
+    table = result.tables["comparison.json"]
+    assert table["method"].tolist() == ["moa", "oracle", "base", "svd"]  # best first, no score last
+    assert table.loc[0, "minus_oracle"] == pytest.approx(MULTITASK_MOA - 1)
+    assert np.isnan(table.loc[3, "multitask_score"]) and table.loc[3, "qa.f1"] == 60.0
+
+
+def test_verdict(tmp_path: Path) -> None:
+    """A merge one item away from MoA on each task is indistinguishable from it; one far below is worse; the
+    per-task line says where the router matters; the detectable difference is stated."""
+    config = validate({"experiment": "v", "results_dir": str(tmp_path), "seed": 1,
+                       "tasks": {t: {"source": {"type": "synthetic"}} for t in ("qa", "sentiment")},
+                       "methods": {"base": None, "oracle": None, "moa": None, "near": {"method": "ties"},
+                                   "far": {"method": "svd"}}})
+    rates = {"base": (20, 40), "oracle": (80, 90), "moa": (80, 88), "near": (78, 86), "far": (30, 86)}
+    for method, (qa, sentiment) in rates.items():
+        write_evaluation(config, method, "qa", example_stats("qa", {"f1": qa, "exact_match": qa}))
+        write_evaluation(config, method, "sentiment", example_stats("sentiment", {"accuracy": sentiment}))
+    text = (build_report(config).path / "summary.md").read_text()
+    verdict = text.split("## Verdict")[1].split("## Multitask score")[0]
+    assert "- **Merges vs `moa`**: indistinguishable: `near`; worse: `far` (−0." in verdict
+    assert "- **Merges vs `oracle`**: indistinguishable: `near`; worse: `far`" in verdict
+    assert "- **Best merge**: `near`, 0.9" in verdict
+    assert "qa: 1 of 2 merges below, 0 above (largest gap `far` −0.6" in verdict
+    assert "sentiment: no merge differs (detectable: about 0." in verdict
+    assert re.search(r"What these test sizes can decide\*\*: a multitask difference smaller than about 0\.\d+ to `moa`, "
+                     r"0\.\d+ to `oracle`", verdict)
+    assert "| method | qa | sentiment |" in text.split("## Per task: normalized score minus `moa`")[1]
+
+
+def test_task_without_signal_is_left_out(tmp_path: Path) -> None:
+    """The oracle solves no math problem, like every other method: math is named and left out, the multitask
+    score covers the rest, and math's raw metric is still shown."""
+    config = validate({"experiment": "m", "results_dir": str(tmp_path),
+                       "tasks": {t: {"source": {"type": "synthetic"}} for t in ("qa", "math")},
+                       "methods": {"base": None, "oracle": None, "moa": None}})
+    for method, qa in (("base", 20), ("oracle", 80), ("moa", 70)):
+        write_evaluation(config, method, "qa", example_stats("qa", {"f1": qa, "exact_match": qa}))
+        write_evaluation(config, method, "math", example_stats("math", {"exact_match": 0}))
+    out = build_report(config).path
+    text = (out / "summary.md").read_text()
+    assert "Multitask score over qa; left out: math." in text
+    assert "Left out of the multitask score, math: the oracle (0) is not above base (0) beyond the 95% interval" in text
+    assert f"| moa | {70:.2f} [" in text and "| 0.00 [0.00, 0.00] | 0.875 [" in text
+    intervals = pd.read_parquet(out / "intervals.parquet")
+    assert intervals.query("method == 'moa' and metric == 'multitask_score'")["value"].item() == pytest.approx(0.875)
+    assert "math" not in set(intervals.query("metric == 'normalized'")["task"])
+
+
+def test_unpaired_test_rows_stop_the_report(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    write_evaluation(config, "base", "qa", example_stats("qa", SCORES["base"]["qa"]))
+    write_evaluation(config, "svd", "qa", example_stats("qa", SCORES["svd"]["qa"]), ids=[f"other-{i}" for i in range(N)])
+    with pytest.raises(MoaError, match=r"`svd` was evaluated on other test rows of qa than `base` \(100 ids differ\)"):
+        build_report(config)
+
+
+def test_old_predictions_without_statistics_are_named(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    write_evaluation(config, "base", "qa", example_stats("qa", {"f1": 20, "exact_match": 10}))
+    path = ExperimentPaths.of(config).predictions("base", "qa")
+    pd.read_parquet(path).drop(columns=["f1"]).to_parquet(path)
+    with pytest.raises(MoaError, match=rf"{path}: no per-example statistics f1 .*rerun `moa evaluate`"):
+        build_report(config)
+
+
+def test_same_seed_same_report(full: Config, tmp_path: Path) -> None:
+    out = build_report(full).path
+    first = (out / "summary.md").read_text(), pd.read_parquet(out / "intervals.parquet")
+    again = build_report(full).path
+    assert (again / "summary.md").read_text() == first[0]
+    pd.testing.assert_frame_equal(pd.read_parquet(again / "intervals.parquet"), first[1])
+
+
+def test_compare_to_must_name_methods(tmp_path: Path) -> None:
+    with pytest.raises(MoaError, match=r"report.compare_to: moe is not a configured method"):
+        make_config(tmp_path, compare_to=["moe"])
+    config = make_config(tmp_path, compare_to=["svd"])
+    write_metrics(config)
+    comparisons = pd.read_parquet(build_report(config).path / "comparisons.parquet")
+    assert set(comparisons["reference"]) == {"svd"}
 
 
 def test_build_report_with_missing_inputs(tmp_path: Path) -> None:
     """No router, no adapters, no train logs, one evaluation: notes, not a crash."""
     config = make_config(tmp_path)
-    path = ExperimentPaths.of(config).metrics("base", "qa")
-    path.parent.mkdir(parents=True)
-    long_metrics({"base": SCORES["base"]}).query("task == 'qa'").to_parquet(path)
+    write_evaluation(config, "base", "qa", example_stats("qa", SCORES["base"]["qa"]))
     text = (build_report(config).path / "summary.md").read_text()
-    assert "| base | 20.00 | 10.00 | – | – | – |" in text
+    assert "| base | 20.00 [" in text and "| – | – | – |" in text.split("| base |")[1].split("\n")[0]
     assert "No router evaluation" in text
     assert "| base | – | – | – |" in text.split("## Cost")[1]  # no decoding cost measured here
     for name in Plot:
         assert f"{name}.png skipped" in text and f"![{name}]" not in text
         assert ExperimentPaths.of(config).plot(name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "`oracle` has no evaluation on qa, sentiment, dialogue" in text
+    assert "No task carries signal (on none does the oracle beat base" in text
+    assert "Multitask score cannot be computed: no task carries signal." in text
 
 
 def test_build_report_on_empty_results(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     out = build_report(config).path
     assert pd.read_parquet(out / "metrics.parquet").empty
+    assert pd.read_parquet(out / "intervals.parquet").empty and pd.read_parquet(out / "comparisons.parquet").empty
     assert "| moa | – | – | – | – | – |" in (out / "summary.md").read_text()

@@ -3,11 +3,13 @@ an unreachable tracking server costs no result."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -15,7 +17,7 @@ from moa.config import load_config
 from moa.data.prepare import prepare_task
 from moa.model.tokenizer import byte_tokenizer
 from moa.steps import STEPS, run_step
-from moa.tracking import SPOOL_ENV, Spool, flatten, tracking_uri
+from moa.tracking import SPOOL_ENV, Spool, browse_hint, flatten, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["training.steps=6", "training.batch_size=4", "training.warmup_steps=2",
@@ -178,3 +180,44 @@ def test_a_file_that_is_not_a_run_record_is_moved_aside(smoke: Path, tmp_path: P
     assert Spool(spool).drain() == 1
     assert sorted(p.name for p in spool.iterdir()) == ["0-garbage.json.invalid", "1-other.json.invalid"]
     assert "0-garbage.json is not a moa run record" in caplog.text
+
+
+@pytest.mark.parametrize("spooled", [False, True], ids=["by-the-step", "from-the-spool"])
+def test_report_run_carries_intervals_p_values_and_its_table(tmp_path: Path, spooled: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report run a user opens in MLflow: the multitask scores with their bounds and p-values as metrics,
+    the comparison as a logged table (mlflow.log_table), the two Parquet files as artifacts; the experiment is
+    tagged as model training, so MLflow 3's UI opens it on the runs table, not on the GenAI traces view."""
+    from mlflow import MlflowClient
+
+    from tests.test_report import make_config, write_metrics
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = make_config(tmp_path)
+    write_metrics(config)
+    client = MlflowClient(tracking_uri(config))
+    client.create_experiment(config["experiment"])  # as an older moa made it: no kind tag
+    spool = Spool(tmp_path / "spool")
+    if spooled:
+        spool.directory.mkdir()
+        monkeypatch.setenv(SPOOL_ENV, str(spool.directory))
+    run_step("report", config)
+    if spooled:
+        assert spool.drain() == 1
+    experiment = client.get_experiment_by_name(config["experiment"])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = client.search_runs([experiment.experiment_id])
+    metrics = run.data.metrics
+    assert metrics["multitask_score.moa.lo"] <= metrics["multitask_score.moa"] <= metrics["multitask_score.moa.hi"]
+    assert 0 < metrics["vs_moa.multitask_score.base.p_holm"] <= 1 and "vs_oracle.qa.normalized.svd.p" in metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"intervals.parquet", "comparisons.parquet", "summary.md", "comparison.json"} <= artifacts
+    assert {"path": "comparison.json", "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
+    table = pd.read_json(client.download_artifacts(run.info.run_id, "comparison.json", str(tmp_path)), orient="split")
+    assert table["method"].tolist() == ["moa", "oracle", "base", "svd"]
+    assert table.loc[0, "multitask_score"] == pytest.approx(metrics["multitask_score.moa"])
+    # what the workflow prints at its end: links that open the model-training view and this table
+    hint = browse_hint(client, tracking_uri(config), experiment.experiment_id)
+    runs = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+    assert f"MLflow: {runs}?workflowType=machine_learning after `mlflow ui --backend-store-uri sqlite:///" in hint
+    assert f"{runs}/{run.info.run_id}/artifacts/comparison.json?workflowType=machine_learning" in hint

@@ -257,6 +257,13 @@ def test_smoke_run_wrote_every_artifact(built: Path) -> None:
     assert set(zip(table.method, table.task)) == {(m, t) for m in METHODS for t in SMOKE_TASKS}
     summary = paths.summary.read_text()
     assert all(f"| {method} |" in summary for method in METHODS)
+    assert "## Verdict" in summary and "paired bootstrap percentile intervals" in summary
+    intervals = pd.read_parquet(paths.report_intervals)  # every metric of every evaluation has an interval
+    assert set(zip(intervals.method, intervals.task)) >= {(m, t) for m in METHODS for t in SMOKE_TASKS}
+    bounded = intervals.dropna(subset=["lo", "hi"])
+    assert len(bounded) and (bounded.lo <= bounded.hi).all() and set(intervals.n) >= {limit}
+    comparisons = pd.read_parquet(paths.report_comparisons)
+    assert set(comparisons.reference) <= {"moa", "oracle"} and comparisons.p.between(0, 1).all()
     for plot in Plot:
         assert paths.plot(plot).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), plot
     # the tiny random model's oracle may score 0 on 4 rows, leaving the score plots without data; the rest

@@ -1,4 +1,5 @@
-# Every evaluation in one table, summary.md and the plots (also in `snakemake --report report.html`).
+# Every evaluation in one table, the paired bootstrap's intervals and comparisons, summary.md with the
+# verdict, and the plots (also in `snakemake --report report.html`).
 
 
 rule report:
@@ -9,6 +10,8 @@ rule report:
         [str(PATHS.train_log(MIXED))] if Need.MIXED_ADAPTER in NEEDS else [],
     output:
         metrics=str(PATHS.report_metrics),
+        intervals=str(PATHS.report_intervals),
+        comparisons=str(PATHS.report_comparisons),
         summary=report(str(PATHS.summary), category="Summary", caption="../report/summary.rst"),
         plots=[
             report(str(PATHS.plot(plot)), category="Plots", caption=f"../report/{plot}.rst")

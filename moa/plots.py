@@ -1,0 +1,184 @@
+"""The report's figures, each a matplotlib Figure (rendered with Agg by Figure.savefig: no pyplot state)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import LogFormatter
+
+from moa.compose.registry import Kind
+
+LABELS = {"rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeLsum": "ROUGE-Lsum",
+          "bleu": "BLEU", "chrf": "chrF", "f1": "F1", "exact_match": "EM"}
+KIND_COLORS = {Kind.BASE: "tab:red", Kind.ADAPTER: "tab:purple", Kind.ROUTE: "tab:orange", Kind.MERGE: "tab:blue"}
+ORACLE_COLOR = "tab:green"
+
+
+def label(metric: str) -> str:
+    return LABELS.get(metric, metric)
+
+
+def placeholder(name: str, reason: str) -> Figure:
+    """A plot with nothing to show: its title and why, so a reader of the PNG alone knows."""
+    figure = Figure(figsize=(6, 2))
+    ax = figure.subplots()
+    ax.axis("off")
+    ax.set_title(name.replace("_", " "))
+    ax.text(0.5, 0.5, f"no data: {reason}", ha="center", va="center", wrap=True)
+    return figure
+
+
+def _heatmap(ax: Axes, values: np.ndarray, rows: Sequence[str], columns: Sequence[str], fmt: str, cmap: str,
+             vmin: float, vmax: float) -> None:
+    """An annotated heatmap; each number is black or white, whichever reads on its cell's colour."""
+    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    tilt = len(columns) > 4
+    ax.set_xticks(range(len(columns)), columns, rotation=30 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_yticks(range(len(rows)), rows)
+    for (i, j), value in np.ndenumerate(values):
+        r, g, b, _ = image.cmap(image.norm(value))
+        dark = not np.isnan(value) and 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # NaN cells are left blank
+        ax.text(j, i, "–" if np.isnan(value) else format(value, fmt), ha="center", va="center", fontsize=9,
+                color="white" if dark else "black")
+    ax.figure.colorbar(image, ax=ax, shrink=0.8)
+
+
+def plot_scores(normalized: pd.DataFrame, representative: Mapping[str, str], excluded: Collection[str]) -> Figure:
+    """Methods x tasks, oracle-normalized; a task without signal has no normalized scores (its column says so)."""
+    fig = Figure(figsize=(1.4 * normalized.shape[1] + 3, 0.5 * len(normalized) + 2))
+    ax = fig.subplots()
+    top = max(1.0, float(np.nanmax(normalized.to_numpy())))
+    columns = [f"{task}\n{label(metric)}" + ("\n(no signal)" if task in excluded else "")
+               for task, metric in representative.items()]
+    _heatmap(ax, normalized.to_numpy(), list(normalized.index), columns, ".2f", "RdYlGn", 0.0, top)
+    ax.set_title("Score relative to oracle (representative metric; perplexity inverted)")
+    ax.set_xlabel("task")
+    ax.set_ylabel("method")
+    return fig
+
+
+def plot_confusion(confusion: pd.DataFrame, tasks: Sequence[str]) -> Figure:
+    """Routed confusion per whole-sequence strategy: what inference without labels does."""
+    routed = confusion[confusion["routing"] == "routed"]
+    strategies = list(pd.unique(routed["strategy"]))
+    fig = Figure(figsize=(4.2 * len(strategies) + 1, 0.5 * len(tasks) + 3))
+    for ax, strategy in zip(np.atleast_1d(fig.subplots(1, len(strategies))), strategies):
+        counts = routed[routed["strategy"] == strategy].pivot_table(
+            index="true_task", columns="predicted_task", values="count", aggfunc="sum", fill_value=0)
+        counts = counts.reindex(index=tasks, columns=tasks, fill_value=0).to_numpy(dtype=float)
+        _heatmap(ax, counts, tasks, tasks, ".0f", "Blues", 0.0, max(counts.max(), 1.0))
+        ax.set_title(f"strategy `{strategy}` (routed): {100 * np.trace(counts) / max(counts.sum(), 1):.1f}% correct")
+        ax.set_xlabel("predicted task")
+        ax.set_ylabel("true task")
+    fig.suptitle("Router confusion on held-out prompts")
+    return fig
+
+
+def plot_layer_accuracy(evaluation: pd.DataFrame, n_tasks: int) -> Figure:
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    layers = evaluation[(evaluation["strategy"] == "layer") & (evaluation["task"] == "all")]
+    for routing, rows in layers.groupby("routing", sort=False):
+        rows = rows.sort_values("layer")
+        ax.plot(rows["layer"].astype(int), 100 * rows["value"], marker="o", markersize=3,
+                label=str(routing).replace("_", "-"))
+    ax.axhline(100 / n_tasks, color="gray", linestyle=":", label=f"chance (1/{n_tasks})")
+    ax.set_title("Routing accuracy of each layer's router (held-out prompts)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_cosine(tasks: Sequence[str], cosine: np.ndarray) -> Figure:
+    fig = Figure(figsize=(0.9 * len(tasks) + 3, 0.8 * len(tasks) + 2))
+    ax = fig.subplots()
+    _heatmap(ax, cosine, tasks, tasks, ".3f", "coolwarm", -1.0, 1.0)
+    ax.set_title("Cosine similarity of task adapters' updates ΔW = s·B·A")
+    return fig
+
+
+def plot_train_loss(logs: Mapping[str, pd.DataFrame]) -> Figure:
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    for name, log in logs.items():
+        (line,) = ax.plot(log["step"], log["loss"], linewidth=1, label=name)
+        val = log.dropna(subset=["val_loss"]) if "val_loss" in log else log.iloc[:0]
+        ax.plot(val["step"], val["val_loss"], "o", color=line.get_color(), markersize=5)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter("{x:g}")  # "0.1", not "10^-1" nor "1e-01"
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    ax.set_title("Training loss (lines) and validation loss (markers)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(title="adapter")
+    return fig
+
+
+def _color(method: str, kind: Kind) -> str:
+    return ORACLE_COLOR if method == "oracle" else KIND_COLORS[kind]
+
+
+def _kind_legend(ax: Axes, kinds: Collection[Kind], **kwargs: object) -> None:
+    names = {Kind.BASE: "base model", Kind.ADAPTER: "one trained adapter", Kind.ROUTE: "routed (MoA)",
+             Kind.MERGE: "merge"}
+    handles = [Line2D([], [], color=KIND_COLORS[k], marker="o", linestyle="", label=names[k]) for k in names if k in kinds]
+    ax.legend(handles=handles, **kwargs)
+
+
+def plot_multitask(scores: pd.DataFrame, kinds: Mapping[str, Kind], confidence: float, tasks_used: str) -> Figure:
+    """A forest plot: each method's multitask score (rows `value`, `lo`, `hi`, best first) with its interval."""
+    fig = Figure(figsize=(8, 0.38 * len(scores) + 2.2))
+    ax = fig.subplots()
+    y = np.arange(len(scores))[::-1]
+    colors = [_color(m, kinds[m]) for m in scores.index]
+    errors = np.abs(scores[["lo", "hi"]].to_numpy().T - scores["value"].to_numpy())
+    for i, (yi, color) in enumerate(zip(y, colors)):
+        ax.errorbar(scores["value"].iloc[i], yi, xerr=errors[:, [i]], fmt="o", color=color, capsize=3, markersize=6)
+        ax.annotate(f"{scores['value'].iloc[i]:.3f}", (scores["hi"].iloc[i], yi), xytext=(6, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    ax.axvline(1.0, color=ORACLE_COLOR, linestyle="--", linewidth=1)
+    if "base" in scores.index:
+        ax.axvline(scores.loc["base", "value"], color=KIND_COLORS[Kind.BASE], linestyle=":", linewidth=1)
+    ax.set_yticks(y, list(scores.index))
+    ax.set_xlim(min(0.0, float(scores["lo"].min())) - 0.02, max(1.1, float(scores["hi"].max()) + 0.12))
+    ax.set_xlabel(f"multitask score (oracle = 1, dashed; base dotted), {confidence:.0%} bootstrap interval")
+    ax.set_title(f"Multitask ability score\n{tasks_used}", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    _kind_legend(ax, {kinds[m] for m in scores.index}, loc="lower right", fontsize=8)
+    return fig
+
+
+def plot_differences(differences: pd.DataFrame, order: Sequence[str], kinds: Mapping[str, Kind], reference: str,
+                     confidence: float, alpha: float) -> Figure:
+    """One panel per figure (`panel`, in the table's order): each method's paired difference to `reference`
+    (rows `difference`, `lo`, `hi`, `significant`) with its interval; filled markers differ after Holm."""
+    panels = list(pd.unique(differences["panel"]))
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    methods = [m for m in dict.fromkeys(order) if m in set(differences["method"])]
+    fig = Figure(figsize=(4.2 * columns, (0.28 * len(methods) + 1.2) * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, columns, sharey=True, squeeze=False).ravel()
+    y = {m: i for i, m in enumerate(reversed(methods))}
+    for ax, panel in zip(axes, panels):
+        for method, row in differences[differences["panel"] == panel].set_index("method").iterrows():
+            color = _color(method, kinds[method])
+            ax.errorbar(row["difference"], y[method], xerr=[[row["difference"] - row["lo"]], [row["hi"] - row["difference"]]],
+                        fmt="o", capsize=2, markersize=5, color=color,
+                        markerfacecolor=color if row["significant"] else "white")
+        ax.axvline(0, color="black", linewidth=1)
+        ax.set_title(panel, fontsize=10)
+        ax.set_yticks(list(y.values()), list(y))
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"Difference to `{reference}` (method minus {reference}) with its {confidence:.0%} paired bootstrap "
+                 f"interval\nfilled: significant at alpha {alpha:g} after Holm's correction", fontsize=10)
+    fig.supxlabel("difference of the oracle-normalized score (multitask score: of the mean over tasks)", fontsize=9)
+    return fig
