@@ -336,7 +336,8 @@ def test_report_html(built: Path, tmp_path: Path) -> None:
 
 def test_an_interrupted_run_resumes(built: Path, tmp_path: Path) -> None:
     """A run stopped by Ctrl-C while train_mixed trains, then the same command again: it finishes, and
-    the job resumes from its checkpoint (checkpoints/ is no output, so Snakemake leaves it alone)."""
+    the job resumes from its checkpoint (checkpoints/ is no output, so Snakemake leaves it alone) to the
+    uninterrupted run's adapter files, byte for byte."""
     workdir = copy_of(built, tmp_path)
     config = smoke_config(workdir)
     paths = results(workdir)
@@ -362,5 +363,7 @@ def test_an_interrupted_run_resumes(built: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-5000:]
     assert "resuming from step" in paths.log("train_mixed").read_text()
     assert paths.adapter_files(MIXED)[0].is_file() and not checkpoint.exists()
+    resumed, uninterrupted = (p.adapter_files(MIXED, train_log=False) for p in (paths, results(built)))
+    assert [f.read_bytes() for f in resumed] == [f.read_bytes() for f in uninterrupted]  # bitwise, as README says
     assert paths.summary.is_file()
     assert dry_run(workdir, configfile=config)[0] == Counter()
