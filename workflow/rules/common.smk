@@ -93,7 +93,6 @@ validated_config()
 PATHS = ExperimentPaths.of(config)
 TASKS = list(config["tasks"])
 METHODS = list(config["methods"])
-ENV = "../../environment.yml"  # relative to workflow/rules/
 
 wildcard_constraints:
     task="|".join(re.escape(t) for t in TASKS),
