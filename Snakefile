@@ -37,6 +37,7 @@ rule all:
 
 
 onstart:
+    check_slurm_jobs()
     start_tracking()
 
 

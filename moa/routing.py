@@ -28,12 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from moa.data.batching import IGNORE, Batch
 from moa.errors import MoaError
-from moa.io import read_json
+from moa.io import read_json, write_safetensors
 from moa.layout import ROUTER_CONFIG, ROUTER_WEIGHTS
 from moa.lora import activate, activated
 from moa.model.llama import Documents, SlotCache, Transformer
@@ -131,8 +131,7 @@ class LayerRouters(nn.Module):
 
 def save_routers(directory: Path, routers: LayerRouters, **provenance: Any) -> None:
     """routers.safetensors + router_config.json (the spec, the parameter count and `provenance`)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in routers.state_dict().items()}
-    save_file(state, str(directory / ROUTER_WEIGHTS), metadata={"format": "pt"})
+    write_safetensors(directory / ROUTER_WEIGHTS, routers.state_dict())
     config = {**asdict(routers.spec), "n_experts": routers.spec.n_experts, "parameters": routers.n_parameters}
     (directory / ROUTER_CONFIG).write_text(json.dumps({**config, **provenance}, indent=2) + "\n")
 

@@ -1,9 +1,10 @@
 """The smoke workflow on a real single-node SLURM cluster with the slurm profile: every job is an sbatch
 job, every output is written, and MLflow records the runs, in the SQLite store and on an MLflow server
-bound to 127.0.0.1."""
+bound to 127.0.0.1; a job that no node can hold stops the run before anything is submitted."""
 
 from __future__ import annotations
 
+import re
 import socket
 import sqlite3
 import subprocess
@@ -23,13 +24,19 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 TASKS = ["qa", "sentiment"]
 METHODS = ["base", "oracle", "moa", "svd"]
-HEAVY = ["train_lora", "train_mixed", "train_router", "compose", "evaluate"]
-# The test cluster has 2 CPUs: the profile's per-rule threads and memory are sized for real nodes.
-SLURM = ["--profile", str(REPO / "workflow/profiles/slurm"), "--workflow-profile", "none",
-         "--slurm-init-seconds-before-status-checks", "1", "--jobs", "4",
-         "--set-threads", *(f"{rule}=1" for rule in HEAVY),
-         "--set-resources", *(f"{rule}:mem_mb=1500" for rule in HEAVY), *(f"{rule}:runtime=15" for rule in HEAVY),
-         "--default-resources", "mem_mb=1000", "runtime=15", "slurm_partition=debug"]
+# The heavy rules of this DAG (no train_mixed: the DAG trains only what METHODS need, and none is `mixed`).
+HEAVY = ["train_lora", "train_router", "compose", "evaluate"]
+# The test cluster has `nproc` CPUs: the profile's per-rule threads and memory are sized for real nodes.
+THREADS, MEM_MB = dict.fromkeys(HEAVY, 1), dict.fromkeys(HEAVY, 1500)
+
+
+def slurm_options(threads: dict[str, int] = THREADS, mem_mb: dict[str, int] = MEM_MB) -> list[str]:
+    return ["--profile", str(REPO / "workflow/profiles/slurm"), "--workflow-profile", "none",
+            "--slurm-init-seconds-before-status-checks", "1", "--jobs", "4",
+            "--set-threads", *(f"{rule}={n}" for rule, n in threads.items()),
+            "--set-resources", *(f"{rule}:mem_mb={n}" for rule, n in mem_mb.items()),
+            *(f"{rule}:runtime=15" for rule in HEAVY),
+            "--default-resources", "mem_mb=1000", "runtime=15", "slurm_partition=debug"]
 
 
 def small_smoke(workdir: Path) -> Path:
@@ -42,11 +49,15 @@ def small_smoke(workdir: Path) -> Path:
     return path
 
 
-def run_on_slurm(workdir: Path, tracking_uri: str) -> subprocess.CompletedProcess[str]:
+def snakemake_on_slurm(workdir: Path, options: list[str], tracking_uri: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(small_smoke(workdir)), *SLURM]
+           "--configfile", str(small_smoke(workdir)), *options]
     env = environment(workdir) | {"MLFLOW_TRACKING_URI": tracking_uri}
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=1200, env=env)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=1200, env=env)
+
+
+def run_on_slurm(workdir: Path, tracking_uri: str) -> subprocess.CompletedProcess[str]:
+    result = snakemake_on_slurm(workdir, slurm_options(), tracking_uri)
     logs = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in (workdir / "results").rglob("*.log"))
     assert result.returncode == 0, result.stderr[-6000:] + logs[-6000:]
     return result
@@ -69,7 +80,7 @@ def assert_runs(runs: list[tuple[str, str, str | None]]) -> None:
     (parent,) = [r for r in runs if r[0].startswith("workflow:")]
     assert parent[1] == "FINISHED"
     children = {name for name, status, parent_id in runs if parent_id == parent[2] and status == "FINISHED"}
-    expected = {"train_lora:qa", "train_lora:sentiment", "train_mixed", "train_router", "compose:svd",
+    expected = {"train_lora:qa", "train_lora:sentiment", "train_router", "compose:svd",
                 "evaluate:moa", "evaluate:oracle", "report"}
     assert expected <= children, children
 
@@ -133,3 +144,30 @@ def test_smoke_workflow_on_slurm_with_an_mlflow_server(tmp_path: Path, mlflow_se
     assert_runs([(r.info.run_name, r.info.status,
                   parent_id if r.info.run_id == parent_id else r.data.tags.get(MLFLOW_PARENT_RUN_ID))
                  for r in runs])
+
+
+def node_cpus() -> int:
+    """The test node's CPUs (scripts/slurm-cluster.sh configures `nproc`)."""
+    return int(subprocess.run(["nproc"], check=True, capture_output=True, text=True).stdout)
+
+
+@pytest.mark.parametrize(("rule", "threads", "mem_mb", "request_", "fix"), [
+    ("train_lora", node_cpus() + 1, 1500, rf"{node_cpus() + 1} CPUs, 1500 MB",
+     rf"--set-threads train_lora={node_cpus()}"),
+    ("train_router", 1, 10_000_000, "1 CPU, 10000000 MB", r"--set-resources train_router:mem_mb=\d+"),
+])
+def test_a_job_no_node_can_hold_stops_the_run_before_any_submission(
+        tmp_path: Path, rule: str, threads: int, mem_mb: int, request_: str, fix: str) -> None:
+    """More CPUs than the node has would wait forever (PartitionConfig); more memory, be refused by sbatch."""
+    options = slurm_options(THREADS | {rule: threads}, MEM_MB | {rule: mem_mb})
+    result = snakemake_on_slurm(tmp_path, options, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert re.fullmatch(rf"moa: error: rule {rule} asks for {request_} per job, but the largest node of SLURM "
+                        rf"partition 'debug' \(\S+\) has {node_cpus()} CPUs?, \d+ MB, so the job could never start; "
+                        rf"lower the request with {fix} \(on the command line or in the profile\)", errors[0]), errors
+    assert not (tmp_path / ".snakemake" / "slurm_logs").exists()  # the plugin logs every job it submits there
+    queue = subprocess.run(["squeue", "--states=all", "--noheader", "--format=%Z"], check=True, capture_output=True,
+                           text=True).stdout.split()
+    assert str(tmp_path) not in queue  # no job of this run, pending or finished
+    assert not (tmp_path / "mlflow.db").exists()  # stopped before the workflow's MLflow run began

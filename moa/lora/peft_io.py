@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from moa.errors import MoaError
-from moa.io import atomic_file, read_json
+from moa.io import atomic_file, read_json, write_safetensors
 from moa.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from moa.lora.inject import (
     PEFT_PREFIX,
@@ -105,12 +104,10 @@ def write_adapter(path: str | os.PathLike, config: AdapterConfig, state: dict[st
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    metadata = {"format": "pt"}
+    metadata = {}
     if config.arch_fingerprint is not None:
         metadata[FINGERPRINT_KEY] = json.dumps(config.arch_fingerprint, sort_keys=True)
-    with atomic_file(path / ADAPTER_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    write_safetensors(path / ADAPTER_WEIGHTS, state, metadata)
     with atomic_file(path / ADAPTER_CONFIG) as tmp:
         tmp.write_text(json.dumps(config.to_peft_json(), indent=2, sort_keys=True) + "\n")
     return path

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from moa.errors import MoaError
-from moa.io import atomic_dir, read_json
+from moa.io import atomic_dir, read_json, write_safetensors
 from moa.model.config import ModelConfig
 from moa.model.llama import Transformer
 from moa.model.tokenizer import Tokenizer
@@ -98,7 +97,7 @@ def load_hf_dir(directory: str | Path, dtype: torch.dtype = torch.float32) -> tu
 def save_hf_dir(model: Transformer, tokenizer: Tokenizer, out: str | Path,
                 dtype: torch.dtype = torch.float32) -> Path:
     """Write config.json, model.safetensors and the tokenizer files that transformers loads as is."""
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # shared with the embedding; safetensors refuses aliased tensors
     hf = model.config.to_hf(torch_dtype=str(dtype).removeprefix("torch."))
@@ -109,6 +108,6 @@ def save_hf_dir(model: Transformer, tokenizer: Tokenizer, out: str | Path,
     with atomic_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(tmp / "model.safetensors", state)
         tokenizer.save(tmp)
     return Path(out)

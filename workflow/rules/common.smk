@@ -28,6 +28,7 @@ from moa.data.tasks import get_task
 from moa.errors import MoaError
 from moa.io import atomic_file
 from moa.layout import MIXED, SPLITS, ExperimentPaths, Plot
+from moa.slurm import check_jobs
 from moa.steps import STEPS, step_hash
 from moa.tracking import PARENT_RUN_ENV, SPOOL_ENV, Spool, end_workflow_run, start_workflow_run
 
@@ -67,9 +68,15 @@ def _set(node, where, value):
     node[where[-1]] = value
 
 
+def stop(err):
+    """One line on stderr and exit status 1, before any job runs."""
+    print(f"moa: error: {err}", file=sys.stderr)
+    sys.exit(1)
+
+
 def validated_config():
     """The merged config, validated with defaults filled in (in place: rules see the defaults too), or
-    one line naming the bad key on stderr and exit status 1 before any job runs."""
+    one line naming the bad key (`stop`)."""
     try:
         for where, value in list(_retyped_overrides(workflow.config_settings.config)):
             _set(config, where, value)
@@ -77,8 +84,7 @@ def validated_config():
         for task in config["tasks"]:
             get_task(config, task)  # what the schema cannot say, e.g. a custom task without a source
     except MoaError as err:
-        print(f"moa: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        stop(err)
     return config
 
 
@@ -87,7 +93,6 @@ validated_config()
 PATHS = ExperimentPaths.of(config)
 TASKS = list(config["tasks"])
 METHODS = list(config["methods"])
-ENV = "../../environment.yml"  # relative to workflow/rules/
 
 wildcard_constraints:
     task="|".join(re.escape(t) for t in TASKS),
@@ -154,6 +159,21 @@ def step_benchmark(name):
 # exhausting) its memory; on a machine without an NVIDIA driver (nvidia-smi) they take none and run
 # side by side. On SLURM the slurm profile's set-resources decide what each job requests.
 GPU_JOB = 1 if shutil.which("nvidia-smi") else 0
+
+
+def check_slurm_jobs():
+    """onstart with the slurm executor, before anything is submitted: every job's CPUs, memory and GPUs
+    (threads and resources with the profile's and command line's set-threads/set-resources applied)
+    against the nodes of its partition (`sinfo`), or one line naming the rule and the fix (`stop`).
+    A job no node can hold would otherwise wait in the queue forever (reason PartitionConfig)."""
+    if workflow.executor_plugin.name != "slurm":
+        return
+    jobs = sorted((job for job in workflow.dag.needrun_jobs() if not workflow.is_local(job.rule)),
+                  key=lambda job: (job.rule.name, str(job.wildcards_dict)))  # the same rule named every time
+    try:
+        check_jobs((job.rule.name, job.threads, job.resources) for job in jobs)
+    except MoaError as err:
+        stop(err)
 
 
 # --- paths (moa.layout) and what each composition is built from (moa.compose.registry) -----------------

@@ -17,7 +17,5 @@ rule compose:
     resources:
         mem_mb=8000,
         runtime=60,
-    conda:
-        ENV
     shell:
         step_shell("compose")

@@ -18,7 +18,5 @@ rule prepare_data:
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        ENV
     shell:
         step_shell("prepare_data")

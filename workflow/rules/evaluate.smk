@@ -22,7 +22,5 @@ rule evaluate:
         mem_mb=8000,
         runtime=120,
         gpu=GPU_JOB,
-    conda:
-        ENV
     shell:
         step_shell("evaluate")

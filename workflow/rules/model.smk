@@ -15,7 +15,5 @@ rule prepare_model:
     resources:
         mem_mb=16000,
         runtime=60,
-    conda:
-        ENV
     shell:
         step_shell("prepare_model")

@@ -27,7 +27,5 @@ rule report:
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        ENV
     shell:
         step_shell("report")

@@ -20,8 +20,6 @@ rule train_lora:
         mem_mb=16000,
         runtime=360,
         gpu=GPU_JOB,
-    conda:
-        ENV
     shell:
         step_shell("train_lora")
 
@@ -43,8 +41,6 @@ rule train_mixed:
         mem_mb=16000,
         runtime=480,
         gpu=GPU_JOB,
-    conda:
-        ENV
     shell:
         step_shell("train_mixed")
 
@@ -67,7 +63,5 @@ rule train_router:
         mem_mb=16000,
         runtime=480,
         gpu=GPU_JOB,
-    conda:
-        ENV
     shell:
         step_shell("train_router")
