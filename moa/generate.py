@@ -29,7 +29,7 @@ from moa.errors import MoaError
 from moa.lora import lora_layers
 from moa.model.llama import Documents, SlotCache, Transformer
 from moa.model.tokenizer import Tokenizer
-from moa.routing import LearnedRouter, Strategy, activate_experts, prefill_and_route
+from moa.routing import SequenceRouter, activate_experts
 
 PREFILL_TOKENS = 2048  # prompt tokens packed into one prefill: enough for full-speed matmuls
 SCORE_TOKENS = 4096  # tokens packed into one scoring row
@@ -150,7 +150,7 @@ class _Engine:
     """Continuous batching of one stream (see the module docstring)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, requests: Sequence[Request], batch_size: int,
-                 router: LearnedRouter | None, stop_tokens: set[int]) -> None:
+                 router: SequenceRouter | None, stop_tokens: set[int]) -> None:
         self.model, self.tokenizer, self.requests, self.router = model, tokenizer, requests, router
         self.device = model.lm_head.weight.device
         longest = max(len(r.prompt) + r.sampling.max_new_tokens for r in requests)
@@ -164,7 +164,7 @@ class _Engine:
         routed = router is not None or any(fixed)
         self.experts = (torch.zeros(len(model.model.layers), self.cache.slots, dtype=torch.long, device=self.device)
                         if routed and lora_layers(model) else None)  # [L, slots]: each slot's expert per layer
-        self.per_layer = router is not None and router.strategy == Strategy.PER_LAYER  # no one expert per sequence
+        self.per_layer = router is not None and router.per_layer  # no one expert per sequence
         self.results: list[Generation | None] = [None] * len(requests)
         self.done = 0
         self.prefill_s = self.decode_s = 0.0
@@ -184,7 +184,7 @@ class _Engine:
         last = torch.zeros_like(ids, dtype=torch.bool)
         last[0, torch.tensor(lengths, device=self.device).cumsum(0) - 1] = True
         if self.router is not None:
-            logits, chosen = prefill_and_route(self.model, self.router, ids, positions, lengths, self.cache, slots)
+            logits, chosen = self.router.prefill(self.model, ids, positions, lengths, self.cache, slots)
             self.experts[:, slots] = chosen if chosen.dim() == 2 else chosen[None]
         else:
             if self.experts is not None:
@@ -264,7 +264,7 @@ def _admissions(requests: Sequence[Request], order: deque[int], free: int) -> li
 
 @torch.inference_mode()
 def serve(model: Transformer, tokenizer: Tokenizer, requests: Sequence[Request], batch_size: int = 64,
-          router: LearnedRouter | None = None, progress: str | None = None,
+          router: SequenceRouter | None = None, progress: str | None = None,
           stop_tokens: set[int] | None = None) -> Served:
     """Serve every request. Requests with an `expert` are served by it; with a `router` (MoA), each
     sequence's expert(s) are decided in its prefill. A sequence ends at a stop token (default: the
@@ -287,7 +287,7 @@ def serve(model: Transformer, tokenizer: Tokenizer, requests: Sequence[Request],
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, requests: Sequence[Request], batch_size: int = 64,
-             router: LearnedRouter | None = None, progress: str | None = None,
+             router: SequenceRouter | None = None, progress: str | None = None,
              stop_tokens: set[int] | None = None) -> list[Generation]:
     """Every request's generation, in the input order (see serve)."""
     return serve(model, tokenizer, requests, batch_size, router, progress, stop_tokens).generations
@@ -318,7 +318,7 @@ def _rows(examples: Sequence[Example], budget: int) -> Iterator[list[int]]:
 
 @torch.inference_mode()
 def score(model: Transformer, examples: Sequence[Example], experts: Sequence[int] | None = None,
-          router: LearnedRouter | None = None) -> list[tuple[float, int]]:
+          router: SequenceRouter | None = None) -> list[tuple[float, int]]:
     """Per example: the summed negative log-likelihood (nats) of its target tokens (EOS included) given
     its prompt, and how many tokens that is; in the input order. Examples are packed into rows without
     padding, each attending only to itself. `experts` serve each example (the oracle's); a `router`

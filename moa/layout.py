@@ -35,6 +35,8 @@ MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 TRAIN_LOG = "train_log.parquet"
 MANIFEST = "composition.json"  # in compositions/{method}/
 MERGE_REPORT = "merge_report.json"  # in compositions/{merge}/
+CENTROIDS = "centroids.safetensors"  # in compositions/centroid/: [layers, tasks, hidden]
+CENTROID_EVAL = "centroid_eval.parquet"  # in compositions/centroid/: each layer's validation accuracy
 
 
 class Plot(StrEnum):

@@ -8,8 +8,10 @@ The pieces, from the classifiers up:
   token) while the model runs once; with routers, each block's LoRA layers follow its own router;
 - `router_logits`: every layer's router logits for a batch; `choose_experts` turns them into each
   sequence's expert(s) by a `Strategy`;
-- `LearnedRouter`: routers + strategy, MoA at inference; `prefill_and_route` decides the experts while
-  the prefill reads the prompt, so that routing costs no extra pass.
+- `LearnedRouter`: routers + strategy, MoA at inference: it decides the experts while the prefill reads
+  the prompt, so that routing costs no extra pass;
+- `CentroidRouter`: the training-free baseline, the nearest task centroid of the base model's states.
+Both are `SequenceRouter`s, which the engine (moa.generate) calls to prefill what it admits.
 
 Training (moa.train.router) and inference (moa.generate) both build on these.
 """
@@ -23,7 +25,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -268,7 +270,45 @@ def activate_experts(model: Transformer, chosen: Tensor, lengths: Sequence[int] 
         activate(block, layer_experts)
 
 
-# --- MoA at inference ---------------------------------------------------------------------------------
+# --- routing at inference -------------------------------------------------------------------------------
+
+
+class SequenceRouter(Protocol):
+    """Picks each sequence's expert(s) from its prompt, while the engine prefills it."""
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether each layer gets its own expert ([L, D] choices) instead of one per sequence ([D])."""
+
+    def prefill(self, model: Transformer, ids: Tensor, positions: Tensor, lengths: Sequence[int],
+                cache: SlotCache | None = None, slots: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+        """Prefill prompts packed into one row ([1, T], into `slots` of the cache if given) with the experts
+        chosen for them: each prompt's last logits [D, V] and its experts [D] or [L, D]; the experts
+        active afterwards are the caller's to set."""
+
+    def __call__(self, model: Transformer, prompts: list[list[int]]) -> Tensor:
+        """The experts of prompts that do not run alone first (scoring)."""
+
+    def to(self, device: torch.device) -> SequenceRouter:
+        """The same router on `device`."""
+
+
+def packed(prompts: Sequence[list[int]], device: torch.device) -> tuple[Tensor, Tensor, list[int]]:
+    """Prompts packed back to back into one row: ids [1, T], positions [1, T] and their lengths."""
+    ids = torch.tensor([[t for p in prompts for t in p]], device=device)
+    positions = torch.cat([torch.arange(len(p), device=device) for p in prompts])[None]
+    return ids, positions, [len(p) for p in prompts]
+
+
+def prefill_with(model: Transformer, ids: Tensor, positions: Tensor, sizes: Sequence[int],
+                 cache: SlotCache | None, slots: Sequence[int]) -> Tensor:
+    """A packed prefill with the experts already active: each document's last logits [D, V]."""
+    if cache is not None:
+        cache.prefill(slots, sizes)
+    last = torch.zeros_like(ids, dtype=torch.bool)
+    last[0, torch.tensor(sizes, device=ids.device).cumsum(0) - 1] = True
+    return model(ids, positions=positions, attn_mask=None if cache is not None else Documents(tuple(sizes)),
+                 cache=cache, logits_at=last)
 
 
 @dataclass(frozen=True)
@@ -279,42 +319,100 @@ class LearnedRouter:
     routers: LayerRouters
     strategy: Strategy
 
+    @property
+    def per_layer(self) -> bool:
+        return self.strategy == Strategy.PER_LAYER
+
+    def prefill(self, model: Transformer, ids: Tensor, positions: Tensor, lengths: Sequence[int],
+                cache: SlotCache | None = None, slots: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+        """MoA's routing pass is the prefill itself: each layer follows its own router, read from its input
+        over each prompt. Then the strategy fixes the experts; prompts whose layers did not all use the
+        expert chosen for them (last or vote, with routers that disagree) are prefilled again with it, so
+        logits and cache are exactly those of the chosen route."""
+        index = packed_index(lengths, ids.device)
+        with pooled_block_inputs(model, index, self.routers.spec.pooling, self.routers) as pooled:
+            logits = prefill_with(model, ids, positions, lengths, cache, slots)
+        layer_logits = self.routers(pooled)  # [L, D, N]
+        chosen = choose_experts(layer_logits, self.strategy)
+        redo = (layer_logits.argmax(-1) != chosen).any(0).nonzero()[:, 0].tolist()
+        if redo:
+            tokens = torch.cat([(index.owner == d).nonzero()[:, 0] for d in redo])
+            sizes = [lengths[d] for d in redo]
+            activate_experts(model, chosen[..., redo], sizes)
+            logits[redo] = prefill_with(model, ids[:, tokens], positions[:, tokens], sizes, cache,
+                                        [slots[d] for d in redo] if slots else [])
+        return logits, chosen
+
     def __call__(self, model: Transformer, prompts: list[list[int]]) -> Tensor:
-        """A routing pass of its own over the prompts packed into one row, for when the prompt does not run
-        alone first (scoring): experts [B], or [L, B] per layer."""
-        device = model.lm_head.weight.device
-        ids = torch.tensor([[t for p in prompts for t in p]], device=device)
-        positions = torch.cat([torch.arange(len(p), device=device) for p in prompts])[None]
-        return prefill_and_route(model, self, ids, positions, [len(p) for p in prompts])[1]
+        return self.prefill(model, *packed(prompts, model.lm_head.weight.device))[1]
+
+    def to(self, device: torch.device) -> LearnedRouter:
+        return LearnedRouter(self.routers.to(device).eval(), self.strategy)
 
 
-def prefill_and_route(model: Transformer, router: LearnedRouter, ids: Tensor, positions: Tensor,
-                      lengths: Sequence[int], cache: SlotCache | None = None,
-                      slots: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
-    """The prefill of prompts packed into one row ([1, T], into `slots` of the cache if given) as MoA's
-    routing pass: each layer follows its own router, read from its input over each prompt. Then the
-    strategy fixes the experts; prompts whose layers did not all use the expert chosen for them (last or
-    vote, with routers that disagree) are prefilled again with it, so logits and cache are exactly those
-    of the chosen route. Returns each prompt's last logits [D, V] and its experts [D] ([L, D] per_layer);
-    the experts active afterwards are the caller's to set."""
+# --- training-free routing: the nearest task centroid ------------------------------------------------------
 
-    def prefill(rows: Tensor, where: Tensor, sizes: list[int], into: list[int]) -> Tensor:
-        if cache is not None:
-            cache.prefill(into, sizes)
-        last = torch.zeros_like(rows, dtype=torch.bool)
-        last[0, torch.tensor(sizes, device=rows.device).cumsum(0) - 1] = True
-        return model(rows, positions=where, attn_mask=None if cache is not None else Documents(tuple(sizes)),
-                     cache=cache, logits_at=last)
 
-    index = packed_index(lengths, ids.device)
-    with pooled_block_inputs(model, index, router.routers.spec.pooling, router.routers) as pooled:
-        logits = prefill(ids, positions, list(lengths), list(slots))
-    layer_logits = router.routers(pooled)  # [L, D, N]
-    chosen = choose_experts(layer_logits, router.strategy)
-    redo = (layer_logits.argmax(-1) != chosen).any(0).nonzero()[:, 0].tolist()
-    if redo:
-        tokens = torch.cat([(index.owner == d).nonzero()[:, 0] for d in redo])
-        sizes = [lengths[d] for d in redo]
-        activate_experts(model, chosen[..., redo], sizes)
-        logits[redo] = prefill(ids[:, tokens], positions[:, tokens], sizes, [slots[d] for d in redo] if slots else [])
-    return logits, chosen
+@dataclass(frozen=True)
+class CentroidRouter:
+    """The "task classifier + LoRAs" baseline in its simplest form: a prompt goes to the task whose centroid
+    of the base model's mean-pooled input of block `layer` (over that task's training prompts) is nearest
+    by cosine. Nothing is trained; the routing pass runs the base model's first `layer` blocks."""
+
+    centroids: Tensor  # [N, H], unit norm
+    layer: int
+
+    per_layer = False
+
+    def choose(self, model: Transformer, ids: Tensor, positions: Tensor, lengths: Sequence[int]) -> Tensor:
+        """The nearest centroid of each packed prompt [D]."""
+        with activated(model, None):  # the base model's states: no expert is known yet
+            hidden = model.block_input(ids, positions, Documents(tuple(lengths)), self.layer)
+        features = F.normalize(pool(hidden, packed_index(lengths, ids.device), Pooling.MEAN), dim=-1)
+        return (features @ self.centroids.T).argmax(-1)
+
+    def prefill(self, model: Transformer, ids: Tensor, positions: Tensor, lengths: Sequence[int],
+                cache: SlotCache | None = None, slots: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+        chosen = self.choose(model, ids, positions, lengths)
+        activate_experts(model, chosen, lengths)
+        return prefill_with(model, ids, positions, lengths, cache, slots), chosen
+
+    def __call__(self, model: Transformer, prompts: list[list[int]]) -> Tensor:
+        return self.choose(model, *packed(prompts, model.lm_head.weight.device))
+
+    def to(self, device: torch.device) -> CentroidRouter:
+        return CentroidRouter(self.centroids.to(device), self.layer)
+
+
+@torch.no_grad()
+def pooled_features(model: Transformer, prompts: Sequence[list[int]], budget: int = 4096) -> Tensor:
+    """Every block's input mean-pooled over each prompt, unit norm, with no expert active: [L, D, H]. Prompts
+    are packed into rows of about `budget` tokens."""
+    device, features = model.lm_head.weight.device, []
+    rows, row, tokens = [], [], 0
+    for prompt in prompts:
+        if row and tokens + len(prompt) > budget:
+            rows.append(row)
+            row, tokens = [], 0
+        row.append(prompt)
+        tokens += len(prompt)
+    rows.append(row)
+    with activated(model, None):
+        for row in rows:
+            ids, positions, lengths = packed(row, device)
+            with pooled_block_inputs(model, packed_index(lengths, device), Pooling.MEAN) as pooled:
+                model(ids, positions=positions, attn_mask=Documents(tuple(lengths)), logits_at=slice(0, 0))
+            features.append(torch.stack(pooled))
+    return F.normalize(torch.cat(features, dim=1), dim=-1)
+
+
+def fit_centroids(model: Transformer, train: Sequence[Sequence[list[int]]],
+                  validation: Sequence[Sequence[list[int]]]) -> tuple[Tensor, Tensor]:
+    """Each task's centroid at every layer from its training prompts ([L, N, H], unit norm), and the
+    nearest-centroid accuracy of every layer on the validation prompts [L]."""
+    centroids = torch.stack([pooled_features(model, prompts).mean(1) for prompts in train], dim=1)  # [L, N, H]
+    centroids = F.normalize(centroids, dim=-1)
+    features = pooled_features(model, [p for prompts in validation for p in prompts])  # [L, D, H]
+    truth = torch.repeat_interleave(torch.arange(len(validation)), torch.tensor([len(v) for v in validation]))
+    chosen = torch.einsum("ldh,lnh->ldn", features, centroids).argmax(-1)  # [L, D]
+    return centroids, (chosen == truth.to(chosen.device)).float().mean(-1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moa.compose.composition import compose
-from moa.compose.registry import METHODS
+from moa.compose.registry import METHODS, Need
 from moa.config import Config, config_hash, method_params
 from moa.data.prepare import prepare_data
 from moa.evaluate import evaluate
@@ -35,6 +35,16 @@ class Step:
 def _trainer(config: Config) -> dict[str, Any]:
     """What every trainer reads: the base model, the data, the LoRA shape, the trainer and the seed."""
     return {k: config[k] for k in ("model", "data", "lora", "training", "seed")}
+
+
+def _composition(config: Config, method: str) -> dict[str, Any]:
+    """What a composition is built from: its parameters and the adapters' shape, and for a method that reads
+    the tasks' prompts through the base model (centroid), the model, the data and the dtype it runs in."""
+    params = method_params(config, method)
+    reads = {"method": params, "lora": config["lora"], "tasks": list(config["tasks"]), "seed": config["seed"]}
+    if Need.TASK_PROMPTS in METHODS[params["method"]].needs:
+        reads |= {"model": config["model"], "data": config["data"], "dtype": config["evaluation"]["dtype"]}
+    return reads
 
 
 def _all_tasks(config: Config) -> dict[str, Any]:
@@ -64,9 +74,7 @@ STEPS: dict[str, Step] = {
         "MoA stage 2: train a router before every block on the task LoRAs (teacher forcing) -> moa/ (routers, "
         "experts, router accuracy, confusion matrix); resumable"),
     "compose": Step(
-        compose, ("method",),
-        lambda c, method: {"method": method_params(c, method), "lora": c["lora"], "tasks": list(c["tasks"]),
-                           "seed": c["seed"]},
+        compose, ("method",), lambda c, method: _composition(c, method),
         "build one composition from the trained adapters -> compositions/{method}/ (a PEFT adapter + "
         f"merge_report.json for merges; a manifest for base, oracle and moa). Methods: {', '.join(METHODS)}"),
     "evaluate": Step(

@@ -16,7 +16,7 @@ from moa.data.batching import encode_examples
 from moa.generate import Request, Sampling, StopStrings, cut_at_stop, generate, greedy, next_token, score
 from moa.lora import activate, activated, fold_lora, inject_lora, lora_layers, merge_and_unload
 from moa.model import Documents, load_pretrained
-from moa.routing import LayerRouters, LearnedRouter, RouterSpec, Strategy, activate_experts
+from moa.routing import CentroidRouter, LayerRouters, LearnedRouter, RouterSpec, Strategy, activate_experts
 from tests.conftest import hf_tiny_dir
 
 PROMPTS = ["short", "a somewhat longer prompt with more words", "x", "the middle one"]
@@ -137,6 +137,23 @@ def test_moa_routed_in_the_packed_prefill_equals_each_prompt_alone(experts, stra
         activate_experts(model, chosen)
         assert g.tokens == greedy(model, tokenizer, [request.prompt], 8)[0]
     assert len({tuple(t) for t in tokens(batched)}) > 1
+
+
+def test_centroid_routing_in_the_prefill_equals_each_prompt_alone(experts) -> None:
+    """The training-free router: the nearest of random unit centroids of layer 1's mean-pooled input."""
+    model, tokenizer = experts
+    torch.manual_seed(5)
+    router = CentroidRouter(F.normalize(torch.randn(3, model.config.hidden_size), dim=-1), layer=1)
+    stream = requests(tokenizer, STREAM, Sampling(8))
+    batched = generate(model, tokenizer, stream, batch_size=3, router=router)
+    for request, g in zip(stream, batched):
+        with activated(model, None), torch.no_grad():  # layer 1's input, of the base model, alone
+            hidden = model.block_input(torch.tensor([request.prompt]), layer=1)[0]
+        expected = int((F.normalize(hidden.mean(0), dim=-1) @ router.centroids.T).argmax())
+        assert g.expert == expected and g.tokens == generate(model, tokenizer, [request], router=router)[0].tokens
+        with activated(model, expected):
+            assert g.tokens == greedy(model, tokenizer, [request.prompt], 8)[0]
+    assert len({g.expert for g in batched}) > 1
 
 
 def test_per_layer_experts_apply_each_layers_expert(experts) -> None:

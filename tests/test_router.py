@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
@@ -22,7 +23,7 @@ from moa.errors import MoaError
 from moa.lora import ExpertSpec, activated, inject_lora
 from moa.model import random_model
 from moa.model.tokenizer import byte_tokenizer
-from moa.routing import LayerRouters, RouterSpec, choose_experts, load_routers, router_logits
+from moa.routing import LayerRouters, RouterSpec, choose_experts, fit_centroids, load_routers, router_logits
 from moa.train.lora import train_lora
 from moa.train.router import train_router
 
@@ -189,3 +190,23 @@ def test_strategies_last_and_vote() -> None:
     assert choose_experts(scores[2:], "vote").tolist() == [2]  # a tie goes to the higher mean probability
     with pytest.raises(MoaError, match="unknown routing strategy"):
         choose_experts(scores, "oracle")
+
+
+def test_centroids_are_each_tasks_mean_pooled_base_states() -> None:
+    """fit_centroids: unit-norm means of each task's unit-norm mean-pooled block inputs, every layer, and
+    each layer's nearest-centroid accuracy on held-out prompts."""
+    model, _ = random_model("tiny", seed=0)
+    gen = torch.Generator().manual_seed(0)
+    # two "tasks" of prompts from disjoint vocabularies: separable at the embeddings already
+    prompts = [[torch.randint(lo, lo + 40, (int(n),), generator=gen).tolist() for n in torch.randint(3, 20, (6,),
+                                                                                                      generator=gen)]
+               for lo in (10, 200)]
+    centroids, accuracy = fit_centroids(model, [p[:4] for p in prompts], [p[4:] for p in prompts])
+    assert centroids.shape == (L, 2, H) and accuracy.shape == (L,)  # the input of every block
+    for task, train in enumerate(p[:4] for p in prompts):
+        for layer in range(L):
+            with torch.no_grad():
+                alone = [F.normalize(model.block_input(torch.tensor([q]), layer=layer)[0].mean(0), dim=-1) for q in train]
+            expected = F.normalize(torch.stack(alone).mean(0), dim=-1)
+            torch.testing.assert_close(centroids[layer, task], expected, atol=1e-5, rtol=1e-5)
+    assert accuracy[0] == 1.0  # disjoint vocabularies: the embeddings alone tell the tasks apart

@@ -20,7 +20,7 @@ from moa.io import atomic_dir, read_json
 from moa.layout import MANIFEST, ExperimentPaths
 from moa.model import DTYPES, Tokenizer, Transformer
 from moa.model.prepare import base_model, device
-from moa.routing import LearnedRouter
+from moa.routing import SequenceRouter
 from moa.tracking import StepResult
 
 MERGE_METRICS = ("rank", "relative_error", "retained_energy")  # of merge_report.json, logged to MLflow
@@ -35,7 +35,7 @@ class Composed:
     manifest: dict[str, Any]
     experts: tuple[str, ...] = ()  # the task each expert index stands for
     by_task: bool = False  # each sequence is served by its task's expert (the oracle)
-    router: LearnedRouter | None = None  # MoA: picks each sequence's expert(s) from its prompt
+    router: SequenceRouter | None = None  # MoA, centroid: picks each sequence's expert(s) from its prompt
 
     def expert_for(self, task: str | None) -> int | None:
         """The expert that serves a prompt of `task`: its own for the oracle, else None (no LoRA, a merge
@@ -79,7 +79,5 @@ def load_composition(config: Config, method: str, fold: bool = True) -> Composed
     model, tokenizer = base_model(config)
     applied: Applied = method_of(manifest).load(config, manifest, model, fold)
     model.to(device(), DTYPES[config["evaluation"]["dtype"]]).eval()
-    router = applied.router
-    if router is not None:  # the routers stay in float32: they read float32 pooled states
-        router = LearnedRouter(router.routers.to(device()).eval(), router.strategy)
+    router = None if applied.router is None else applied.router.to(device())  # float32: it reads float32 features
     return Composed(model, tokenizer, manifest, applied.experts, applied.by_task, router)

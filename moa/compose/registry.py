@@ -17,13 +17,30 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from safetensors.torch import load_file
+
 from moa.compose.merge import MergeMethod, MergeSpec, merge_adapters
 from moa.config import Config
+from moa.data.batching import encode_prompts
+from moa.data.prepare import read_split
 from moa.errors import MoaError
-from moa.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_REPORT, MIXED, ROUTER_WEIGHTS, ExperimentPaths
+from moa.io import write_safetensors
+from moa.layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CENTROID_EVAL,
+    CENTROIDS,
+    MERGE_REPORT,
+    MIXED,
+    ROUTER_WEIGHTS,
+    ExperimentPaths,
+)
 from moa.lora import attach_experts, load_adapter, merge_and_unload, write_adapter
+from moa.model import DTYPES
 from moa.model.llama import Transformer
-from moa.routing import LearnedRouter, Strategy, load_routers
+from moa.model.prepare import base_model, device
+from moa.routing import CentroidRouter, LearnedRouter, SequenceRouter, Strategy, fit_centroids, load_routers
 
 
 class Kind(StrEnum):
@@ -39,6 +56,7 @@ class Need(StrEnum):
     TASK_ADAPTERS = "task_adapters"  # adapters/{task}/ of every task
     MIXED_ADAPTER = "mixed_adapter"  # adapters/_mixed/
     ROUTERS = "routers"  # moa/ (routers and experts)
+    TASK_PROMPTS = "task_prompts"  # every task's train/validation prompts, read through the base model
 
 
 @dataclass(frozen=True)
@@ -48,8 +66,10 @@ class Applied:
 
     experts: tuple[str, ...] = ()
     by_task: bool = False
-    router: LearnedRouter | None = None
+    router: SequenceRouter | None = None
 
+
+CENTROID_SAMPLES = 64  # training prompts per task that make its centroid
 
 Build = Callable[[Config, str, dict[str, Any], Path], dict[str, Any]]  # (config, name, params, folder) -> entries
 Load = Callable[[Config, Mapping[str, Any], Transformer, bool], Applied]  # (config, manifest, model, fold)
@@ -160,6 +180,39 @@ def _load_moa(config: Config, manifest: Mapping[str, Any], model: Transformer, f
     return Applied(tuple(routers.spec.tasks), router=LearnedRouter(routers.eval(), Strategy(manifest["strategy"])))
 
 
+def _build_centroid(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Each task's centroid of the base model's mean-pooled block inputs over (up to `samples` of) its
+    training prompts, at every layer; the layer used is `layer`, else the earliest with the best
+    nearest-centroid accuracy on the validation prompts."""
+    root, dirs = ExperimentPaths.of(config).root, task_adapters(config)
+    model, tokenizer = base_model(config)
+    model.to(device(), DTYPES[config["evaluation"]["dtype"]]).eval()  # the dtype it routes in at inference
+
+    def prompts(split: str, limit: int | None) -> list[list[list[int]]]:
+        return [encode_prompts(read_split(config, task, split).prompt.tolist()[:limit], tokenizer,
+                               config["data"]["chat_template"]) for task in config["tasks"]]
+
+    samples = params.get("samples", CENTROID_SAMPLES)
+    centroids, accuracy = fit_centroids(model, prompts("train", samples), prompts("validation", None))
+    layer = params.get("layer")
+    if layer is None:
+        layer = int(accuracy.argmax())  # the first of the best: the cheapest routing pass
+    elif layer >= len(accuracy):
+        raise MoaError(f"methods.{name}.layer: {layer} is not a layer of the model (0..{len(accuracy) - 1})")
+    write_safetensors(out / CENTROIDS, {"centroids": centroids.float()})
+    pd.DataFrame({"layer": range(len(accuracy)), "accuracy": accuracy.cpu().numpy(),
+                  "n": sum(map(len, prompts("validation", None)))}).to_parquet(out / CENTROID_EVAL, index=False)
+    return {"adapters": [str(d.relative_to(root)) for d in dirs], "layer": layer, "samples": samples,
+            "validation_accuracy": float(accuracy[layer])}
+
+
+def _load_centroid(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
+    paths = ExperimentPaths.of(config)
+    attach(model, [paths.root / path for path in manifest["adapters"]])
+    centroids = load_file(paths.composition(manifest["name"]) / CENTROIDS)["centroids"][manifest["layer"]]
+    return Applied(tuple(manifest["tasks"]), router=CentroidRouter(centroids, manifest["layer"]))
+
+
 # --- the table ----------------------------------------------------------------------------------------
 
 _MERGE = frozenset({Need.TASK_ADAPTERS})
@@ -172,6 +225,8 @@ METHODS: dict[str, Method] = {
     "oracle": Method(Kind.ROUTE, _build_oracle, _load_oracle, _MERGE),
     "mixed": Method(Kind.ADAPTER, _build_mixed, _load_folded, frozenset({Need.MIXED_ADAPTER})),
     "moa": Method(Kind.ROUTE, _build_moa, _load_moa, frozenset({Need.ROUTERS}), frozenset({"strategy"})),
+    "centroid": Method(Kind.ROUTE, _build_centroid, _load_centroid, _MERGE | {Need.TASK_PROMPTS},
+                       frozenset({"layer", "samples"})),
     MergeMethod.CONCAT: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
     MergeMethod.LINEAR: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
     MergeMethod.AVG: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),

@@ -256,18 +256,26 @@ class Transformer(nn.Module):
         with a planned prefill or decode step (its plan gives the positions); logits_at selects where the
         LM head runs: a bool mask [B, T] -> [N, V], or a slice of T -> [B, T', V].
         """
-        B, T = input_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for block in self.model.layers:
-            x = block(x, cos, sin, attn_mask, cache)
+        x = self.block_input(input_ids, positions, attn_mask, len(self.model.layers), cache)
         if cache is not None:
             cache.advance()
         if logits_at is not None:
             x = x[logits_at] if isinstance(logits_at, Tensor) else x[:, logits_at]
         return self.lm_head(self.model.norm(x))
+
+    def block_input(self, input_ids: Tensor, positions: Tensor | None = None,
+                    attn_mask: Tensor | Documents | None = None, layer: int = 0,
+                    cache: SlotCache | None = None) -> Tensor:
+        """The hidden states [B, T, H] that enter block `layer` (0: the embeddings; the number of layers:
+        the final norm's input)."""
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for block in self.model.layers[:layer]:
+            x = block(x, cos, sin, attn_mask, cache)
+        return x
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | str = "cpu") -> Tensor:

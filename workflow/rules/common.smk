@@ -212,7 +212,14 @@ def inputs_of(needs):
         *(task_adapters() if Need.TASK_ADAPTERS in needs else []),
         *(files(PATHS.adapter_files(MIXED, train_log=False)) if Need.MIXED_ADAPTER in needs else []),
         *(files(PATHS.routers) if Need.ROUTERS in needs else []),
+        *([*MODEL_FILES, *data_files(TASKS)] if Need.TASK_PROMPTS in needs else []),
     ]
+
+
+def composition_threads(wildcards):
+    """Merges are small matrix work (compositions run side by side); reading prompts through the model
+    takes the cores."""
+    return 2 if Need.TASK_PROMPTS in method_of(method_params(config, wildcards.method)).needs else 1
 
 
 def composition_inputs(wildcards):

@@ -13,7 +13,7 @@ rule compose:
         step_log("compose"),
     benchmark:
         step_benchmark("compose")
-    threads: 1  # merges are small matrix work: compositions run side by side
+    threads: composition_threads
     resources:
         mem_mb=8000,
         runtime=60,
