@@ -439,10 +439,10 @@ def summary(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty, eva
         lines += ["", f"## Per task: normalized score minus `{reference}`", "", *per_task_table(uncertainty, reference)]
     lines += ["", "## Scores", "", *score_table(config, metrics, uncertainty), "", SCORE_NOTE + " " + brackets, "",
               "## Cost", "", *cost_table(config, metrics), "",
-              "Each composition serves every task's test prompts as one stream (continuous batching, "
-              "`evaluation.batch_size` sequences in flight): tokens/s are the stream's (generated tokens over its "
-              "wall time, over its decoding steps alone; prompt tokens over its prefills), latency and router "
-              "accuracy the means over the tasks with generated answers.",
+              ("Each composition serves every task's test prompts as one stream (continuous batching, "
+               "`evaluation.batch_size` sequences in flight): tokens/s are the stream's (generated tokens over its "
+               "wall time, over its decoding steps alone; prompt tokens over its prefills), latency and router "
+               "accuracy the means over the tasks with generated answers."),
               "", "## Router", ""]
     lines += router_summary(evaluation, router_config) if evaluation is not None \
         else [f"No router evaluation ({paths.router_eval.relative_to(paths.root)}): run `moa train-router` first."]

@@ -41,7 +41,8 @@ def ids(tokenizer, texts=PROMPTS) -> list[list[int]]:
     return [tokenizer.encode(t) for t in texts]
 
 
-def requests(tokenizer, texts=PROMPTS, sampling=Sampling(10), experts=None) -> list[Request]:
+def requests(tokenizer, texts=PROMPTS, sampling: Sampling | None = None, experts=None) -> list[Request]:
+    sampling = sampling or Sampling(10)
     return [Request(p, sampling, None if experts is None else experts[i]) for i, p in enumerate(ids(tokenizer, texts))]
 
 
