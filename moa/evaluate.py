@@ -16,14 +16,20 @@ from collections.abc import Sequence
 import pandas as pd
 
 from moa.compose.composition import Composed, load_composition, read_manifest
+from moa.compose.merge import EXACT_MERGES, resolved_weights
+from moa.compose.registry import merge_spec, task_adapters
 from moa.config import Config, method_params
 from moa.data.batching import encode_examples, encode_prompts
 from moa.data.prepare import read_split
 from moa.data.tasks import LABELS, Task, get_task
 from moa.generate import Generation, Request, Sampling, Served, score, serve
+from moa.implicit import component_responses, responses_table
 from moa.io import atomic_dir
 from moa.layout import ExperimentPaths
+from moa.lora import attach_experts, lora_layers
 from moa.metrics import Score, router_accuracy, score_task, statistics_columns
+from moa.model import DTYPES
+from moa.model.prepare import base_model, device
 from moa.tracking import StepResult
 
 DEFAULT_MAX_NEW_TOKENS = 128  # `moa generate` without a task
@@ -116,6 +122,28 @@ def task_scores(task: Task, predictions: pd.DataFrame, composed: Composed, serve
     return results, predictions, extra
 
 
+def implicit_routing(config: Config, params: dict, tasks: Sequence[Task], frames: dict[str, pd.DataFrame],
+                     generated: dict[str, list[Generation]]) -> dict[str, pd.DataFrame]:
+    """An exact merge's component responses on every evaluated sequence, per task (see moa.implicit): the
+    merge's task components as experts of an unfolded copy of the base model, weighted as merged."""
+    model, tokenizer = base_model(config)
+    attach_experts(model, task_adapters(config))
+    model.to(device(), DTYPES[config["evaluation"]["dtype"]]).eval()
+    weights = resolved_weights(merge_spec(config, params), len(config["tasks"]))
+    chat, tables = config["data"]["chat_template"], {}
+    for task in tasks:
+        frame = frames[task.name]
+        if task.name in generated:
+            prompts = encode_prompts(frame.prompt.tolist(), tokenizer, chat)
+            sequences = [(p, g.tokens) for p, g in zip(prompts, generated[task.name])]
+        else:  # scored: the reference target
+            examples = encode_examples(frame.prompt.tolist(), frame.target.tolist(), tokenizer, chat)
+            sequences = [(e.prompt_ids, e.target_ids) for e in examples]
+        responses = component_responses(model, weights, sequences)
+        tables[task.name] = responses_table(frame["id"].tolist(), list(lora_layers(model)), responses)
+    return tables
+
+
 def evaluate(config: Config, method: str, task: str | None = None) -> StepResult:
     """Evaluate composition `method` on every task (or only `task`); writes eval/{method}/{task}/
     atomically, one folder per task."""
@@ -126,6 +154,8 @@ def evaluate(config: Config, method: str, task: str | None = None) -> StepResult
     composed = load_composition(config, method, fold=config["evaluation"]["fold"])
     generated, served = run_generation(config, composed, [t for t in tasks if generates(t)], frames,
                                        f"evaluate {method}")
+    implicit = (implicit_routing(config, params, tasks, frames, generated) if params["method"] in EXACT_MERGES
+                else {})
     paths, metrics, artifacts, lines = ExperimentPaths.of(config), {}, [], []
     for spec in tasks:
         scores = run_scoring(config, composed, spec, frames[spec.name]) if spec.scored else None
@@ -140,6 +170,8 @@ def evaluate(config: Config, method: str, task: str | None = None) -> StepResult
             predictions.to_parquet(tmp / paths.predictions(method, spec.name).name, index=False)
             table.to_parquet(tmp / paths.metrics(method, spec.name).name, index=False)
             (tmp / paths.eval_info(method, spec.name).name).write_text(json.dumps(info, indent=2) + "\n")
+            if spec.name in implicit:
+                implicit[spec.name].to_parquet(tmp / paths.implicit_routing(method, spec.name).name, index=False)
         metrics |= {f"{spec.name}.{s.metric}": s.value for s in results}
         artifacts += [paths.metrics(method, spec.name), paths.predictions(method, spec.name)]
         lines.append(f"{spec.name}: " + ", ".join(f"{s.metric} {s.value:.4g}" for s in results))

@@ -47,6 +47,7 @@ class Plot(StrEnum):
     DIFFERENCES = "differences"
     ROUTER_CONFUSION = "router_confusion"
     ROUTER_LAYER_ACCURACY = "router_layer_accuracy"
+    IMPLICIT_ROUTING = "implicit_routing"
     ADAPTER_COSINE = "adapter_cosine"
     TRAIN_LOSS = "train_loss"
 
@@ -154,6 +155,10 @@ class ExperimentPaths:
     def eval_info(self, method: str, task: str) -> Path:
         return self.evaluation(method, task) / "info.json"
 
+    def implicit_routing(self, method: str, task: str) -> Path:
+        """An exact merge's per-sequence component responses (see moa.implicit)."""
+        return self.evaluation(method, task) / "implicit_routing.parquet"
+
     # --- the report ------------------------------------------------------------------------------
 
     @property
@@ -173,6 +178,10 @@ class ExperimentPaths:
         return self.report / "comparisons.parquet"
 
     @property
+    def report_implicit_routing(self) -> Path:
+        return self.report / "implicit_routing.parquet"
+
+    @property
     def summary(self) -> Path:
         return self.report / "summary.md"
 
@@ -182,8 +191,8 @@ class ExperimentPaths:
     @property
     def report_files(self) -> list[Path]:
         """Everything report/ holds, for MLflow and for Snakemake's outputs."""
-        return [self.report_metrics, self.report_intervals, self.report_comparisons, self.summary,
-                *(self.plot(plot) for plot in Plot)]
+        return [self.report_metrics, self.report_intervals, self.report_comparisons, self.report_implicit_routing,
+                self.summary, *(self.plot(plot) for plot in Plot)]
 
     # --- bookkeeping ---------------------------------------------------------------------------------
 

@@ -182,3 +182,28 @@ def plot_differences(differences: pd.DataFrame, order: Sequence[str], kinds: Map
                  f"interval\nfilled: significant at alpha {alpha:g} after Holm's correction", fontsize=10)
     fig.supxlabel("difference of the oracle-normalized score (multitask score: of the mean over tasks)", fontsize=9)
     return fig
+
+
+def plot_implicit(implicit: pd.DataFrame, tasks: Sequence[str]) -> Figure:
+    """Per exact merge and segment: layers x tasks, the mean share of the true task's component (all of a
+    layer's modules together). 1/N (the dashed level in the colour bar) is no preference at all."""
+    pooled = implicit[(implicit["module"] == "all") & (implicit["layer"] >= 0)]
+    methods, segments = list(pd.unique(pooled["method"])), list(pd.unique(pooled["segment"]))
+    layers = sorted(pooled["layer"].unique())
+    fig = Figure(figsize=(1.1 * len(tasks) * len(segments) + 3, 0.18 * len(layers) * len(methods) + 2.5),
+                 layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(methods), len(segments), squeeze=False))
+    for row, method in enumerate(methods):
+        for col, segment in enumerate(segments):
+            cells = pooled[(pooled["method"] == method) & (pooled["segment"] == segment)]
+            grid = cells.pivot(index="layer", columns="task", values="share_true").reindex(index=layers, columns=tasks)
+            ax = axes[row, col]
+            image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+            ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+            ax.set_yticks(range(0, len(layers), max(1, len(layers) // 8)), layers[::max(1, len(layers) // 8)])
+            ax.set_title(f"`{method}`, {segment} tokens", fontsize=10)
+            ax.set_ylabel("layer")
+            bar = fig.colorbar(image, ax=ax, shrink=0.8)
+            bar.ax.axhline(1 / len(tasks), color="white", linestyle="--", linewidth=1)
+    fig.suptitle("Does the merge route itself? Mean share of the true task's component in each layer's update")
+    return fig

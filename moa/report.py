@@ -20,6 +20,7 @@ from torch import Tensor
 from moa.compose.registry import Kind, method_of
 from moa.config import Config, method_params
 from moa.data.tasks import get_task
+from moa.implicit import ALL, EVERY_LAYER, summarize
 from moa.io import atomic_dir, read_json
 from moa.layout import ADAPTER_WEIGHTS, MIXED, ROUTER_CONFIG, TRAIN_LOG, ExperimentPaths, Plot
 from moa.lora.peft_io import load_adapter
@@ -30,6 +31,7 @@ from moa.plots import (
     plot_confusion,
     plot_cosine,
     plot_differences,
+    plot_implicit,
     plot_layer_accuracy,
     plot_multitask,
     plot_scores,
@@ -55,6 +57,11 @@ DEFAULT_REFERENCES = ("moa", ORACLE)  # report.compare_to: null
 SCORE_NOTE = ("Task metrics on a 0–100 scale (perplexity: lower is better). Multitask score: the mean over the tasks "
               "with signal of the method's representative metric (the first of each task) divided by the oracle's "
               "(inverted for perplexity); oracle = 1.000, base is the floor.")
+IMPLICIT_NOTE = ("An exact merge adds every task's update at once. Implicit routing accuracy: how often the true "
+                 "task's component moves a sequence's hidden states most (the largest share of the summed "
+                 "||w_i s_i B_i A_i x|| over every LoRA module), over its prompt and over its generated tokens "
+                 "(a scored task: its reference), in %; chance is 100/N. MoA's router accuracy on the same test "
+                 "prompts for comparison. Per layer: implicit_routing.png and report/implicit_routing.parquet.")
 
 
 def references(config: Config) -> list[str]:
@@ -391,8 +398,40 @@ def router_summary(evaluation: pd.DataFrame, router_config: Mapping[str, object]
 # --- the step ----------------------------------------------------------------------------------------
 
 
+def read_implicit(config: Config) -> pd.DataFrame:
+    """Every exact merge's implicit routing (moa.implicit.summarize of its evaluations' component responses)."""
+    paths, frames = ExperimentPaths.of(config), []
+    for method in config["methods"]:
+        for task in config["tasks"]:
+            path = paths.implicit_routing(method, task)
+            if path.is_file():
+                frames.append(summarize(pd.read_parquet(path), method, task, list(config["tasks"])))
+    columns = ["method", "task", "layer", "module", "segment", "share_true", "accuracy", "top_task", "n"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def implicit_table(implicit: pd.DataFrame, metrics: pd.DataFrame) -> list[str]:
+    """Per exact merge and segment: how often the true task's component has the largest share over all its
+    modules, per task and overall; MoA's routing accuracy on the same test prompts beside it."""
+    overall = implicit[(implicit["layer"] == EVERY_LAYER) & (implicit["module"] == ALL)]
+    tasks = list(pd.unique(overall["task"]))
+    rows = []
+    for (method, segment), cells in overall.groupby(["method", "segment"], sort=False):
+        by_task = cells.set_index("task")
+        mean = float((by_task["accuracy"] * by_task["n"]).sum() / by_task["n"].sum())
+        rows.append([f"`{method}`", segment, *(_fmt(100 * by_task["accuracy"].get(t, np.nan), 1) for t in tasks),
+                     _fmt(100 * mean, 1)])
+    routed = metrics[metrics["metric"] == "router_accuracy"].groupby("method")
+    for method, cells in routed:
+        by_task = cells.set_index("task")["value"]
+        rows.append([f"`{method}` (router)", "prompt", *(_fmt(by_task.get(t, np.nan), 1) for t in tasks),
+                     _fmt(float((by_task * cells.set_index("task")["n"]).sum() / cells["n"].sum()), 1)])
+    return markdown_table(["method", "tokens", *tasks, "all"], rows)
+
+
 def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame | None,
-            confusion: pd.DataFrame | None, cosine: tuple[list[str], np.ndarray] | None) -> dict[Plot, Figure | str]:
+            confusion: pd.DataFrame | None, cosine: tuple[list[str], np.ndarray] | None,
+            implicit: pd.DataFrame) -> dict[Plot, Figure | str]:
     """Each plot's figure, or why it was skipped."""
     tasks = list(config["tasks"])
     representative = {task: names[0] for task, names in uncertainty.tasks.items()}
@@ -416,13 +455,16 @@ def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame |
         else f"no routed {paths.router_confusion.relative_to(paths.root)}",
         Plot.ROUTER_LAYER_ACCURACY: plot_layer_accuracy(evaluation, len(tasks)) if evaluation is not None
         else f"no {paths.router_eval.relative_to(paths.root)}",
+        Plot.IMPLICIT_ROUTING: plot_implicit(implicit, tasks) if len(implicit)
+        else "no exact merge (concat, task_arithmetic) was evaluated",
         Plot.ADAPTER_COSINE: plot_cosine(*cosine) if cosine else "fewer than two trained task adapters",
         Plot.TRAIN_LOSS: plot_train_loss(logs) if logs else f"no {TRAIN_LOG}",
     }
 
 
 def summary(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty, evaluation: pd.DataFrame | None,
-            router_config: Mapping[str, object], plots: Mapping[Plot, Figure | str], notes: list[str]) -> str:
+            router_config: Mapping[str, object], plots: Mapping[Plot, Figure | str], notes: list[str],
+            implicit: pd.DataFrame) -> str:
     paths, result = ExperimentPaths.of(config), uncertainty.result
     brackets = (f"Brackets: {uncertainty.confidence:.0%} paired bootstrap percentile intervals over the test items "
                 f"({uncertainty.resamples} resamples, seed {config['seed']}); every figure is recomputed inside each "
@@ -446,6 +488,8 @@ def summary(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty, eva
               "", "## Router", ""]
     lines += router_summary(evaluation, router_config) if evaluation is not None \
         else [f"No router evaluation ({paths.router_eval.relative_to(paths.root)}): run `moa train-router` first."]
+    if len(implicit):
+        lines += ["", "## Does a merged model route itself?", "", IMPLICIT_NOTE, "", *implicit_table(implicit, metrics)]
     lines += ["", "## Plots", "", *(f"![{name}]({paths.plot(name).name})" for name, p in plots.items()
                                     if isinstance(p, Figure))]
     notes = notes + [f"`{method}` has no multitask score: no evaluation on {', '.join(tasks)}"
@@ -510,17 +554,19 @@ def build_report(config: Config) -> StepResult:
     cosine = task_adapter_cosine(config)
     if cosine and len(cosine[0]) < len(config["tasks"]):
         notes.append(f"{paths.plot(Plot.ADAPTER_COSINE).name} covers only the trained adapters: {', '.join(cosine[0])}")
-    plots = figures(config, uncertainty, evaluation, confusion, cosine)
+    implicit = read_implicit(config)
+    plots = figures(config, uncertainty, evaluation, confusion, cosine, implicit)
     with atomic_dir(paths.report) as tmp:
         with_normalized(metrics, uncertainty).to_parquet(tmp / paths.report_metrics.name, index=False)
         uncertainty.intervals.to_parquet(tmp / paths.report_intervals.name, index=False)
         uncertainty.comparisons.to_parquet(tmp / paths.report_comparisons.name, index=False)
+        implicit.to_parquet(tmp / paths.report_implicit_routing.name, index=False)
         for name, plot in plots.items():  # every PNG is written (the workflow declares them all)
             figure = plot if isinstance(plot, Figure) else placeholder(name, plot)
             if figure.get_layout_engine() is None:  # a figure with a suptitle lays itself out (constrained)
                 figure.tight_layout()
             figure.savefig(tmp / paths.plot(name).name, dpi=DPI)
-        text = summary(config, metrics, uncertainty, evaluation, router_config, plots, notes)
+        text = summary(config, metrics, uncertainty, evaluation, router_config, plots, notes, implicit)
         (tmp / paths.summary.name).write_text(text)
     return StepResult(paths.report, metrics=tracked_metrics(uncertainty), artifacts=paths.report_files,
                       tables={COMPARISON_TABLE: comparison_table(uncertainty, kinds(config))})

@@ -189,6 +189,27 @@ def test_evaluate_writes_predictions_and_metrics_for_every_task(experiment: Path
     assert f"{TASKS[1]}.f1" in run.metrics  # the MLflow run has every task's metrics
 
 
+@pytest.mark.parametrize("method", ["concat", "task_arithmetic", "svd"])
+def test_exact_merges_record_their_components_responses(experiment: Path, method: str) -> None:
+    """concat and task_arithmetic are their task components' sum: evaluate measures each component's
+    response on every sequence; an inexact merge has no components to measure."""
+    config = load_config(experiment, FAST)
+    compose(config, method)
+    evaluate(config, method)
+    paths = ExperimentPaths.of(config)
+    for task in TASKS:
+        path = paths.implicit_routing(method, task)
+        if method == "svd":
+            assert not path.exists()
+            continue
+        table = pd.read_parquet(path)
+        ids = pd.read_parquet(paths.predictions(method, task)).id
+        assert set(table.id) == set(ids) and len(table) == len(ids) * 2 * 7 * 2  # layers x modules x segments
+        responses = np.stack(table.response.to_numpy())
+        assert responses.shape[1] == len(TASKS) and (responses >= 0).all()
+        assert (responses[table.segment.to_numpy() == "prompt"] > 0).all()  # every prompt token moves every part
+
+
 def test_evaluate_one_task_alone_gives_what_the_stream_gives(experiment: Path) -> None:
     """Served in a mixed stream or alone, greedy outputs are the same."""
     config = load_config(experiment, FAST)

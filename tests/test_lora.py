@@ -307,3 +307,17 @@ def test_injected_layers_follow_the_model_mode(tiny) -> None:
     model = copy.deepcopy(tiny[0]).eval()
     inject_lora(model, rank=2, dropout=0.5)
     assert not any(layer.training for layer in lora_layers(model).values())
+
+
+def test_component_norms_are_each_experts_weighted_update_norm() -> None:
+    """||w_i s_i B_i A_i x|| of every expert at every token, from rank-r projections, equals the dense
+    update's norm."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(12, 10), [ExpertSpec(2, 4.0), ExpertSpec(3, 1.5, use_rslora=True)])
+    for b in layer.lora_B:
+        torch.nn.init.normal_(b)
+    x, weights = torch.randn(2, 5, 12), torch.tensor([0.7, -1.3])
+    norms = layer.component_norms(x, weights)
+    for i, (a, b, spec) in enumerate(zip(layer.lora_A, layer.lora_B, layer.specs)):
+        dense = weights[i] * spec.scaling * (b @ a)
+        torch.testing.assert_close(norms[:, i], (x.reshape(-1, 12) @ dense.T).norm(dim=-1), atol=1e-5, rtol=1e-5)

@@ -185,8 +185,10 @@ def test_build_report(full: Config) -> None:
     assert "No merge was evaluated on every task with signal." in verdict  # svd lacks dialogue
     assert "Router parameters: 1,234 (type linear, pooling mean, mode routers, eta 1.0)" in text
     assert "| `last` |" in text and "| `vote` |" in text and "each layer's router (mean)" in text
-    assert "skipped" not in text
-    for name in Plot:
+    # the only plot without data: no exact merge was evaluated (test_implicit_routing_section has one)
+    assert [line for line in text.splitlines() if "skipped" in line] == [
+        "- implicit_routing.png skipped (it says why): no exact merge (concat, task_arithmetic) was evaluated"]
+    for name in (p for p in Plot if p != Plot.IMPLICIT_ROUTING):
         assert f"![{name}]({name}.png)" in text
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
@@ -202,7 +204,7 @@ def test_build_report(full: Config) -> None:
     assert len(merged) == len(table) - 1
     np.testing.assert_allclose(merged["value_bootstrap"], merged["value"], rtol=1e-12)
     assert {p.name for p in out.iterdir()} == {"metrics.parquet", "intervals.parquet", "comparisons.parquet",
-                                               "summary.md", *(f"{n}.png" for n in Plot)}
+                                               "implicit_routing.parquet", "summary.md", *(f"{n}.png" for n in Plot)}
     comparisons = pd.read_parquet(out / "comparisons.parquet")
     assert set(comparisons["reference"]) == {"moa", "oracle"}
     assert list(comparisons.columns) == ["method", "reference", "task", "metric", "difference", "lo", "hi", "p",
@@ -320,3 +322,39 @@ def test_build_report_on_empty_results(tmp_path: Path) -> None:
     assert pd.read_parquet(out / "metrics.parquet").empty
     assert pd.read_parquet(out / "intervals.parquet").empty and pd.read_parquet(out / "comparisons.parquet").empty
     assert "| moa | – | – | – | – | – |" in (out / "summary.md").read_text()
+
+
+def test_implicit_routing_section(full: Config, tmp_path: Path) -> None:
+    """An exact merge's component responses become report/implicit_routing.parquet, a table beside MoA's
+    router accuracy and a heatmap: concat favours each sequence's own task more in its later layer."""
+    config = validate({**full, "methods": {**full["methods"], "concat": None}})
+    paths, rng = ExperimentPaths.of(config), np.random.default_rng(0)
+    for truth, task in enumerate(TASKS):
+        rows = []
+        for k in range(10):
+            for layer in range(4):
+                for module in ("q_proj", "v_proj"):
+                    for segment in ("prompt", "generated"):
+                        response = rng.random(len(TASKS))
+                        response[truth] += layer  # the own component grows with depth
+                        rows.append({"id": f"{task}-{k}", "layer": layer, "module": module, "segment": segment,
+                                     "response": response})
+        paths.implicit_routing("concat", task).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_parquet(paths.implicit_routing("concat", task))
+    for task, accuracy in (("qa", 100.0), ("sentiment", 90.0)):  # MoA's routing on the test prompts
+        metrics = pd.read_parquet(paths.metrics("moa", task))
+        extra = pd.DataFrame([{"method": "moa", "task": task, "metric": "router_accuracy", "value": accuracy, "n": 50}])
+        pd.concat([metrics, extra], ignore_index=True).to_parquet(paths.metrics("moa", task), index=False)
+    text = build_report(config).path.joinpath("summary.md").read_text()
+    assert "## Does a merged model route itself?" in text and "| `concat` | prompt |" in text
+    assert "| `moa` (router) | prompt | 100.0 | 90.0 | – | 95.0 |" in text
+    assert "| `moa` (router) | prompt |" in text  # MoA's accuracy on the same test prompts beside it
+    implicit = pd.read_parquet(paths.report_implicit_routing)
+    assert set(implicit.method) == {"concat"} and set(implicit.task) == set(TASKS)
+    overall = implicit[(implicit.layer == -1) & (implicit.module == "all")]
+    assert len(overall) == len(TASKS) * 2 and (overall.top_task == overall.task).all() and (overall.n == 10).all()
+    layers = implicit[(implicit.module == "all") & (implicit.layer >= 0) & (implicit.segment == "prompt")]
+    for task in TASKS:
+        share = layers[layers.task == task].sort_values("layer").share_true.to_numpy()
+        assert (np.diff(share) > 0).all()
+    assert paths.plot(Plot.IMPLICIT_ROUTING).stat().st_size > 10_000 and "implicit_routing.png skipped" not in text

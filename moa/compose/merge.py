@@ -54,7 +54,7 @@ class SignMethod(StrEnum):
     FREQUENCY = "frequency"
 
 
-_EXACT = (MergeMethod.CONCAT, MergeMethod.TASK_ARITHMETIC)
+EXACT_MERGES = (MergeMethod.CONCAT, MergeMethod.TASK_ARITHMETIC)  # the exact sum of the task updates
 _LINEAR = (MergeMethod.LINEAR, MergeMethod.AVG)
 _DENSE = (MergeMethod.TIES, MergeMethod.DARE_LINEAR, MergeMethod.DARE_TIES, MergeMethod.MAGNITUDE_PRUNE)
 _SVD_BASED = (MergeMethod.SVD, *_DENSE)
@@ -130,7 +130,7 @@ def merge_module(spec: MergeSpec, factors: Sequence[Factors], module_index: int)
     if not factors:
         raise MoaError("a merge needs at least one adapter")
     weights = resolved_weights(spec, len(factors))
-    if spec.method in _EXACT:
+    if spec.method in EXACT_MERGES:
         return _concat(factors, weights)
     if spec.method in _LINEAR:
         return _linear(spec.method, factors, weights)

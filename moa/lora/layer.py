@@ -137,6 +137,17 @@ class LoRALinear(nn.Module):
             col = col.view(col.shape[0], *([1] * (x.dim() - 2)), col.shape[1])  # [B, 1.., R]
         return col.to(x.dtype)
 
+    def component_norms(self, x: Tensor, weights: Tensor) -> Tensor:
+        """The norm of each expert's weighted update of every token, ||w_i s_i B_i A_i x_t||: x [.., in] ->
+        [T, N], from the rank-r projections A_i x_t and the r x r Gram matrices of w_i s_i B_i (no dense
+        out x in matrix)."""
+        a, b, scale, owner = self._concat()
+        h = x.reshape(-1, x.shape[-1]).to(a.dtype) @ a.T  # [T, R]
+        scaled = b * (weights.to(scale)[owner] * scale)  # [out, R]
+        gram = (scaled.T @ scaled) * (owner[:, None] == owner[None, :])  # [R, R]: one block per expert
+        squares = h.new_zeros(h.shape[0], self.n_experts).index_add_(1, owner, (h @ gram) * h)
+        return squares.clamp(min=0).sqrt()
+
     # -- stacked / concatenated factors, cached while no gradient is needed -------------------------
 
     def _stacked(self) -> tuple[Tensor, Tensor]:
