@@ -12,6 +12,7 @@ rule report:
         metrics=str(PATHS.report_metrics),
         intervals=str(PATHS.report_intervals),
         comparisons=str(PATHS.report_comparisons),
+        implicit_routing=str(PATHS.report_implicit_routing),
         summary=report(str(PATHS.summary), category="Summary", caption="../report/summary.rst"),
         plots=[
             report(str(PATHS.plot(plot)), category="Plots", caption=f"../report/{plot}.rst")
