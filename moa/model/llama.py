@@ -91,6 +91,18 @@ class _Decode:
     visible: Tensor  # [n, 1, 1, width]: which cached positions each slot's token attends to
 
 
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tensor:
+    """One query per sequence over its cached keys: q [n, H, 1, D], keys/values [n, Hkv, S, D], visible
+    [n, 1, 1, S] -> [n, H, 1, D]. Query heads are grouped onto their key/value head (GQA) as plain batched
+    matmuls, with the softmax in float32: on CPU this beats scaled_dot_product_attention's masked kernels
+    for one query (several times over in bfloat16)."""
+    n, heads, _, dim = q.shape
+    grouped = q.view(n, keys.shape[1], heads // keys.shape[1], dim)  # query head h reads key head h // G
+    scores = (grouped @ keys.transpose(-1, -2)).float() * dim ** -0.5  # [n, Hkv, G, S]
+    weights = scores.masked_fill(~visible, float("-inf")).softmax(-1).to(values.dtype)
+    return (weights @ values).view(n, heads, 1, dim)
+
+
 class SlotCache:
     """Keys and values of up to `slots` sequences for continuous batching: each slot holds one sequence at
     its own length, so a finished sequence's slot is refilled while the others keep decoding.
@@ -145,8 +157,7 @@ class SlotCache:
             self.k[layer, rows, :, positions] = k[:, :, 0]
             self.v[layer, rows, :, positions] = v[:, :, 0]
             keys, values = self.k[layer, :plan.n, :, :plan.width], self.v[layer, :plan.n, :, :plan.width]
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.visible,
-                                                  enable_gqa=q.shape[1] != k.shape[1])
+            return decode_attention(q, keys, values, plan.visible)
         raise RuntimeError("SlotCache: plan a prefill or a decode step before the forward")
 
     def advance(self) -> None:
