@@ -61,7 +61,7 @@ STEPS: dict[str, Step] = {
     "train_router": Step(
         train_router, (), lambda c: _trainer(c) | _all_tasks(c) | {"router": c["router"]},
         "MoA stage 2: train a router before every block on the task LoRAs (teacher forcing) -> moa/ (routers, "
-        "experts, router accuracy, confusion matrix); resumable"),
+        "experts, router accuracy, confusion matrix); joint mode is resumable"),
     "compose": Step(
         compose, ("method",),
         lambda c, method: {"method": method_params(c, method), "lora": c["lora"], "tasks": list(c["tasks"]),
