@@ -6,6 +6,7 @@ The pieces, from the classifiers up:
   router_config.json (`save_routers`, `load_routers`);
 - `pooled_block_inputs`: every block's input pooled per document (mean over the prompt, or its last
   token) while the model runs once; with routers, each block's LoRA layers follow its own router;
+  `pooled_prompts` runs the model once over a batch to get them;
 - `router_logits`: every layer's router logits for a batch; `choose_experts` turns them into each
   sequence's expert(s) by a `Strategy`;
 - `LearnedRouter`: routers + strategy, MoA at inference: it decides the experts while the prefill reads
@@ -230,18 +231,28 @@ def pooled_block_inputs(model: Transformer, index: PromptIndex, pooling: Pooling
 
 
 @torch.no_grad()
-def router_logits(model: Transformer, routers: LayerRouters, batch: Batch, follow: bool = True) -> Tensor:
-    """Router logits [L, D, N] of every layer for every document of `batch`, read from the prompts only
+def pooled_prompts(model: Transformer, batch: Batch, pooling: Pooling,
+                   routers: LayerRouters | None = None) -> list[Tensor]:
+    """Every block's input pooled over each document's prompt (L x [D, H], fp32) of one run over `batch`
     (targets in the batch are never seen: the causal mask keeps them out of the prompts' states).
 
-    follow=True: each layer's experts follow its own router (what inference can do without labels);
-    follow=False: the model's current experts, e.g. the true tasks under `activated(model, batch.tasks)`."""
+    Without `routers`: the model's current experts, e.g. the true tasks under `activated(model, batch.tasks)`;
+    with them: each layer's experts follow its own router (what inference can do without labels)."""
     batch = batch.to(next(model.parameters()).device)
-    index = prompt_index(batch)
+    follow = routers is not None
     restore = activated(model, None) if follow else nullcontext()  # undoes what the hooks activate
-    with restore, pooled_block_inputs(model, index, routers.spec.pooling, routers if follow else None) as pooled:
+    with restore, pooled_block_inputs(model, prompt_index(batch), pooling, routers) as pooled:
         model(batch.input_ids, positions=batch.positions, attn_mask=batch.attn_mask(), logits_at=slice(0, 0))
-    return routers(pooled)
+    return pooled
+
+
+@torch.no_grad()
+def router_logits(model: Transformer, routers: LayerRouters, batch: Batch, follow: bool = True) -> Tensor:
+    """Router logits [L, D, N] of every layer for every document of `batch`, read from the prompts only.
+
+    follow=True: each layer's experts follow its own router; follow=False: the model's current experts
+    (see pooled_prompts)."""
+    return routers(pooled_prompts(model, batch, routers.spec.pooling, routers if follow else None))
 
 
 def choose_experts(logits: Tensor, strategy: Strategy) -> Tensor:

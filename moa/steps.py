@@ -72,7 +72,7 @@ STEPS: dict[str, Step] = {
     "train_router": Step(
         train_router, (), lambda c: _trainer(c) | _all_tasks(c) | {"router": c["router"]},
         "MoA stage 2: train a router before every block on the task LoRAs (teacher forcing) -> moa/ (routers, "
-        "experts, router accuracy, confusion matrix); resumable"),
+        "experts, router accuracy, confusion matrix); joint mode is resumable"),
     "compose": Step(
         compose, ("method",), lambda c, method: _composition(c, method),
         "build one composition from the trained adapters -> compositions/{method}/ (a PEFT adapter + "

@@ -1,11 +1,19 @@
 """`moa train-router`: MoA stage 2 (Feng et al., 2024) on the task LoRAs (the routers: moa.routing).
 
-Training uses teacher forcing (every LoRA layer applies the row's true expert), so each router sees the
+Training uses teacher forcing (every LoRA layer applies the true task's expert), so each router sees the
 hidden states it will see at inference, and L = L_LM + eta * sum over layers of CE(router_l, task).
+
+- joint mode (the paper): routers and experts train together on L with the Trainer (resumable);
+- routers mode: the experts are frozen and routers never change the teacher-forced forward pass, so
+  L_LM is a constant and L_cls depends only on the prompts' pooled block inputs. These are computed
+  once, and the routers are fitted on them: full-batch AdamW, every task weighted equally. (Optimizing L
+  with the Trainer instead wastes a forward pass per step and, with packed rows of one task each, sees
+  a task in proportion to its tokens: short-prompt tasks in a few steps, or none.)
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -17,10 +25,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from moa.compose.registry import task_adapters
 from moa.config import Config
-from moa.data.batching import Batch, Example, bucket, lm_loss
+from moa.data.batching import Batch, Example, bucket, lm_loss, pack
 from moa.errors import MoaError
 from moa.io import atomic_dir
 from moa.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAIN_LOG, ExperimentPaths
@@ -36,13 +45,14 @@ from moa.routing import (
     Upstream,
     choose_experts,
     pooled_block_inputs,
+    pooled_prompts,
     prompt_index,
     router_logits,
     save_routers,
 )
 from moa.tracking import StepResult
-from moa.train.lora import all_task_examples, train_lora_factors_in_fp32
-from moa.train.trainer import Trainer, TrainSettings
+from moa.train.lora import all_task_examples, task_examples, train_lora_factors_in_fp32
+from moa.train.trainer import Trainer, TrainSettings, clip_and_step, optimizer_for
 
 
 class RouterTraining(nn.Module):
@@ -60,18 +70,69 @@ def document_tasks(batch: Batch) -> Tensor:
     return torch.repeat_interleave(batch.tasks, batch.docs_per_row)
 
 
-def router_loss(model: RouterTraining, batch: Batch, eta: float) -> Tensor:
-    """L_LM + eta * L_cls, summed over the loss tokens as the Trainer expects.
+def routing_loss(logits: Tensor, targets: Tensor, weight: Tensor | None = None) -> Tensor:
+    """L_cls: the sum over layers of each router's cross-entropy [L, D, N] vs the tasks [D], averaged over
+    documents (weighted by `weight` per task, as F.cross_entropy weighs classes)."""
+    n_layers = logits.shape[0]
+    return n_layers * F.cross_entropy(logits.flatten(0, 1).float(), targets.repeat(n_layers), weight=weight)
 
-    L_cls (summed over layers, averaged over documents) is scaled by the batch's loss tokens, so after
-    the Trainer's division by them the step minimizes mean LM loss per token + eta * mean L_cls."""
+
+def router_loss(model: RouterTraining, batch: Batch, eta: float) -> Tensor:
+    """Joint mode's L_LM + eta * L_cls, summed over the loss tokens as the Trainer expects.
+
+    L_cls is scaled by the batch's loss tokens, so after the Trainer's division by them the step minimizes
+    mean LM loss per token + eta * L_cls."""
     index, targets = prompt_index(batch), document_tasks(batch)
     activate(model.lm, batch.tasks)  # teacher forcing
     with pooled_block_inputs(model.lm, index, model.routers.spec.pooling) as pooled:
         lm = lm_loss(model.lm, batch, reduction="sum")
-    logits = model.routers(pooled)  # [L, D, N]
-    cls = F.cross_entropy(logits.flatten(0, 1).float(), targets.repeat(len(pooled)), reduction="sum")
-    return lm + eta * cls * (batch.loss_tokens / index.n_docs)
+    return lm + eta * routing_loss(model.routers(pooled), targets) * batch.loss_tokens
+
+
+def task_prompts(config: Config, tokenizer: Tokenizer, split: str, per_task: int | None = None) -> list[Example]:
+    """Every task's prompts of `split` (no targets), labelled with the task's index: the first `per_task`
+    of each (splits are seeded shuffles), or all."""
+    return [Example(e.prompt_ids, [], e.task) for i, task in enumerate(config["tasks"])
+            for e in task_examples(config, task, split, tokenizer, i)[:per_task]]
+
+
+def prompt_features(model: Transformer, prompts: Sequence[Example], pooling: Pooling,
+                    settings: TrainSettings) -> tuple[list[Tensor], Tensor]:
+    """The teacher-forced pooled block inputs of `prompts` (L x [D, H]) and their tasks [D], in the trainer's
+    precision, dropout off (as at inference). Prompts are packed by task: pooling reads each alone."""
+    model.eval()
+    dev = next(model.parameters()).device
+    features, tasks = [], []
+    for batch in tqdm(pack(prompts, settings.seq_len, settings.batch_size, by_task=True), desc="router features",
+                      unit="batch", dynamic_ncols=True):
+        with activated(model, batch.tasks), settings.autocast(dev):
+            features.append(pooled_prompts(model, batch, pooling))
+        tasks.append(document_tasks(batch))
+    return [torch.cat(layer) for layer in zip(*features)], torch.cat(tasks).to(dev)
+
+
+def fit_routers(routers: LayerRouters, features: list[Tensor], tasks: Tensor, settings: TrainSettings,
+                eta: float) -> pd.DataFrame:
+    """Routers mode: minimize eta * L_cls over the prompts' features (L_LM is a constant here), one full
+    batch per step with the trainer's optimizer, schedule and clipping; every task weighs the same whatever
+    its number of prompts. Returns the log (loss per step)."""
+    steps = settings.steps or max(1, math.ceil(settings.epochs))  # a step is one pass over the features
+    params = list(routers.parameters())
+    optimizer, scheduler = optimizer_for(params, settings, steps)
+    weight = torch.bincount(tasks, minlength=routers.spec.n_experts).clamp(min=1).float().reciprocal()
+    routers.train()
+    log = []
+    for step in range(1, steps + 1):
+        loss = eta * routing_loss(routers(features), tasks, weight)
+        if not torch.isfinite(loss):
+            raise MoaError(f"train router: the routing loss is {loss.item()} at step {step}; lower router.lr")
+        loss.backward()
+        lr = scheduler.get_last_lr()[0]
+        log.append({"step": step, "epoch": step - 1, "loss": loss.item(), "lr": lr,
+                    "grad_norm": clip_and_step(params, optimizer, settings)})
+        scheduler.step()
+    routers.eval()
+    return pd.DataFrame(log)
 
 
 def router_settings(config: Config) -> TrainSettings:
@@ -102,13 +163,12 @@ def router_spec(config: Config, model: Transformer) -> RouterSpec:
 # --- evaluation -------------------------------------------------------------------------------------
 
 
-def evaluate_routers(model: Transformer, routers: LayerRouters, examples: Sequence[Example],
+def evaluate_routers(model: Transformer, routers: LayerRouters, prompts: Sequence[Example],
                      settings: TrainSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Route the held-out prompts alone (no targets) with both kinds of upstream experts (column
-    `routing`, see Upstream); returns (router_eval, confusion)."""
+    """Route the held-out prompts (no targets, see task_prompts) with both kinds of upstream experts
+    (column `routing`, see Upstream); returns (router_eval, confusion)."""
     model.eval()
     routers.eval()
-    prompts = [Example(e.prompt_ids, [], e.task) for e in examples]
     batches = bucket(prompts, settings.seq_len * settings.batch_size)
     truth = torch.cat([batch.tasks for batch in batches])  # one prompt per row
     reports = [router_report(logits_over(model, routers, batches, settings, upstream), truth, routers.spec.tasks,
@@ -158,23 +218,34 @@ def train_router(config: Config) -> StepResult:
     model, tokenizer = expert_model(config, joint)
     torch.manual_seed(config["seed"])
     routers = LayerRouters(router_spec(config, model)).to(device())
-    train, validation = all_task_examples(config, tokenizer)
     settings = router_settings(config)
     paths = ExperimentPaths.of(config)
-    # Teacher forcing routes whole rows, so every packed row holds one task.
-    trainer = Trainer(RouterTraining(model, routers), train, validation, settings, config["seed"],
-                      paths.checkpoint("_router"), loss_fn=partial(router_loss, eta=router["eta"]),
-                      desc=f"train router ({router['mode']})", by_task=True)
-    log = trainer.run()
-    evaluation, confusion = evaluate_routers(model, routers, validation, settings)
+    trainer = joint_trainer(config, model, routers, tokenizer, settings) if joint else None
+    if trainer:
+        log = trainer.run()
+    else:
+        prompts = task_prompts(config, tokenizer, "train", router["prompts_per_task"])
+        log = fit_routers(routers, *prompt_features(model, prompts, routers.spec.pooling, settings), settings,
+                          router["eta"])
+    evaluation, confusion = evaluate_routers(model, routers, task_prompts(config, tokenizer, "validation"), settings)
     with atomic_dir(paths.moa) as tmp:
         save_routers(tmp, routers, mode=router["mode"], eta=router["eta"])
         save_experts(config, tmp, model, joint)
         log.to_parquet(tmp / TRAIN_LOG, index=False)
         evaluation.to_parquet(tmp / paths.router_eval.name, index=False)
         confusion.to_parquet(tmp / paths.router_confusion.name, index=False)
-    trainer.discard_checkpoints()
+    if trainer:
+        trainer.discard_checkpoints()
     return StepResult(paths.moa, curves=log, artifacts=[paths.router_eval, paths.router_confusion, paths.routers[1]])
+
+
+def joint_trainer(config: Config, model: Transformer, routers: LayerRouters, tokenizer: Tokenizer,
+                  settings: TrainSettings) -> Trainer:
+    """Joint mode: the Trainer on L over packed rows of one task each (teacher forcing routes whole rows),
+    checkpointed under checkpoints/_router/."""
+    return Trainer(RouterTraining(model, routers), *all_task_examples(config, tokenizer), settings, config["seed"],
+                   ExperimentPaths.of(config).checkpoint("_router"),
+                   loss_fn=partial(router_loss, eta=config["router"]["eta"]), desc="train router (joint)", by_task=True)
 
 
 def save_experts(config: Config, bundle: Path, model: Transformer, joint: bool) -> None:

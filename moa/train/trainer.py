@@ -88,6 +88,23 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def optimizer_for(params: list[nn.Parameter], settings: TrainSettings,
+                  total: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its schedule: linear warm-up, then cosine decay to min_lr_ratio at step `total`."""
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, settings.warmup_steps, settings.min_lr_ratio))
+
+
+def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, settings: TrainSettings) -> float:
+    """Clip the gradients to max_grad_norm (if set), step and zero them; returns their norm before clipping."""
+    norm = (torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            if settings.max_grad_norm else torch.tensor(float("nan")))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 class Trainer:
     """Trains the parameters of `model` that require grad; `run()` resumes from `checkpoint_dir`."""
 
@@ -102,10 +119,8 @@ class Trainer:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise MoaError("nothing to train: the model has no parameter that requires grad")
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.total = total_steps(settings, len(self._batches(train, 0)))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total, settings.warmup_steps, settings.min_lr_ratio))
+        self.optimizer, self.scheduler = optimizer_for(list(self.params.values()), settings, self.total)
         self.val_batches = self._batches(validation, 0)[:settings.eval_batches] if validation else []
         self.step, self.epoch, self.position = 0, 0, 0  # position: next batch within the epoch
         self.log: list[dict[str, float]] = []
@@ -166,11 +181,7 @@ class Trainer:
                                f"or use precision fp32 (checkpoints in {self.checkpoint_dir} are intact)")
             loss.backward()
             total += loss.item()
-        norm = (torch.nn.utils.clip_grad_norm_(self.params.values(), self.settings.max_grad_norm)
-                if self.settings.max_grad_norm else torch.tensor(float("nan")))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total, float(norm)
+        return total, clip_and_step(list(self.params.values()), self.optimizer, self.settings)
 
     @torch.no_grad()
     def validation_loss(self) -> float:
