@@ -21,7 +21,7 @@ from moa.compose.merge import MergeMethod, MergeSpec, merge_adapters
 from moa.config import Config
 from moa.errors import MoaError
 from moa.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_REPORT, MIXED, ROUTER_WEIGHTS, ExperimentPaths
-from moa.lora import attach_experts, load_adapter, merge_and_unload, write_adapter
+from moa.lora import Arrow, activate, attach_experts, load_adapter, merge_and_unload, write_adapter
 from moa.model.llama import Transformer
 from moa.routing import LearnedRouter, Strategy, load_routers
 
@@ -29,7 +29,7 @@ from moa.routing import LearnedRouter, Strategy, load_routers
 class Kind(StrEnum):
     BASE = "base"  # the base model alone
     ADAPTER = "adapter"  # one adapter trained on every task, folded into the weights
-    ROUTE = "route"  # the task adapters as experts, each sequence served by its own
+    ROUTE = "route"  # the task adapters as experts, each sequence (arrow: each token) served by its own
     MERGE = "merge"  # the task adapters merged into one adapter, folded into the weights
 
 
@@ -160,6 +160,24 @@ def _load_moa(config: Config, manifest: Mapping[str, Any], model: Transformer, f
     return Applied(tuple(routers.spec.tasks), router=LearnedRouter(routers.eval(), Strategy(manifest["strategy"])))
 
 
+def _build_arrow(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Arrow is training-free: the task adapters and the routing settings (PEFT's defaults; top_k capped at
+    the number of tasks, so the default serves two tasks too)."""
+    default = Arrow()
+    top_k = min(params.get("top_k", default.top_k), len(config["tasks"]))
+    return _build_oracle(config, name, params, out) | {"top_k": top_k,
+                                                       "temperature": params.get("temperature", default.temperature)}
+
+
+def _load_arrow(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
+    """The task adapters as experts, every LoRA layer routing each token itself (no router, no per-sequence
+    expert: the engine leaves the layers' Arrow mode alone)."""
+    root = ExperimentPaths.of(config).root
+    attach(model, [root / path for path in manifest["adapters"]])
+    activate(model, Arrow(manifest["top_k"], manifest["temperature"]))
+    return Applied(tuple(manifest["tasks"]))
+
+
 # --- the table ----------------------------------------------------------------------------------------
 
 _MERGE = frozenset({Need.TASK_ADAPTERS})
@@ -172,6 +190,7 @@ METHODS: dict[str, Method] = {
     "oracle": Method(Kind.ROUTE, _build_oracle, _load_oracle, _MERGE),
     "mixed": Method(Kind.ADAPTER, _build_mixed, _load_folded, frozenset({Need.MIXED_ADAPTER})),
     "moa": Method(Kind.ROUTE, _build_moa, _load_moa, frozenset({Need.ROUTERS}), frozenset({"strategy"})),
+    "arrow": Method(Kind.ROUTE, _build_arrow, _load_arrow, _MERGE, frozenset({"top_k", "temperature"})),
     MergeMethod.CONCAT: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
     MergeMethod.LINEAR: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
     MergeMethod.AVG: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
