@@ -15,9 +15,9 @@ tokens (greedy, no early stop), 4 random rank-8 experts on every projection, fp3
 `last` (routed in the prefill, one expert per sequence) with routers fitted to the prompts' tasks (they
 agree across layers, as trained MoA routers do) and with random routers (their layers disagree, so every
 row is prefilled again with its chosen expert), the exact concat merge (one rank-32 adapter) and an SVD
-merge folded into the weights (merge_and_unload); and the mixed batch with each sequence's own expert,
-moa's per-sequence route vs PEFT's ``generate(adapter_names=...)``. Best of ``--repeat`` runs, rounds
-interleaved.
+merge folded into the weights (merge_and_unload); Arrow (top 3 of the 4 experts per token in every module),
+moa's vs PEFT's ``create_arrow_model``; and the mixed batch with each sequence's own expert, moa's
+per-sequence route vs PEFT's ``generate(adapter_names=...)``. Best of ``--repeat`` runs, rounds interleaved.
 """
 
 from __future__ import annotations
@@ -166,6 +166,7 @@ def _ratio(peer: dict, ours: dict, key: str) -> str:
 
 GEN_TASKS = ("summarization", "translation", "qa", "math")
 NEW_TOKENS, GEN_RANK = 64, 8
+ARROW, PEFT_ARROW = "Arrow, top 3 of 4 experts per token: moa", "Arrow, top 3 of 4 experts per token: PEFT"
 
 
 def mixed_batch(tokenizer: Any, per_task: int) -> tuple[list[list[int]], list[int]]:
@@ -235,19 +236,25 @@ def merged_model(base: torch.nn.Module, experts: torch.nn.Module, method: str, f
     return model.eval()
 
 
-def peft_model(base: torch.nn.Module, tokenizer: Any, experts: torch.nn.Module) -> torch.nn.Module:
-    """transformers + PEFT holding the same 4 experts as adapters "0".."3"."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+def hf_model(base: torch.nn.Module, tokenizer: Any) -> torch.nn.Module:
+    """The same base weights as a transformers model."""
     from transformers import AutoModelForCausalLM
 
-    from moa.lora import DEFAULT_TARGETS, adapter_state_dict
     from moa.model import save_hf_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_dir(base, tokenizer, tmp)
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+
+
+def peft_model(base: torch.nn.Module, tokenizer: Any, experts: torch.nn.Module) -> torch.nn.Module:
+    """transformers + PEFT holding the same 4 experts as adapters "0".."3"."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from moa.lora import DEFAULT_TARGETS, adapter_state_dict
+
     config = LoraConfig(r=GEN_RANK, lora_alpha=2 * GEN_RANK, target_modules=list(DEFAULT_TARGETS))
-    model = get_peft_model(hf, config, adapter_name="0")
+    model = get_peft_model(hf_model(base, tokenizer), config, adapter_name="0")
     for i in range(len(GEN_TASKS)):
         if i:
             model.add_adapter(str(i), config)
@@ -255,9 +262,21 @@ def peft_model(base: torch.nn.Module, tokenizer: Any, experts: torch.nn.Module) 
     return model.eval()
 
 
+def peft_arrow_model(base: torch.nn.Module, tokenizer: Any, experts: torch.nn.Module,
+                     top_k: int) -> torch.nn.Module:
+    """transformers + PEFT's Arrow (``create_arrow_model``) over the same 4 experts."""
+    from peft import ArrowConfig, create_arrow_model
+
+    from moa.lora import save_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = [str(save_adapter(Path(tmp) / str(i), experts, i)) for i in range(len(GEN_TASKS))]
+        return create_arrow_model(hf_model(base, tokenizer), dirs, ArrowConfig(top_k=top_k, rng_seed=0)).eval()
+
+
 def bench_generation(repeat: int, per_task: int, dtype: torch.dtype) -> list[tuple[str, float]]:
     from moa.generate import Request, Sampling, generate
-    from moa.lora import activate
+    from moa.lora import Active, Arrow, activate
     from moa.model import load_pretrained
     from moa.model.prepare import device
     from moa.routing import LayerRouters, LearnedRouter, RouterSpec
@@ -272,15 +291,16 @@ def bench_generation(repeat: int, per_task: int, dtype: torch.dtype) -> list[tup
     random = LearnedRouter(LayerRouters(RouterSpec("linear", "mean", cfg.num_hidden_layers, cfg.hidden_size,
                                                    GEN_TASKS)), "last")
     concat, folded = merged_model(base, experts, "concat", False), merged_model(base, experts, "svd", True)
-    peft = peft_model(base, tokenizer, experts)
-    for model in (base, experts, concat, folded, peft):
+    peft, arrow = peft_model(base, tokenizer, experts), Arrow()
+    peft_arrow = peft_arrow_model(base, tokenizer, experts, arrow.top_k)
+    for model in (base, experts, concat, folded, peft, peft_arrow):
         model.to(device(), dtype)
     ids, valid = (t.to(device()) for t in left_pad(prompts))
     names = [str(t) for t in tasks]
     batch = len(prompts)
 
     def ours(model: torch.nn.Module, experts_of: list[int] | None = None, router: LearnedRouter | None = None,
-             active: int | None = None) -> Callable[[], list]:
+             active: Active = None) -> Callable[[], list]:
         requests = [Request(p, sampling, None if experts_of is None else experts_of[i]) for i, p in enumerate(prompts)]
 
         def run() -> list:
@@ -288,6 +308,10 @@ def bench_generation(repeat: int, per_task: int, dtype: torch.dtype) -> list[tup
                 activate(model, active)
             return generate(model, tokenizer, requests, batch, router, stop_tokens=set())  # every row: NEW_TOKENS
         return run
+
+    def theirs(model: torch.nn.Module, **kwargs: Any) -> Callable[[], Any]:
+        return lambda: model.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=NEW_TOKENS,
+                                      min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kwargs)
 
     routed = [g.expert for g in ours(experts, router=fitted)()]
     print(f"fitted routers send {sum(r == t for r, t in zip(routed, tasks))}/{len(tasks)} prompts to their task")
@@ -298,10 +322,10 @@ def bench_generation(repeat: int, per_task: int, dtype: torch.dtype) -> list[tup
         "MoA last, random routers (every row prefilled twice)": ours(experts, router=random),
         "concat merge (one rank-32 adapter)": ours(concat),
         "SVD merge folded into the weights": ours(folded),
+        ARROW: ours(experts, active=arrow),
+        PEFT_ARROW: theirs(peft_arrow),
         "mixed batch, 4 experts: moa per-sequence experts": ours(experts, tasks),
-        "mixed batch, 4 experts: PEFT adapter_names=": lambda: peft.generate(
-            input_ids=ids, attention_mask=valid.long(), adapter_names=names, max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0),
+        "mixed batch, 4 experts: PEFT adapter_names=": theirs(peft, adapter_names=names),
     }
     best = {name: float("inf") for name in runs}
     with torch.inference_mode(), tqdm(total=len(runs) * (repeat + 1), desc="generation runs") as bar:
@@ -337,12 +361,14 @@ def print_generation_table(rows: list[tuple[str, float]], batch: int, dtype: tor
     reference = {"single adapter": "base", "MoA last, fitted routers (one prefill)": "single adapter",
                  "MoA last, random routers (every row prefilled twice)": "single adapter",
                  "concat merge (one rank-32 adapter)": "single adapter", "SVD merge folded into the weights": "base",
+                 ARROW: "single adapter",
                  "mixed batch, 4 experts: moa per-sequence experts": peft}
     for name, value in rows:
         peer = reference.get(name)
         ratio = f"{value / rate[peer]:.2f}x vs {peer}" if peer else ""
         print(f"| {name} | {value:.1f} | {ratio} |")
-    print(f"\nCeiling of any per-sequence LoRA path here: moa's base model with no adapter runs at "
+    print(f"\nmoa's Arrow runs at {rate[ARROW] / rate[PEFT_ARROW]:.2f}x PEFT's create_arrow_model.")
+    print(f"Ceiling of any per-sequence LoRA path here: moa's base model with no adapter runs at "
           f"{rate['base'] / rate[peft]:.2f}x PEFT's mixed batch.")
 
 

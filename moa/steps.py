@@ -76,7 +76,7 @@ STEPS: dict[str, Step] = {
     "compose": Step(
         compose, ("method",), lambda c, method: _composition(c, method),
         "build one composition from the trained adapters -> compositions/{method}/ (a PEFT adapter + "
-        f"merge_report.json for merges; a manifest for base, oracle and moa). Methods: {', '.join(METHODS)}"),
+        f"merge_report.json for merges; a manifest for base, oracle, moa and arrow). Methods: {', '.join(METHODS)}"),
     "evaluate": Step(
         evaluate, ("method",),
         lambda c, method: {"method": method_params(c, method), "evaluation": c["evaluation"], **_all_tasks(c),

@@ -22,7 +22,7 @@ from moa.data.prepare import prepare_task
 from moa.evaluate import evaluate
 from moa.generate import Request, Sampling, generate
 from moa.layout import MIXED, ExperimentPaths
-from moa.lora import AdapterConfig, activate, attach_experts, load_adapter, lora_layers, write_adapter
+from moa.lora import AdapterConfig, Arrow, activate, attach_experts, load_adapter, lora_layers, write_adapter
 from moa.model.prepare import base_model
 from moa.model.tokenizer import byte_tokenizer
 from moa.routing import activate_experts
@@ -93,6 +93,9 @@ def test_every_method_composes_into_what_it_defines(experiment: Path, method: st
         expected = logits(reference(config, [paths.adapter("qa")]), ids)
     elif kind == Kind.ADAPTER:
         expected = logits(reference(config, [paths.adapter(MIXED)]), ids)
+    elif params["method"] == "arrow":  # every task's LoRA, each token routed in every layer: top 3 of 3 by default
+        assert composed.experts == tuple(TASKS) and composed.router is None and composed.expert_for("qa") is None
+        expected = logits(reference(config, [paths.adapter(t) for t in TASKS], Arrow(3, 1.0)), ids)
     elif kind == Kind.ROUTE:  # moa: the experts are the task LoRAs, whichever the router picks
         assert composed.experts == tuple(TASKS)
         chosen = composed.router(composed.model, ids.tolist())
@@ -158,7 +161,7 @@ def test_moa_per_layer_chooses_an_expert_per_layer_and_sequence(experiment: Path
     assert composed.router(composed.model, prompts).shape == (2, 2)  # [layers, sequences]
 
 
-@pytest.mark.parametrize("method", ["moa", "oracle", "svd"])
+@pytest.mark.parametrize("method", ["moa", "oracle", "arrow", "svd"])
 def test_evaluate_writes_predictions_and_metrics_for_every_task(experiment: Path, method: str) -> None:
     config = load_config(experiment, FAST)
     compose(config, method)
@@ -184,7 +187,7 @@ def test_evaluate_writes_predictions_and_metrics_for_every_task(experiment: Path
         assert predictions[metric].mean() == pytest.approx(values[metric]) and predictions[metric].between(0, 100).all()
         assert (predictions.new_tokens <= 6).all() and (predictions.latency_s > 0).all()
         assert ("router_accuracy" in set(metrics.metric)) == (method == "moa")
-        expected = {"moa": set(TASKS), "oracle": {task}, "svd": {None}}[method]  # who served each prompt
+        expected = {"moa": set(TASKS), "oracle": {task}, "arrow": {None}, "svd": {None}}[method]  # who served it
         assert set(predictions.expert.replace({np.nan: None})) <= expected
     assert f"{TASKS[1]}.f1" in run.metrics  # the MLflow run has every task's metrics
 
@@ -230,17 +233,32 @@ def test_same_config_same_metrics(experiment: Path) -> None:
     assert first.prediction.tolist() == second.prediction.tolist()
 
 
-def test_generate_cli_answers_a_prompt_file(experiment: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("method", ["moa", "arrow"])
+def test_generate_cli_answers_a_prompt_file(experiment: Path, tmp_path: Path, capsys, method: str) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Review: a fine film\\nSentiment:\n\n" + json.dumps({"prompt": "Question: why?"}) + "\n")
     args = ["--config", str(experiment), *(x for s in FAST for x in ("--set", s))]
-    assert main(["compose", *args, "--method", "moa"]) == 0
+    assert main(["compose", *args, "--method", method]) == 0
     capsys.readouterr()
-    assert main(["generate", *args, "--method", "moa", "--input", str(prompts), "--json",
+    assert main(["generate", *args, "--method", method, "--input", str(prompts), "--json",
                  "--max-new-tokens", "4"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [a["prompt"] for a in lines] == ["Review: a fine film\nSentiment:", "Question: why?"]  # \\n unescaped
-    assert all(a["expert"] in TASKS and a["new_tokens"] <= 4 for a in lines)
+    served_by = {"moa": set(TASKS), "arrow": {None}}[method]  # arrow: every token routed, no one expert
+    assert all(a["expert"] in served_by and a["new_tokens"] <= 4 for a in lines)
+
+
+def test_arrow_settings_are_recorded_and_top_k_capped_at_the_tasks(experiment: Path, capsys) -> None:
+    config = load_config(experiment, [*FAST, "methods={arrow: {top_k: 5, temperature: 0.5}}"])
+    manifest = json.loads((compose(config, "arrow").path / "composition.json").read_text())
+    assert (manifest["top_k"], manifest["temperature"]) == (3, 0.5)
+    assert {layer.active for layer in lora_layers(load_composition(config, "arrow").model).values()} == {Arrow(3, 0.5)}
+    args = ["--config", str(experiment), *(x for s in FAST for x in ("--set", s))]
+    for methods, message in (("{arrow: {top_k: 0}}", "methods.arrow.top_k"),
+                             ("{arrow: {temperature: 0}}", "methods.arrow.temperature"),
+                             ("{arrow: {k: 4}}", "k does not apply to method 'arrow'"),
+                             ("{svd: {top_k: 2}}", "top_k does not apply to method 'svd'")):
+        one_line_error(capsys, ["compose", *args, "--set", f"methods={methods}", "--method", "arrow"], message)
 
 
 def one_line_error(capsys, argv: list[str], *fragments: str) -> None:

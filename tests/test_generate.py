@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from moa.data.batching import encode_examples
 from moa.generate import Request, Sampling, StopStrings, cut_at_stop, generate, greedy, next_token, score
-from moa.lora import activate, activated, fold_lora, inject_lora, lora_layers, merge_and_unload
+from moa.lora import Arrow, activate, activated, fold_lora, inject_lora, lora_layers, merge_and_unload
 from moa.model import Documents, load_pretrained
 from moa.routing import CentroidRouter, LayerRouters, LearnedRouter, RouterSpec, Strategy, activate_experts
 from tests.conftest import hf_tiny_dir
@@ -121,6 +121,23 @@ def test_per_sequence_experts_equal_each_sequence_with_its_expert_alone(experts)
         with activated(model, expert):  # the same as the model with that one expert active
             assert g.tokens == greedy(model, tokenizer, [request.prompt], 10)[0]
     assert len({tuple(t) for t in tokens(batched)}) > 1
+
+
+def test_arrow_set_on_the_layers_is_served_unchanged_and_routes_each_token_alone(experts) -> None:
+    """Arrow (no router, no per-request expert): the engine never touches the layers' mode, and each prompt,
+    packed in the prefill and batched in decoding, gets what it gets decoded alone; scoring too."""
+    model, tokenizer = experts
+    stream = requests(tokenizer, STREAM, Sampling(8))
+    examples = encode_examples(PROMPTS, ["one", "two words", "three more words", "four"], tokenizer)
+    with activated(model, Arrow(2, 0.5)):
+        batched = generate(model, tokenizer, stream, batch_size=3)
+        assert all(layer.active == Arrow(2, 0.5) for layer in lora_layers(model).values())
+        for request, g in zip(stream, batched):
+            assert g.expert is None and g.tokens == generate(model, tokenizer, [request])[0].tokens
+        for example, (nll, _) in zip(examples, score(model, examples)):
+            assert nll == pytest.approx(nll_alone(model, example), rel=1e-4)
+    with activated(model, 0):
+        assert tokens(batched) != tokens(generate(model, tokenizer, stream, batch_size=3))  # not one expert's
 
 
 @pytest.mark.parametrize(("strategy", "pooling"), [("last", "last"), ("vote", "mean"), ("per_layer", "mean")])

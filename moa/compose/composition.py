@@ -3,7 +3,7 @@ composition as a ready-to-decode model.
 
 compositions/{name}/composition.json records the method, its parameters and the inputs (paths relative
 to the experiment); merges and `mixed` also hold a PEFT adapter (+ merge_report.json for merges).
-base, oracle and MoA reference adapters/ and moa/ instead of copying them.
+base, oracle, MoA and arrow reference adapters/ and moa/ instead of copying them.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Composed:
 
     def expert_for(self, task: str | None) -> int | None:
         """The expert that serves a prompt of `task`: its own for the oracle, else None (no LoRA, a merge
-        folded into the weights, or the router's choice)."""
+        folded into the weights, the router's choice, or arrow's per-token routing)."""
         if not self.by_task:
             return None
         name = self.manifest["name"]

@@ -36,7 +36,7 @@ from moa.layout import (
     ROUTER_WEIGHTS,
     ExperimentPaths,
 )
-from moa.lora import attach_experts, load_adapter, merge_and_unload, write_adapter
+from moa.lora import Arrow, activate, attach_experts, load_adapter, merge_and_unload, write_adapter
 from moa.model import DTYPES
 from moa.model.llama import Transformer
 from moa.model.prepare import base_model, device
@@ -46,7 +46,7 @@ from moa.routing import CentroidRouter, LearnedRouter, SequenceRouter, Strategy,
 class Kind(StrEnum):
     BASE = "base"  # the base model alone
     ADAPTER = "adapter"  # one adapter trained on every task, folded into the weights
-    ROUTE = "route"  # the task adapters as experts, each sequence served by its own
+    ROUTE = "route"  # the task adapters as experts, each sequence (arrow: each token) served by its own
     MERGE = "merge"  # the task adapters merged into one adapter, folded into the weights
 
 
@@ -213,6 +213,24 @@ def _load_centroid(config: Config, manifest: Mapping[str, Any], model: Transform
     return Applied(tuple(manifest["tasks"]), router=CentroidRouter(centroids, manifest["layer"]))
 
 
+def _build_arrow(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Arrow is training-free: the task adapters and the routing settings (PEFT's defaults; top_k capped at
+    the number of tasks, so the default serves two tasks too)."""
+    default = Arrow()
+    top_k = min(params.get("top_k", default.top_k), len(config["tasks"]))
+    return _build_oracle(config, name, params, out) | {"top_k": top_k,
+                                                       "temperature": params.get("temperature", default.temperature)}
+
+
+def _load_arrow(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
+    """The task adapters as experts, every LoRA layer routing each token itself (no router, no per-sequence
+    expert: the engine leaves the layers' Arrow mode alone)."""
+    root = ExperimentPaths.of(config).root
+    attach(model, [root / path for path in manifest["adapters"]])
+    activate(model, Arrow(manifest["top_k"], manifest["temperature"]))
+    return Applied(tuple(manifest["tasks"]))
+
+
 # --- the table ----------------------------------------------------------------------------------------
 
 _MERGE = frozenset({Need.TASK_ADAPTERS})
@@ -227,6 +245,7 @@ METHODS: dict[str, Method] = {
     "moa": Method(Kind.ROUTE, _build_moa, _load_moa, frozenset({Need.ROUTERS}), frozenset({"strategy"})),
     "centroid": Method(Kind.ROUTE, _build_centroid, _load_centroid, _MERGE | {Need.TASK_PROMPTS},
                        frozenset({"layer", "samples"})),
+    "arrow": Method(Kind.ROUTE, _build_arrow, _load_arrow, _MERGE, frozenset({"top_k", "temperature"})),
     MergeMethod.CONCAT: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
     MergeMethod.LINEAR: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
     MergeMethod.AVG: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),

@@ -17,7 +17,7 @@ from moa.lora.inject import (
     peft_key,
     unfold_lora,
 )
-from moa.lora.layer import Active, ExpertSpec, LoRALinear
+from moa.lora.layer import Active, Arrow, ExpertSpec, LoRALinear
 from moa.lora.peft_io import (
     AdapterConfig,
     attach_adapter,
@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "Active",
     "AdapterConfig",
+    "Arrow",
     "ExpertSpec",
     "LoRALinear",
     "activate",

@@ -7,7 +7,10 @@ y = W0 x + b + s_i B_i A_i dropout(x). The `active` attribute says which experts
 - ``int`` i: expert i (the fast path, the same arithmetic as PEFT);
 - integer tensor [B]: expert index per sequence (a mixed-task batch in one pass), or [B, T] per token
   (several documents packed into one row);
-- float tensor [N] or [B, N]: weighted sum of all experts' outputs (global or per sequence).
+- float tensor [N] or [B, N]: weighted sum of all experts' outputs (global or per sequence);
+- ``Arrow(top_k, temperature)``: Arrow routing (Ostapenko et al. 2024, PEFT's ArrowConfig), training-free and
+  per token: each token takes the top-k experts by |x . p_i|, where the prototype p_i is the top right singular
+  vector of B_i A_i, weighted by a softmax of those scores over the temperature.
 
 A delta can also be folded into W0 (``fold``), after which forward is a plain linear until ``unfold``.
 """
@@ -24,7 +27,17 @@ from torch import Tensor, nn
 
 from moa.errors import MoaError
 
-Active = int | Tensor | None  # see the module docstring
+
+@dataclass(frozen=True)
+class Arrow:
+    """Arrow routing as the active experts: every token in every layer is served by the `top_k` experts its input
+    is most aligned with, weighted by softmax(|x . p_i| / temperature) over them (see LoRALinear.prototypes)."""
+
+    top_k: int = 3  # PEFT's ArrowConfig defaults
+    temperature: float = 1.0
+
+
+Active = int | Tensor | Arrow | None  # see the module docstring
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,8 @@ class LoRALinear(nn.Module):
             return y
         if isinstance(active, Tensor) and active.device != x.device:
             self.active = active = active.to(x.device)  # move once, not in every forward
+        if isinstance(active, Arrow):
+            return y + self._arrow(x, active)
         if isinstance(active, int):
             # One expert for every row: [1, M, in] @ [1, in, r] @ [1, r, out]. On CPU bmm beats F.linear for
             # these thin shapes, and baddbmm adds the update to y in the same call.
@@ -116,6 +131,28 @@ class LoRALinear(nn.Module):
         a, b, _, _ = self._concat()
         return y + F.linear(F.linear(self.dropout(x), a) * self._column_weights(active, x), b)
 
+    def _arrow(self, x: Tensor, arrow: Arrow) -> Tensor:
+        """Arrow's update, as PEFT computes it: scores |x . p_i| (x not normalized), the top-k kept and
+        softmax(score / T) over them, the others 0; through the masked-concat path with these per-token
+        weights, and dropout on the update."""
+        scores = F.linear(x, self.prototypes()).abs()  # [.., N]
+        kept = scores.topk(arrow.top_k, dim=-1)
+        logits = torch.full_like(scores, -math.inf).scatter(-1, kept.indices, kept.values)
+        weights = torch.softmax(logits / arrow.temperature, dim=-1)  # [.., N], one row per token
+        a, b, _, _ = self._concat()
+        return self.dropout(F.linear(F.linear(x, a) * self._column_weights(weights, x), b))
+
+    def prototypes(self) -> Tensor:
+        """Each expert's Arrow prototype [N, in]: the top right singular vector of its B A (unit norm, sign
+        arbitrary; zero where the expert's update is zero), exact and without the dense out x in matrix: with
+        B = Q R (R [r, r]), B A = Q (R A) has the right singular vectors of the small R A [r, in]."""
+        def build() -> tuple[Tensor, ...]:
+            a, b = (t.detach().double() for t in self._stacked())  # [N, r, in], [N, out, r] (zero-padded ranks)
+            _, s, vh = torch.linalg.svd(torch.linalg.qr(b).R @ a, full_matrices=False)
+            return (torch.where(s[:, :1] > 0, vh[:, 0], 0.0).to(self.lora_A[0].dtype),)
+
+        return self._cached("prototypes", build)[0]
+
     def _selected(self, active: int) -> tuple[Tensor, Tensor]:
         """A^T [1, in, r] and (s B)^T [1, r, out] of the active expert."""
         def build() -> tuple[Tensor, ...]:
@@ -126,8 +163,8 @@ class LoRALinear(nn.Module):
 
     def _column_weights(self, active: Tensor, x: Tensor) -> Tensor:
         """Each concatenated rank column's weight, broadcastable to x up to [.., R]: the expert weights [N] /
-        [B, N] times the scalings, or the scaling where an expert index [B] / [B, T] names the column's
-        expert and 0 elsewhere."""
+        [B, N] (or per token [B, T, N], Arrow's) times the scalings, or the scaling where an expert index [B] /
+        [B, T] names the column's expert and 0 elsewhere."""
         _, _, scale, owner = self._concat()
         per_row = active.dim() > (1 if active.is_floating_point() else 0)
         if per_row and active.shape[0] != x.shape[0]:
@@ -218,6 +255,13 @@ def check_active(active: Active | Sequence[float], n_experts: int) -> Active:
     """Validate a choice of experts for ``n_experts`` experts (shape and dtype only: no device sync)."""
     if active is None:
         return None
+    if isinstance(active, Arrow):
+        if isinstance(active.top_k, bool) or not isinstance(active.top_k, int) or not 1 <= active.top_k <= n_experts:
+            raise MoaError(f"Arrow top_k={active.top_k!r} is out of range: the model has {n_experts} LoRA experts; "
+                           f"choose 1..{n_experts}")
+        if not active.temperature > 0:
+            raise MoaError(f"Arrow temperature={active.temperature!r} must be > 0; e.g. 1.0 (PEFT's default)")
+        return active
     if isinstance(active, int) and not isinstance(active, bool):
         if not 0 <= active < n_experts:
             raise MoaError(f"expert {active} out of range: the model has {n_experts} LoRA experts")
@@ -229,13 +273,14 @@ def check_active(active: Active | Sequence[float], n_experts: int) -> Active:
         return active.long()
     raise MoaError(
         f"the active experts must be an expert index, indices [B] or [B, T] (int) or weights [N]/[B, N] "
-        f"(float) with N={n_experts}; got {active.dtype} {list(active.shape)}"
+        f"(float) with N={n_experts}, or Arrow(top_k, temperature); got {active.dtype} {list(active.shape)}"
     )
 
 
 def _expert_weights(active: Active, n_experts: int, device: torch.device) -> Tensor:
     if isinstance(active, int):
         return F.one_hot(torch.tensor(active, device=device), n_experts).float()
-    if active is None or not active.is_floating_point() or active.dim() != 1:
-        raise MoaError("fold needs one expert index or expert weights [N]; per-sequence experts cannot be folded")
+    if not isinstance(active, Tensor) or not active.is_floating_point() or active.dim() != 1:
+        raise MoaError("fold needs one expert index or expert weights [N]; per-sequence experts and Arrow's "
+                       "per-token routing cannot be folded")
     return active.to(device)
