@@ -43,6 +43,7 @@ class Plot(StrEnum):
     SCORES_HEATMAP = "scores_heatmap"
     MULTITASK_SCORE = "multitask_score"
     DIFFERENCES = "differences"
+    FORMAT_ADHERENCE = "format_adherence"
     ROUTER_CONFUSION = "router_confusion"
     ROUTER_LAYER_ACCURACY = "router_layer_accuracy"
     ADAPTER_COSINE = "adapter_cosine"

@@ -62,6 +62,17 @@ def plot_scores(normalized: pd.DataFrame, representative: Mapping[str, str], exc
     return fig
 
 
+def plot_format_adherence(adherence: pd.DataFrame) -> Figure:
+    """Methods x tasks with a format check: the percentage of generated outputs in the task's format."""
+    fig = Figure(figsize=(1.3 * adherence.shape[1] + 3, 0.5 * len(adherence) + 2))
+    ax = fig.subplots()
+    _heatmap(ax, adherence.to_numpy(), list(adherence.index), list(adherence.columns), ".0f", "RdYlGn", 0.0, 100.0)
+    ax.set_title("Format adherence: % of generated outputs in the task's format")
+    ax.set_xlabel("task")
+    ax.set_ylabel("method")
+    return fig
+
+
 def plot_confusion(confusion: pd.DataFrame, tasks: Sequence[str]) -> Figure:
     """Routed confusion per whole-sequence strategy: what inference without labels does."""
     routed = confusion[confusion["routing"] == "routed"]

@@ -23,13 +23,14 @@ from moa.data.tasks import get_task
 from moa.io import atomic_dir, read_json
 from moa.layout import ADAPTER_WEIGHTS, MIXED, ROUTER_CONFIG, TRAIN_LOG, ExperimentPaths, Plot
 from moa.lora.peft_io import load_adapter
-from moa.metrics import read_statistics
+from moa.metrics import FORMAT_ADHERENCE, read_statistics
 from moa.plots import (
     label,
     placeholder,
     plot_confusion,
     plot_cosine,
     plot_differences,
+    plot_format_adherence,
     plot_layer_accuracy,
     plot_multitask,
     plot_scores,
@@ -117,7 +118,7 @@ def read_evaluations(config: Config) -> dict[tuple[str, str], Evaluated]:
     """Every evaluation's test-row ids and per-example statistics (eval/{method}/{task}/predictions.parquet)."""
     layout, evaluations = ExperimentPaths.of(config), {}
     for task in config["tasks"]:
-        metrics = get_task(config, task).metrics
+        metrics = get_task(config, task).evaluated_metrics
         for method in config["methods"]:
             path = layout.predictions(method, task)
             if path.is_file():
@@ -157,11 +158,13 @@ class Uncertainty:
         settings = config["report"]
         self.alpha = settings["alpha"]
         self.methods = list(config["methods"])
-        self.tasks = {task: get_task(config, task).metrics for task in config["tasks"]}
+        specs = [get_task(config, task) for task in config["tasks"]]
+        self.tasks = {task.name: task.metrics for task in specs}
+        self.formats = {task.name: task.format.rule for task in specs if task.format}  # the tasks with a check
         self.resamples = settings["bootstrap"]["resamples"]
         self.references = references(config)
-        self.result: Bootstrap = bootstrap(evaluations, self.methods, self.tasks, self.resamples, config["seed"],
-                                           self.alpha)
+        self.result: Bootstrap = bootstrap(evaluations, self.methods, {t.name: t.evaluated_metrics for t in specs},
+                                           self.resamples, config["seed"], self.alpha)
         self.intervals = intervals(self.result, self.alpha)
         self.comparisons = comparisons(self.result, self.references, self.alpha)
         self._figures = self.intervals.set_index(["method", "task", "metric"])
@@ -191,9 +194,15 @@ class Uncertainty:
 
     def normalized(self) -> pd.DataFrame:
         """Methods x tasks: the oracle-normalized score on the test set (NaN where there is none)."""
-        rows = self.intervals[self.intervals["metric"] == NORMALIZED]
-        return rows.pivot(index="method", columns="task", values="value").reindex(index=self.methods,
-                                                                                  columns=list(self.tasks))
+        return self._methods_by_tasks(NORMALIZED, list(self.tasks))
+
+    def adherence(self) -> pd.DataFrame:
+        """Methods x tasks with a format check: the format adherence on the test set (NaN where not evaluated)."""
+        return self._methods_by_tasks(FORMAT_ADHERENCE, list(self.formats))
+
+    def _methods_by_tasks(self, metric: str, tasks: list[str]) -> pd.DataFrame:
+        rows = self.intervals[self.intervals["metric"] == metric]
+        return rows.pivot(index="method", columns="task", values="value").reindex(index=self.methods, columns=tasks)
 
     def resolution(self) -> str | None:
         """Why no comparison can be significant, if so: the smallest bootstrap p-value is 2 / (B + 1), and Holm
@@ -249,6 +258,22 @@ def score_table(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty)
                                                                                                MULTITASK), 3)]
             for method in config["methods"]]
     return markdown_table(header, rows)
+
+
+def format_section(uncertainty: Uncertainty, brackets: str) -> list[str]:
+    """Each method's format adherence on every task with a check, with its interval; the checks in words."""
+    tasks = list(uncertainty.formats)
+    unchecked = [task for task in uncertainty.tasks if task not in uncertainty.formats]
+    lines = [(f"- Without a check: {', '.join(unchecked)} (a task scored by perplexity generates nothing to check; "
+              "a custom task is checked only with a `format`).")] if unchecked else []
+    if not tasks:
+        return ["No task has a format check.", "", *lines]
+    rows = [[method, *(_with_interval(uncertainty.figure(method, t, FORMAT_ADHERENCE), 1) for t in tasks)]
+            for method in uncertainty.methods]
+    return [*markdown_table(["method", *tasks], rows), "",
+            "Share of each task's generated outputs that are in the task's format (0–100), whether right or wrong. "
+            + brackets + " The checks:", "", *(f"- {task}: {rule}." for task, rule in uncertainty.formats.items()),
+            *lines]
 
 
 def _difference(row: pd.Series | None, digits: int = 3) -> str:
@@ -397,6 +422,7 @@ def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame |
     tasks = list(config["tasks"])
     representative = {task: names[0] for task, names in uncertainty.tasks.items()}
     normalized, scores, method_kinds = uncertainty.normalized(), uncertainty.multitask(), kinds(config)
+    adherence = uncertainty.adherence()
     logs = train_logs(config)
     paths = ExperimentPaths.of(config)
     reference = uncertainty.references[0] if uncertainty.references else None
@@ -411,6 +437,8 @@ def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame |
         Plot.DIFFERENCES: plot_differences(differences, list(scores.index) + uncertainty.methods, method_kinds,
                                            reference, uncertainty.confidence, uncertainty.alpha)
         if len(differences) else "no method to compare with a reference (report.compare_to)",
+        Plot.FORMAT_ADHERENCE: plot_format_adherence(adherence) if adherence.notna().to_numpy().any()
+        else "no evaluation of a task with a format check",
         Plot.ROUTER_CONFUSION: plot_confusion(confusion, tasks)
         if confusion is not None and (confusion["routing"] == "routed").any()
         else f"no routed {paths.router_confusion.relative_to(paths.root)}",
@@ -438,6 +466,7 @@ def summary(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty, eva
         reference = uncertainty.references[0]
         lines += ["", f"## Per task: normalized score minus `{reference}`", "", *per_task_table(uncertainty, reference)]
     lines += ["", "## Scores", "", *score_table(config, metrics, uncertainty), "", SCORE_NOTE + " " + brackets, "",
+              "## Format adherence", "", *format_section(uncertainty, brackets), "",
               "## Cost", "", *cost_table(config, metrics), "",
               "Each composition serves every task's test prompts as one stream (continuous batching, "
               "`evaluation.batch_size` sequences in flight): tokens/s are the stream's (generated tokens over its "

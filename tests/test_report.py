@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from moa.config import Config, validate
+from moa.data.tasks import get_task
 from moa.errors import MoaError
 from moa.layout import MIXED, ExperimentPaths, Plot
 from moa.lora import AdapterConfig, write_adapter
-from moa.metrics import STATISTICS, aggregate, statistics_columns
+from moa.metrics import FORMAT_ADHERENCE, STATISTICS, aggregate, format_statistics, statistics_columns
 from moa.report import adapter_cosine, build_report
 from moa.routing import Upstream
 from moa.stats import ALL_TASKS, MULTITASK
@@ -26,13 +27,14 @@ from moa.train.router import router_report
 TASKS = ["qa", "sentiment", "dialogue"]
 N = 50  # test items per task
 SCORES = {  # method -> task -> metric -> value; svd was never evaluated on dialogue
-    "oracle": {"qa": {"f1": 80.0, "exact_match": 70.0}, "sentiment": {"accuracy": 90.0},
-               "dialogue": {"perplexity": 5.0}},
-    "base": {"qa": {"f1": 20.0, "exact_match": 10.0}, "sentiment": {"accuracy": 46.0},
-             "dialogue": {"perplexity": 20.0}},
-    "moa": {"qa": {"f1": 84.0, "exact_match": 72.0}, "sentiment": {"accuracy": 90.0},
-            "dialogue": {"perplexity": 4.0}},
-    "svd": {"qa": {"f1": 60.0, "exact_match": 50.0}, "sentiment": {"accuracy": 72.0}},
+    "oracle": {"qa": {"f1": 80.0, "exact_match": 70.0, FORMAT_ADHERENCE: 96.0},
+               "sentiment": {"accuracy": 90.0, FORMAT_ADHERENCE: 100.0}, "dialogue": {"perplexity": 5.0}},
+    "base": {"qa": {"f1": 20.0, "exact_match": 10.0, FORMAT_ADHERENCE: 40.0},
+             "sentiment": {"accuracy": 46.0, FORMAT_ADHERENCE: 62.0}, "dialogue": {"perplexity": 20.0}},
+    "moa": {"qa": {"f1": 84.0, "exact_match": 72.0, FORMAT_ADHERENCE: 98.0},
+            "sentiment": {"accuracy": 90.0, FORMAT_ADHERENCE: 100.0}, "dialogue": {"perplexity": 4.0}},
+    "svd": {"qa": {"f1": 60.0, "exact_match": 50.0, FORMAT_ADHERENCE: 90.0},
+            "sentiment": {"accuracy": 72.0, FORMAT_ADHERENCE: 84.0}},
 }
 MULTITASK_BASE = (20 / 80 + 46 / 90 + 5 / 20) / 3  # perplexity: oracle / method
 MULTITASK_MOA = (84 / 80 + 1.0 + 5 / 4) / 3
@@ -43,13 +45,16 @@ def example_stats(task: str, values: dict[str, float], n: int = N) -> dict[str, 
     perplexity of p from n_tokens 10 and nll 10 ln p per item."""
     if task == "dialogue":
         return {"nll": np.full(n, 10 * np.log(values["perplexity"])), "n_tokens": np.full(n, 10)}
-    return {m: np.where(np.arange(n) < round(v * n / 100), 100.0, 0.0) for m, v in values.items()}
+    return {STATISTICS[m][0]: np.where(np.arange(n) < round(v * n / 100), 100.0, 0.0) for m, v in values.items()}
 
 
 def write_evaluation(config: Config, method: str, task: str, stats: dict[str, np.ndarray],
                      ids: list[str] | None = None, extra: dict[str, float] | None = None) -> None:
-    """eval/{method}/{task}/: predictions.parquet with the statistics, metrics.parquet computed from them."""
+    """eval/{method}/{task}/: predictions.parquet with the statistics, metrics.parquet computed from them. A task
+    with a format check gets every output in format unless `stats` say otherwise."""
     n = len(next(iter(stats.values())))
+    if get_task(config, task).format:
+        stats = format_statistics([True] * n) | stats
     paths = ExperimentPaths.of(config)
     paths.evaluation(method, task).mkdir(parents=True)
     metrics = [m for m in STATISTICS if set(STATISTICS[m]) <= stats.keys()]
@@ -183,6 +188,13 @@ def test_build_report(full: Config) -> None:
     assert "Multitask score over qa, sentiment, dialogue." in text
     verdict = text.split("## Verdict")[1].split("## Multitask score")[0]
     assert "No merge was evaluated on every task with signal." in verdict  # svd lacks dialogue
+    formats = text.split("## Format adherence")[1].split("## Cost")[0]
+    assert "| method | qa | sentiment |" in formats  # dialogue generates nothing to check
+    assert intervals.loc["svd", "qa", FORMAT_ADHERENCE]["value"] == 90.0
+    svd = [cell("svd", task, FORMAT_ADHERENCE, 1) for task in ("qa", "sentiment")]
+    assert f"| svd | {' | '.join(svd)} |" in formats and svd[0].startswith("90.0 [")
+    assert "- qa: a span of the passage (after SQuAD normalization)." in formats
+    assert "- Without a check: dialogue (a task scored by perplexity" in formats
     assert "Router parameters: 1,234 (type linear, pooling mean, mode routers, eta 1.0)" in text
     assert "| `last` |" in text and "| `vote` |" in text and "each layer's router (mean)" in text
     assert "skipped" not in text
@@ -306,7 +318,8 @@ def test_build_report_with_missing_inputs(tmp_path: Path) -> None:
     assert "| base | 20.00 [" in text and "| – | – | – |" in text.split("| base |")[1].split("\n")[0]
     assert "No router evaluation" in text
     assert "| base | – | – | – |" in text.split("## Cost")[1]  # no decoding cost measured here
-    for name in Plot:
+    assert "| base | 40.0 [" in text.split("## Format adherence")[1] and "![format_adherence]" in text
+    for name in set(Plot) - {Plot.FORMAT_ADHERENCE}:
         assert f"{name}.png skipped" in text and f"![{name}]" not in text
         assert ExperimentPaths.of(config).plot(name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "`oracle` has no evaluation on qa, sentiment, dialogue" in text
