@@ -26,6 +26,7 @@ from moa.io import atomic_dir
 from moa.layout import ExperimentPaths
 from moa.metrics import (
     FORMAT_ADHERENCE,
+    ROUTER_ACCURACY,
     Score,
     aggregate,
     format_statistics,
@@ -125,7 +126,7 @@ def task_scores(task: Task, predictions: pd.DataFrame, metas: list[dict], compos
     if served is not None:
         results += [*cost_scores(served), Score("latency_s", float(predictions["latency_s"].mean()), n)]
         if composed.router is not None and predictions["expert"].notna().all():
-            results.append(Score("router_accuracy", router_accuracy(predictions["expert"].tolist(), [task.name] * n), n))
+            results.append(Score(ROUTER_ACCURACY, router_accuracy(predictions["expert"].tolist(), [task.name] * n), n))
     results += [Score(k, float(v), n) for k, v in extra.items() if isinstance(v, (int, float))]
     return results, predictions, extra
 

@@ -232,6 +232,9 @@ def _accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]], l
     return 100 * np.array(correct, dtype=float), parsed.count(None)
 
 
+ROUTER_ACCURACY = "router_accuracy"  # evaluate's metric where a router chose one expert per sequence
+
+
 def router_accuracy(chosen: Sequence[str], truth: Sequence[str]) -> float:
     """Percentage of examples whose chosen adapter is the task the example came from."""
     if not truth or len(chosen) != len(truth):

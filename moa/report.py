@@ -1,6 +1,6 @@
 """The report step: results/{experiment}/report/ holds every evaluation in one long table (metrics.parquet), the
-paired bootstrap's intervals and comparisons (intervals.parquet, comparisons.parquet, see moa.stats), the
-summary with its verdict (summary.md) and PNG plots.
+paired bootstrap's intervals and comparisons (intervals.parquet, comparisons.parquet, see moa.stats), the routing
+of the evaluated test prompts (routing.parquet), the summary with its verdict (summary.md) and PNG plots.
 
 Any input may be missing (a step not run yet, a failed job): what it would have fed is skipped or shown
 as "–", and the summary's notes say so, so a partial report is still a report.
@@ -23,7 +23,7 @@ from moa.data.tasks import get_task
 from moa.io import atomic_dir, read_json
 from moa.layout import ADAPTER_WEIGHTS, MIXED, ROUTER_CONFIG, TRAIN_LOG, ExperimentPaths, Plot
 from moa.lora.peft_io import load_adapter
-from moa.metrics import FORMAT_ADHERENCE, read_statistics
+from moa.metrics import FORMAT_ADHERENCE, ROUTER_ACCURACY, read_statistics
 from moa.plots import (
     label,
     placeholder,
@@ -51,6 +51,7 @@ from moa.stats import (
 from moa.tracking import COMPARISON_TABLE, StepResult
 
 COLUMNS = ["method", "task", "metric", "value", "n"]
+ROUTING_COLUMNS = ["method", "task", "chosen", "count"]
 DPI = 120
 DEFAULT_REFERENCES = ("moa", ORACLE)  # report.compare_to: null
 SCORE_NOTE = ("Task metrics on a 0–100 scale (perplexity: lower is better). Multitask score: the mean over the tasks "
@@ -125,6 +126,22 @@ def read_evaluations(config: Config) -> dict[tuple[str, str], Evaluated]:
                 frame = pd.read_parquet(path)
                 evaluations[method, task] = Evaluated(frame["id"].to_numpy(), read_statistics(frame, metrics, str(path)))
     return evaluations
+
+
+def evaluated_routing(config: Config, metrics: pd.DataFrame) -> pd.DataFrame:
+    """report/routing.parquet (method, task, chosen, count): how many of a task's evaluated test prompts each expert
+    served, for every evaluation in which a router chose one expert per sequence (evaluate reports its
+    router_accuracy there: not for the oracle, whose expert is the task itself, nor for per-layer routing), read
+    from the predictions' `expert` column; every expert has a row, unchosen ones with count 0."""
+    layout = ExperimentPaths.of(config)
+    routed = metrics.loc[metrics["metric"] == ROUTER_ACCURACY, ["method", "task"]].drop_duplicates()
+    rows = []
+    for method, task in routed.itertuples(index=False):
+        chosen = pd.read_parquet(layout.predictions(method, task), columns=["expert"])["expert"].value_counts()
+        rows += [{"method": method, "task": task, "chosen": expert, "count": int(chosen.get(expert, 0))}
+                 for expert in dict.fromkeys([*config["tasks"], *chosen.index])]
+    return pd.DataFrame(rows, columns=ROUTING_COLUMNS).astype({"method": str, "task": str, "chosen": str,
+                                                               "count": "int64"})
 
 
 def _parquet(path: Path) -> pd.DataFrame | None:
@@ -386,7 +403,7 @@ def _detectable_verdict(uncertainty: Uncertainty, merges: Sequence[str]) -> list
 
 COST_METRICS = {"new_tokens_per_s": ("generated tokens/s", 1), "decode_tokens_per_s": ("decoding tokens/s", 1),
                 "prompt_tokens_per_s": ("prefill tokens/s", 0), "latency_s": ("latency per sequence (s)", 2),
-                "router_accuracy": ("router accuracy (%)", 2)}
+                ROUTER_ACCURACY: ("router accuracy (%)", 2)}
 
 
 def cost_table(config: Config, metrics: pd.DataFrame) -> list[str]:
@@ -413,16 +430,55 @@ def router_summary(evaluation: pd.DataFrame, router_config: Mapping[str, object]
     return lines + markdown_table(["strategy", "teacher-forced accuracy (%)", "routed accuracy (%)"], rows)
 
 
+def routing_table(routing: pd.DataFrame, evaluation: pd.DataFrame | None, tasks: Sequence[str]) -> list[str]:
+    """Routing accuracy per task and over all prompts: each routed composition's on the evaluated test prompts,
+    then the trained router's on the held-out (validation) prompts with each whole-sequence strategy (routed)."""
+    correct = routing.assign(correct=routing["count"].where(routing["task"] == routing["chosen"], 0))
+    counts = correct.groupby(["method", "task"], sort=False)[["correct", "count"]].sum()
+    rows = []
+    for method, table in counts.groupby(level="method", sort=False):
+        table = table.droplevel("method")
+        share = 100 * table["correct"] / table["count"]
+        rows.append([f"`{method}`, test", *(_fmt(share.get(t), 2) for t in tasks),
+                     _fmt(100 * table["correct"].sum() / table["count"].sum(), 2)])
+    if evaluation is not None:
+        routed = evaluation[(evaluation["metric"] == "accuracy") & (evaluation["routing"] == "routed")]
+        accuracy = routed.set_index(["strategy", "task"])["value"]
+        rows += [[f"validation, `{s}`", *(_fmt(100 * accuracy.get((s, t), np.nan), 2) for t in [*tasks, "all"])]
+                 for s in pd.unique(routed["strategy"]) if s != "layer"]
+    return markdown_table(["routing accuracy (%)", *tasks, "all prompts"], rows)
+
+
+def router_section(config: Config, evaluation: pd.DataFrame | None, router_config: Mapping[str, object],
+                   routing: pd.DataFrame) -> list[str]:
+    """The trained router on held-out prompts, then every routed composition on the evaluated test prompts."""
+    paths = ExperimentPaths.of(config)
+    lines = router_summary(evaluation, router_config) if evaluation is not None \
+        else [f"No router evaluation ({paths.router_eval.relative_to(paths.root)}): run `moa train-router` first."]
+    if routing.empty:
+        return [*lines, "", "No composition's evaluation was routed one expert per sequence by a router."]
+    unrecorded = [t for t in config["tasks"] if t not in set(routing["task"])]
+    note = [(f"No test routing is recorded for {', '.join(unrecorded)}: a task scored by perplexity generates nothing "
+             "(its predictions have no `expert`), and a routed evaluation may be missing; `all prompts` of a test row "
+             "covers the tasks it has.")] if unrecorded else []
+    intro = ("On the evaluated test prompts: the expert each routed composition chose (its predictions' `expert`; "
+             f"the counts are in {paths.report_routing.name} and the {Plot.ROUTER_CONFUSION} plot), next to the "
+             "router's routed accuracy on the held-out validation prompts.")
+    return [*lines, "", intro, "", *routing_table(routing, evaluation, list(config["tasks"])), "", *note]
+
+
 # --- the step ----------------------------------------------------------------------------------------
 
 
 def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame | None,
-            confusion: pd.DataFrame | None, cosine: tuple[list[str], np.ndarray] | None) -> dict[Plot, Figure | str]:
+            confusion: pd.DataFrame | None, routing: pd.DataFrame,
+            cosine: tuple[list[str], np.ndarray] | None) -> dict[Plot, Figure | str]:
     """Each plot's figure, or why it was skipped."""
     tasks = list(config["tasks"])
     representative = {task: names[0] for task, names in uncertainty.tasks.items()}
     normalized, scores, method_kinds = uncertainty.normalized(), uncertainty.multitask(), kinds(config)
     adherence = uncertainty.adherence()
+    routed = confusion is not None and bool((confusion["routing"] == "routed").any())  # held-out prompts, routed
     logs = train_logs(config)
     paths = ExperimentPaths.of(config)
     reference = uncertainty.references[0] if uncertainty.references else None
@@ -439,9 +495,8 @@ def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame |
         if len(differences) else "no method to compare with a reference (report.compare_to)",
         Plot.FORMAT_ADHERENCE: plot_format_adherence(adherence) if adherence.notna().to_numpy().any()
         else "no evaluation of a task with a format check",
-        Plot.ROUTER_CONFUSION: plot_confusion(confusion, tasks)
-        if confusion is not None and (confusion["routing"] == "routed").any()
-        else f"no routed {paths.router_confusion.relative_to(paths.root)}",
+        Plot.ROUTER_CONFUSION: plot_confusion(confusion if routed else None, routing, tasks) if routed or len(routing)
+        else f"no routed {paths.router_confusion.relative_to(paths.root)} and no routed evaluation",
         Plot.ROUTER_LAYER_ACCURACY: plot_layer_accuracy(evaluation, len(tasks)) if evaluation is not None
         else f"no {paths.router_eval.relative_to(paths.root)}",
         Plot.ADAPTER_COSINE: plot_cosine(*cosine) if cosine else "fewer than two trained task adapters",
@@ -450,7 +505,8 @@ def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame |
 
 
 def summary(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty, evaluation: pd.DataFrame | None,
-            router_config: Mapping[str, object], plots: Mapping[Plot, Figure | str], notes: list[str]) -> str:
+            router_config: Mapping[str, object], routing: pd.DataFrame, plots: Mapping[Plot, Figure | str],
+            notes: list[str]) -> str:
     paths, result = ExperimentPaths.of(config), uncertainty.result
     brackets = (f"Brackets: {uncertainty.confidence:.0%} paired bootstrap percentile intervals over the test items "
                 f"({uncertainty.resamples} resamples, seed {config['seed']}); every figure is recomputed inside each "
@@ -473,8 +529,7 @@ def summary(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty, eva
               "wall time, over its decoding steps alone; prompt tokens over its prefills), latency and router "
               "accuracy the means over the tasks with generated answers.",
               "", "## Router", ""]
-    lines += router_summary(evaluation, router_config) if evaluation is not None \
-        else [f"No router evaluation ({paths.router_eval.relative_to(paths.root)}): run `moa train-router` first."]
+    lines += router_section(config, evaluation, router_config, routing)
     lines += ["", "## Plots", "", *(f"![{name}]({paths.plot(name).name})" for name, p in plots.items()
                                     if isinstance(p, Figure))]
     notes = notes + [f"`{method}` has no multitask score: no evaluation on {', '.join(tasks)}"
@@ -529,7 +584,7 @@ def comparison_table(uncertainty: Uncertainty, method_kinds: Mapping[str, Kind])
 
 
 def build_report(config: Config) -> StepResult:
-    """Write results/{experiment}/report/ (metrics, intervals, comparisons, summary.md, PNGs) atomically."""
+    """Write results/{experiment}/report/ (metrics, intervals, comparisons, routing, summary.md, PNGs) atomically."""
     paths = ExperimentPaths.of(config)
     metrics, notes = read_metrics(config)
     uncertainty = Uncertainty(config, read_evaluations(config))
@@ -539,17 +594,19 @@ def build_report(config: Config) -> StepResult:
     cosine = task_adapter_cosine(config)
     if cosine and len(cosine[0]) < len(config["tasks"]):
         notes.append(f"{paths.plot(Plot.ADAPTER_COSINE).name} covers only the trained adapters: {', '.join(cosine[0])}")
-    plots = figures(config, uncertainty, evaluation, confusion, cosine)
+    routing = evaluated_routing(config, metrics)
+    plots = figures(config, uncertainty, evaluation, confusion, routing, cosine)
     with atomic_dir(paths.report) as tmp:
         with_normalized(metrics, uncertainty).to_parquet(tmp / paths.report_metrics.name, index=False)
         uncertainty.intervals.to_parquet(tmp / paths.report_intervals.name, index=False)
         uncertainty.comparisons.to_parquet(tmp / paths.report_comparisons.name, index=False)
+        routing.to_parquet(tmp / paths.report_routing.name, index=False)
         for name, plot in plots.items():  # every PNG is written (the workflow declares them all)
             figure = plot if isinstance(plot, Figure) else placeholder(name, plot)
             if figure.get_layout_engine() is None:  # a figure with a suptitle lays itself out (constrained)
                 figure.tight_layout()
             figure.savefig(tmp / paths.plot(name).name, dpi=DPI)
-        text = summary(config, metrics, uncertainty, evaluation, router_config, plots, notes)
+        text = summary(config, metrics, uncertainty, evaluation, router_config, routing, plots, notes)
         (tmp / paths.summary.name).write_text(text)
     return StepResult(paths.report, metrics=tracked_metrics(uncertainty), artifacts=paths.report_files,
                       tables={COMPARISON_TABLE: comparison_table(uncertainty, kinds(config))})
