@@ -25,8 +25,9 @@ from sacrebleu.significance import PairedTest
 
 from bench.common import device_label, side_by_side
 from moa.config import Config, validate
+from moa.data.tasks import get_task
 from moa.layout import ExperimentPaths
-from moa.metrics import STATISTICS, aggregate, example_statistics, statistics_columns
+from moa.metrics import STATISTICS, aggregate, example_statistics, format_statistics, statistics_columns
 from moa.report import Uncertainty, build_report, read_evaluations
 
 TASKS = {"summarization": 16, "translation": 16, "qa": 16, "sentiment": 64, "dialogue": 16, "math": 16}
@@ -86,6 +87,8 @@ def simulate(config: Config, seed: int = 0) -> tuple[list[str], list[tuple[str, 
             hypotheses = [" ".join(w if rng.random() < quality[i] else rng.choice(VOCAB) for w in r.split())
                           for r in references]
             stats = _statistics(rng, task, difficulty, quality[i], hypotheses, references)
+            if get_task(config, task).format:  # in format more often the better the method does the task
+                stats |= format_statistics(rng.random(n) < 0.5 + 0.5 * quality[i])
             metrics = [m for m in STATISTICS if set(STATISTICS[m]) <= stats.keys()]
             rows = [{"method": method, "task": task, "metric": m, "value": float(aggregate(m, stats, np.ones((1, n)))[0]),
                      "n": n} for m in metrics]

@@ -15,6 +15,7 @@ import jsonschema
 import yaml
 
 from moa.data.batching import Batching
+from moa.data.tasks import get_task
 from moa.errors import MoaError
 
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "config.schema.yaml"
@@ -53,6 +54,7 @@ def validate(config: Config, source: str = "config") -> Config:
     for name in config.get("methods", {}):
         _check_method(config, name, source)
     _check_lengths(config, source)
+    _check_formats(config, source)
     unknown = [m for m in config["report"]["compare_to"] or () if m not in config["methods"]]
     if unknown:
         raise MoaError(f"{source}: report.compare_to: {', '.join(unknown)} is not a configured method; "
@@ -94,6 +96,16 @@ def _check_lengths(config: Config, source: str) -> None:
         raise MoaError(f"{source}: training.seq_len={training['seq_len']} cannot hold an example of "
                        f"data.max_prompt_tokens + data.max_target_tokens + 1 (EOS) = {longest} tokens; raise "
                        f"training.seq_len to {longest} or lower data.max_prompt_tokens / data.max_target_tokens")
+
+
+def _check_formats(config: Config, source: str) -> None:
+    """What the schema cannot say about a task's `format`: it is a valid regex, of a task that generates."""
+    for name, spec in config["tasks"].items():
+        if spec and "format" in spec:
+            try:
+                get_task(config, name)
+            except MoaError as err:
+                raise MoaError(f"{source}: {err}") from None
 
 
 def schema_node(path: Sequence[str]) -> dict[str, Any]:

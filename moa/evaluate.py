@@ -1,7 +1,7 @@
 """`moa evaluate`: one composition on every task's test split in one job -> eval/{method}/{task}/
 predictions.parquet (every example's prompt, prediction, references, expert, cost and the per-example
-statistics of every metric, which the report's paired bootstrap resamples) and metrics.parquet (method,
-task, metric, value, n), tracked in MLflow.
+statistics of every metric, format adherence included, which the report's paired bootstrap resamples) and
+metrics.parquet (method, task, metric, value, n), tracked in MLflow.
 
 Every task's test prompts go through the engine as one stream, so a batch mixes tasks and each sequence
 is served by its own route (the oracle: its task's expert; MoA: its routed expert; merges: folded), as a
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from moa.compose.composition import Composed, load_composition, read_manifest
@@ -27,7 +28,16 @@ from moa.implicit import component_responses, responses_table
 from moa.io import atomic_dir
 from moa.layout import ExperimentPaths
 from moa.lora import attach_experts, lora_layers
-from moa.metrics import Score, router_accuracy, score_task, statistics_columns
+from moa.metrics import (
+    FORMAT_ADHERENCE,
+    ROUTER_ACCURACY,
+    Score,
+    aggregate,
+    format_statistics,
+    router_accuracy,
+    score_task,
+    statistics_columns,
+)
 from moa.model import DTYPES
 from moa.model.prepare import base_model, device
 from moa.tracking import StepResult
@@ -104,20 +114,25 @@ def predictions_frame(frame: pd.DataFrame, composed: Composed, generations: list
     return out
 
 
-def task_scores(task: Task, predictions: pd.DataFrame, composed: Composed, served: Served | None,
+def task_scores(task: Task, predictions: pd.DataFrame, metas: list[dict], composed: Composed, served: Served | None,
                 scores: list[tuple[float, int]] | None) -> tuple[list[Score], pd.DataFrame, dict]:
-    """The task's metrics, then what serving it cost, and MoA's routing accuracy where one expert served
-    each sequence (not per_layer); the predictions with every metric's per-example statistics."""
+    """The task's metrics and its format adherence, then what serving it cost, and MoA's routing accuracy
+    where one expert served each sequence (not per_layer); the predictions with every metric's per-example
+    statistics."""
     labels = list(LABELS.values()) if task.kind == "sentiment" else None
     nll, n_tokens = (None, None) if scores is None else ([s[0] for s in scores], [s[1] for s in scores])
-    results, stats, extra = score_task(task.kind, task.metrics, predictions["prediction"].fillna("").tolist(),
-                                       predictions["references"].tolist(), nll, n_tokens, labels)
-    predictions = predictions.assign(**statistics_columns(stats))
+    texts = predictions["prediction"].fillna("").tolist()
+    results, stats, extra = score_task(task.kind, task.metrics, texts, predictions["references"].tolist(), nll,
+                                       n_tokens, labels)
     n = len(predictions)
+    if task.format is not None:
+        stats |= format_statistics([task.format.follows(text, meta) for text, meta in zip(texts, metas)])
+        results.append(Score(FORMAT_ADHERENCE, float(aggregate(FORMAT_ADHERENCE, stats, np.ones((1, n)))[0]), n))
+    predictions = predictions.assign(**statistics_columns(stats))
     if served is not None:
         results += [*cost_scores(served), Score("latency_s", float(predictions["latency_s"].mean()), n)]
         if composed.router is not None and predictions["expert"].notna().all():
-            results.append(Score("router_accuracy", router_accuracy(predictions["expert"].tolist(), [task.name] * n), n))
+            results.append(Score(ROUTER_ACCURACY, router_accuracy(predictions["expert"].tolist(), [task.name] * n), n))
     results += [Score(k, float(v), n) for k, v in extra.items() if isinstance(v, (int, float))]
     return results, predictions, extra
 
@@ -160,7 +175,8 @@ def evaluate(config: Config, method: str, task: str | None = None) -> StepResult
     for spec in tasks:
         scores = run_scoring(config, composed, spec, frames[spec.name]) if spec.scored else None
         predictions = predictions_frame(frames[spec.name], composed, generated.get(spec.name))
-        results, predictions, extra = task_scores(spec, predictions, composed,
+        metas = [json.loads(meta) for meta in frames[spec.name]["meta"]]
+        results, predictions, extra = task_scores(spec, predictions, metas, composed,
                                                   served if spec.name in generated else None, scores)
         table = pd.DataFrame([{"method": method, "task": spec.name, "metric": s.metric, "value": s.value, "n": s.n}
                               for s in results])

@@ -9,7 +9,8 @@
                                 train_log.parquet, experts/{task}/
     compositions/{method}/      composition.json (+ a PEFT adapter and merge_report.json for merges)
     eval/{method}/{task}/       predictions.parquet, metrics.parquet, info.json
-    report/                     metrics.parquet, intervals.parquet, comparisons.parquet, summary.md, {plot}.png
+    report/                     metrics.parquet, intervals.parquet, comparisons.parquet, routing.parquet, summary.md,
+                                {plot}.png
     logs/, benchmarks/          every job's log and Snakemake benchmark
     mlflow-spool/               run records waiting for the workflow to log them
     .config/                    the validated config each workflow hands its jobs
@@ -45,6 +46,7 @@ class Plot(StrEnum):
     SCORES_HEATMAP = "scores_heatmap"
     MULTITASK_SCORE = "multitask_score"
     DIFFERENCES = "differences"
+    FORMAT_ADHERENCE = "format_adherence"
     ROUTER_CONFUSION = "router_confusion"
     ROUTER_LAYER_ACCURACY = "router_layer_accuracy"
     IMPLICIT_ROUTING = "implicit_routing"
@@ -182,6 +184,11 @@ class ExperimentPaths:
         return self.report / "implicit_routing.parquet"
 
     @property
+    def report_routing(self) -> Path:
+        """Which expert each routed composition chose for each task's evaluated test prompts."""
+        return self.report / "routing.parquet"
+
+    @property
     def summary(self) -> Path:
         return self.report / "summary.md"
 
@@ -191,8 +198,8 @@ class ExperimentPaths:
     @property
     def report_files(self) -> list[Path]:
         """Everything report/ holds, for MLflow and for Snakemake's outputs."""
-        return [self.report_metrics, self.report_intervals, self.report_comparisons, self.report_implicit_routing,
-                self.summary, *(self.plot(plot) for plot in Plot)]
+        return [self.report_metrics, self.report_intervals, self.report_comparisons, self.report_routing,
+                self.report_implicit_routing, self.summary, *(self.plot(plot) for plot in Plot)]
 
     # --- bookkeeping ---------------------------------------------------------------------------------
 

@@ -3,9 +3,10 @@
 ROUGE is rouge-score's, BLEU and chrF are sacrebleu's, SQuAD EM/F1 follow the official evaluate-v1.1.py.
 Every metric is computed from per-example statistics (`example_statistics`): the example's own value for
 metrics that are a mean over examples, sacrebleu's sufficient statistics for corpus BLEU and chrF, the
-summed nll and token count for perplexity. `aggregate` turns them into the metric of any weighting of the
-examples, so a bootstrap resample's corpus BLEU is recomputed exactly without sacrebleu (moa.stats), and
-`score_task` is the same computation on the test set itself. Values are on a 0-100 scale except perplexity.
+summed nll and token count for perplexity, 0 or 100 per output for format adherence. `aggregate` turns them
+into the metric of any weighting of the examples, so a bootstrap resample's corpus BLEU is recomputed exactly
+without sacrebleu (moa.stats), and `score_task` is the same computation on the test set itself. Values are on a
+0-100 scale except perplexity.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from moa.errors import MoaError
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 MEAN_METRICS = (*ROUGE_TYPES, "f1", "exact_match", "accuracy")  # the mean of a per-example value
 KNOWN_METRICS = (*MEAN_METRICS, "bleu", "chrf", "perplexity")
+# The share of outputs that follow their task's format (its check: moa.data.tasks), the mean of a 0/100 statistic
+FORMAT_ADHERENCE = "format_adherence"
 # metric -> the per-example statistics it is computed from: columns of predictions.parquet
 STATISTICS: dict[str, tuple[str, ...]] = {m: (m,) for m in MEAN_METRICS} | {
-    "bleu": ("bleu_stats",), "chrf": ("chrf_stats",), "perplexity": ("nll", "n_tokens")}
+    "bleu": ("bleu_stats",), "chrf": ("chrf_stats",), "perplexity": ("nll", "n_tokens"), FORMAT_ADHERENCE: ("format",)}
 Statistics = dict[str, np.ndarray]  # column -> [n] or [n, k], one row per example
 
 
@@ -179,14 +182,21 @@ def _canonical(match: re.Match[str]) -> str:
     return sign + format(value.normalize(), "f")
 
 
+def marked_number(text: str) -> str | None:
+    """The number right after the first "####" (GSM8K's answer line), in canonical form (see final_number);
+    None if no "####" is followed by a number."""
+    marked = _MARKED_RE.search(text)
+    return _canonical(marked) if marked else None
+
+
 def final_number(text: str) -> str | None:
     """The answer number of a GSM8K solution: the number right after the first "####", or else the last
     number in the text (a number starts at no letter/digit/"."; a "-" directly after a digit is a dash).
     Canonical form: commas, "+", "$" and leading/trailing zeros dropped ("1,234" -> "1234", "12.0" -> "12",
     "012.50" -> "12.5"), "-" kept. None if the text has no number."""
-    marked = _MARKED_RE.search(text)
-    if marked:
-        return _canonical(marked)
+    marked = marked_number(text)
+    if marked is not None:
+        return marked
     numbers = list(_NUMBER_RE.finditer(text))
     return _canonical(numbers[-1]) if numbers else None
 
@@ -220,6 +230,9 @@ def _accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]], l
     parsed = [parse_label(p, labels) for p in predictions]
     correct = [p is not None and p.casefold() in {r.casefold() for r in refs} for p, refs in zip(parsed, references)]
     return 100 * np.array(correct, dtype=float), parsed.count(None)
+
+
+ROUTER_ACCURACY = "router_accuracy"  # evaluate's metric where a router chose one expert per sequence
 
 
 def router_accuracy(chosen: Sequence[str], truth: Sequence[str]) -> float:
@@ -305,7 +318,7 @@ def aggregate(metric: str, stats: Mapping[str, np.ndarray], weights: np.ndarray)
         return bleu_score(weights @ stats["bleu_stats"])
     if metric == "chrf":
         return chrf_score(weights @ stats["chrf_stats"])
-    return (weights @ stats[metric]) / weights.sum(axis=1)
+    return (weights @ stats[STATISTICS[metric][0]]) / weights.sum(axis=1)
 
 
 def score_task(kind: str, metrics: Sequence[str], predictions: Sequence[str], references: Sequence[Sequence[str]],
@@ -317,6 +330,11 @@ def score_task(kind: str, metrics: Sequence[str], predictions: Sequence[str], re
     n = len(next(iter(stats.values())))
     scores = [Score(m, float(aggregate(m, stats, np.ones((1, n)))[0]), n) for m in metrics]
     return scores, stats, extra
+
+
+def format_statistics(follows: Sequence[bool]) -> Statistics:
+    """Each output's format statistic: 100 if it follows its task's format, else 0 (format_adherence is its mean)."""
+    return {STATISTICS[FORMAT_ADHERENCE][0]: 100 * np.array(follows, dtype=float)}
 
 
 def statistics_columns(stats: Statistics) -> dict[str, np.ndarray | list[np.ndarray]]:

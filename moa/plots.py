@@ -62,20 +62,51 @@ def plot_scores(normalized: pd.DataFrame, representative: Mapping[str, str], exc
     return fig
 
 
-def plot_confusion(confusion: pd.DataFrame, tasks: Sequence[str]) -> Figure:
-    """Routed confusion per whole-sequence strategy: what inference without labels does."""
-    routed = confusion[confusion["routing"] == "routed"]
-    strategies = list(pd.unique(routed["strategy"]))
-    fig = Figure(figsize=(4.2 * len(strategies) + 1, 0.5 * len(tasks) + 3))
-    for ax, strategy in zip(np.atleast_1d(fig.subplots(1, len(strategies))), strategies):
-        counts = routed[routed["strategy"] == strategy].pivot_table(
-            index="true_task", columns="predicted_task", values="count", aggfunc="sum", fill_value=0)
-        counts = counts.reindex(index=tasks, columns=tasks, fill_value=0).to_numpy(dtype=float)
-        _heatmap(ax, counts, tasks, tasks, ".0f", "Blues", 0.0, max(counts.max(), 1.0))
-        ax.set_title(f"strategy `{strategy}` (routed): {100 * np.trace(counts) / max(counts.sum(), 1):.1f}% correct")
-        ax.set_xlabel("predicted task")
-        ax.set_ylabel("true task")
-    fig.suptitle("Router confusion on held-out prompts")
+def plot_format_adherence(adherence: pd.DataFrame) -> Figure:
+    """Methods x tasks with a format check: the percentage of generated outputs in the task's format."""
+    fig = Figure(figsize=(1.3 * adherence.shape[1] + 3, 0.5 * len(adherence) + 2))
+    ax = fig.subplots()
+    _heatmap(ax, adherence.to_numpy(), list(adherence.index), list(adherence.columns), ".0f", "RdYlGn", 0.0, 100.0)
+    ax.set_title("Format adherence: % of generated outputs in the task's format")
+    ax.set_xlabel("task")
+    ax.set_ylabel("method")
+    return fig
+
+
+def _counts(rows: pd.DataFrame, true: str, chosen: str, tasks: Sequence[str]) -> np.ndarray:
+    """A confusion matrix [true task, chosen expert] of counts; NaN rows for the tasks without any."""
+    table = rows.pivot_table(index=true, columns=chosen, values="count", aggfunc="sum", fill_value=0)
+    return table.reindex(index=tasks, columns=tasks).to_numpy(dtype=float)
+
+
+def plot_confusion(validation: pd.DataFrame | None, routing: pd.DataFrame, tasks: Sequence[str]) -> Figure:
+    """Router confusion: on the held-out prompts per whole-sequence strategy (routed, as inference without labels
+    runs; moa/confusion.parquet), and on the evaluated test prompts per routed composition (report/routing.parquet),
+    one row of panels each."""
+    rows = []
+    if validation is not None:
+        routed = validation[validation["routing"] == "routed"]
+        rows.append([(f"held-out, strategy `{s}`", _counts(routed[routed["strategy"] == s], "true_task",
+                                                            "predicted_task", tasks))
+                     for s in pd.unique(routed["strategy"])])
+    methods = list(pd.unique(routing["method"]))
+    if methods:
+        rows.append([(f"test, `{m}`", _counts(routing[routing["method"] == m], "task", "chosen", tasks))
+                     for m in methods])
+    columns = max(len(row) for row in rows)
+    fig = Figure(figsize=(4.4 * columns + 1, (0.5 * len(tasks) + 2.6) * len(rows) + 0.6), layout="constrained")
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for row, panels in enumerate(rows):
+        for ax, (title, counts) in zip(axes[row], panels):
+            _heatmap(ax, counts, tasks, tasks, ".0f", "Blues", 0.0, max(np.nanmax(counts), 1.0))
+            ax.set_title(f"{title}: {100 * np.nansum(np.diag(counts)) / max(np.nansum(counts), 1):.1f}% correct",
+                         fontsize=10)
+            ax.set_xlabel("chosen expert")
+            ax.set_ylabel("true task")
+        for ax in axes[row, len(panels):]:
+            ax.axis("off")
+    fig.suptitle("Router confusion on held-out (validation) prompts and on the evaluated test prompts "
+                 "(– : no routing recorded)")
     return fig
 
 

@@ -1,6 +1,6 @@
 """The report step: results/{experiment}/report/ holds every evaluation in one long table (metrics.parquet), the
-paired bootstrap's intervals and comparisons (intervals.parquet, comparisons.parquet, see moa.stats), the
-summary with its verdict (summary.md) and PNG plots.
+paired bootstrap's intervals and comparisons (intervals.parquet, comparisons.parquet, see moa.stats), the routing
+of the evaluated test prompts (routing.parquet), the summary with its verdict (summary.md) and PNG plots.
 
 Any input may be missing (a step not run yet, a failed job): what it would have fed is skipped or shown
 as "–", and the summary's notes say so, so a partial report is still a report.
@@ -24,13 +24,14 @@ from moa.implicit import ALL, EVERY_LAYER, summarize
 from moa.io import atomic_dir, read_json
 from moa.layout import ADAPTER_WEIGHTS, MIXED, ROUTER_CONFIG, TRAIN_LOG, ExperimentPaths, Plot
 from moa.lora.peft_io import load_adapter
-from moa.metrics import read_statistics
+from moa.metrics import FORMAT_ADHERENCE, ROUTER_ACCURACY, read_statistics
 from moa.plots import (
     label,
     placeholder,
     plot_confusion,
     plot_cosine,
     plot_differences,
+    plot_format_adherence,
     plot_implicit,
     plot_layer_accuracy,
     plot_multitask,
@@ -52,6 +53,7 @@ from moa.stats import (
 from moa.tracking import COMPARISON_TABLE, StepResult
 
 COLUMNS = ["method", "task", "metric", "value", "n"]
+ROUTING_COLUMNS = ["method", "task", "chosen", "count"]
 DPI = 120
 DEFAULT_REFERENCES = ("moa", ORACLE)  # report.compare_to: null
 SCORE_NOTE = ("Task metrics on a 0–100 scale (perplexity: lower is better). Multitask score: the mean over the tasks "
@@ -124,13 +126,29 @@ def read_evaluations(config: Config) -> dict[tuple[str, str], Evaluated]:
     """Every evaluation's test-row ids and per-example statistics (eval/{method}/{task}/predictions.parquet)."""
     layout, evaluations = ExperimentPaths.of(config), {}
     for task in config["tasks"]:
-        metrics = get_task(config, task).metrics
+        metrics = get_task(config, task).evaluated_metrics
         for method in config["methods"]:
             path = layout.predictions(method, task)
             if path.is_file():
                 frame = pd.read_parquet(path)
                 evaluations[method, task] = Evaluated(frame["id"].to_numpy(), read_statistics(frame, metrics, str(path)))
     return evaluations
+
+
+def evaluated_routing(config: Config, metrics: pd.DataFrame) -> pd.DataFrame:
+    """report/routing.parquet (method, task, chosen, count): how many of a task's evaluated test prompts each expert
+    served, for every evaluation in which a router chose one expert per sequence (evaluate reports its
+    router_accuracy there: not for the oracle, whose expert is the task itself, nor for per-layer routing), read
+    from the predictions' `expert` column; every expert has a row, unchosen ones with count 0."""
+    layout = ExperimentPaths.of(config)
+    routed = metrics.loc[metrics["metric"] == ROUTER_ACCURACY, ["method", "task"]].drop_duplicates()
+    rows = []
+    for method, task in routed.itertuples(index=False):
+        chosen = pd.read_parquet(layout.predictions(method, task), columns=["expert"])["expert"].value_counts()
+        rows += [{"method": method, "task": task, "chosen": expert, "count": int(chosen.get(expert, 0))}
+                 for expert in dict.fromkeys([*config["tasks"], *chosen.index])]
+    return pd.DataFrame(rows, columns=ROUTING_COLUMNS).astype({"method": str, "task": str, "chosen": str,
+                                                               "count": "int64"})
 
 
 def _parquet(path: Path) -> pd.DataFrame | None:
@@ -164,11 +182,13 @@ class Uncertainty:
         settings = config["report"]
         self.alpha = settings["alpha"]
         self.methods = list(config["methods"])
-        self.tasks = {task: get_task(config, task).metrics for task in config["tasks"]}
+        specs = [get_task(config, task) for task in config["tasks"]]
+        self.tasks = {task.name: task.metrics for task in specs}
+        self.formats = {task.name: task.format.rule for task in specs if task.format}  # the tasks with a check
         self.resamples = settings["bootstrap"]["resamples"]
         self.references = references(config)
-        self.result: Bootstrap = bootstrap(evaluations, self.methods, self.tasks, self.resamples, config["seed"],
-                                           self.alpha)
+        self.result: Bootstrap = bootstrap(evaluations, self.methods, {t.name: t.evaluated_metrics for t in specs},
+                                           self.resamples, config["seed"], self.alpha)
         self.intervals = intervals(self.result, self.alpha)
         self.comparisons = comparisons(self.result, self.references, self.alpha)
         self._figures = self.intervals.set_index(["method", "task", "metric"])
@@ -198,9 +218,15 @@ class Uncertainty:
 
     def normalized(self) -> pd.DataFrame:
         """Methods x tasks: the oracle-normalized score on the test set (NaN where there is none)."""
-        rows = self.intervals[self.intervals["metric"] == NORMALIZED]
-        return rows.pivot(index="method", columns="task", values="value").reindex(index=self.methods,
-                                                                                  columns=list(self.tasks))
+        return self._methods_by_tasks(NORMALIZED, list(self.tasks))
+
+    def adherence(self) -> pd.DataFrame:
+        """Methods x tasks with a format check: the format adherence on the test set (NaN where not evaluated)."""
+        return self._methods_by_tasks(FORMAT_ADHERENCE, list(self.formats))
+
+    def _methods_by_tasks(self, metric: str, tasks: list[str]) -> pd.DataFrame:
+        rows = self.intervals[self.intervals["metric"] == metric]
+        return rows.pivot(index="method", columns="task", values="value").reindex(index=self.methods, columns=tasks)
 
     def resolution(self) -> str | None:
         """Why no comparison can be significant, if so: the smallest bootstrap p-value is 2 / (B + 1), and Holm
@@ -256,6 +282,22 @@ def score_table(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty)
                                                                                                MULTITASK), 3)]
             for method in config["methods"]]
     return markdown_table(header, rows)
+
+
+def format_section(uncertainty: Uncertainty, brackets: str) -> list[str]:
+    """Each method's format adherence on every task with a check, with its interval; the checks in words."""
+    tasks = list(uncertainty.formats)
+    unchecked = [task for task in uncertainty.tasks if task not in uncertainty.formats]
+    lines = [(f"- Without a check: {', '.join(unchecked)} (a task scored by perplexity generates nothing to check; "
+              "a custom task is checked only with a `format`).")] if unchecked else []
+    if not tasks:
+        return ["No task has a format check.", "", *lines]
+    rows = [[method, *(_with_interval(uncertainty.figure(method, t, FORMAT_ADHERENCE), 1) for t in tasks)]
+            for method in uncertainty.methods]
+    return [*markdown_table(["method", *tasks], rows), "",
+            "Share of each task's generated outputs that are in the task's format (0–100), whether right or wrong. "
+            + brackets + " The checks:", "", *(f"- {task}: {rule}." for task, rule in uncertainty.formats.items()),
+            *lines]
 
 
 def _difference(row: pd.Series | None, digits: int = 3) -> str:
@@ -368,7 +410,7 @@ def _detectable_verdict(uncertainty: Uncertainty, merges: Sequence[str]) -> list
 
 COST_METRICS = {"new_tokens_per_s": ("generated tokens/s", 1), "decode_tokens_per_s": ("decoding tokens/s", 1),
                 "prompt_tokens_per_s": ("prefill tokens/s", 0), "latency_s": ("latency per sequence (s)", 2),
-                "router_accuracy": ("router accuracy (%)", 2)}
+                ROUTER_ACCURACY: ("router accuracy (%)", 2)}
 
 
 def cost_table(config: Config, metrics: pd.DataFrame) -> list[str]:
@@ -393,6 +435,43 @@ def router_summary(evaluation: pd.DataFrame, router_config: Mapping[str, object]
     rows.append(["each layer's router (mean)", *(_fmt(100 * layers.get(r, np.nan), 2)
                                                  for r in ("teacher_forced", "routed"))])
     return lines + markdown_table(["strategy", "teacher-forced accuracy (%)", "routed accuracy (%)"], rows)
+
+
+def routing_table(routing: pd.DataFrame, evaluation: pd.DataFrame | None, tasks: Sequence[str]) -> list[str]:
+    """Routing accuracy per task and over all prompts: each routed composition's on the evaluated test prompts,
+    then the trained router's on the held-out (validation) prompts with each whole-sequence strategy (routed)."""
+    correct = routing.assign(correct=routing["count"].where(routing["task"] == routing["chosen"], 0))
+    counts = correct.groupby(["method", "task"], sort=False)[["correct", "count"]].sum()
+    rows = []
+    for method, table in counts.groupby(level="method", sort=False):
+        table = table.droplevel("method")
+        share = 100 * table["correct"] / table["count"]
+        rows.append([f"`{method}`, test", *(_fmt(share.get(t), 2) for t in tasks),
+                     _fmt(100 * table["correct"].sum() / table["count"].sum(), 2)])
+    if evaluation is not None:
+        routed = evaluation[(evaluation["metric"] == "accuracy") & (evaluation["routing"] == "routed")]
+        accuracy = routed.set_index(["strategy", "task"])["value"]
+        rows += [[f"validation, `{s}`", *(_fmt(100 * accuracy.get((s, t), np.nan), 2) for t in [*tasks, "all"])]
+                 for s in pd.unique(routed["strategy"]) if s != "layer"]
+    return markdown_table(["routing accuracy (%)", *tasks, "all prompts"], rows)
+
+
+def router_section(config: Config, evaluation: pd.DataFrame | None, router_config: Mapping[str, object],
+                   routing: pd.DataFrame) -> list[str]:
+    """The trained router on held-out prompts, then every routed composition on the evaluated test prompts."""
+    paths = ExperimentPaths.of(config)
+    lines = router_summary(evaluation, router_config) if evaluation is not None \
+        else [f"No router evaluation ({paths.router_eval.relative_to(paths.root)}): run `moa train-router` first."]
+    if routing.empty:
+        return [*lines, "", "No composition's evaluation was routed one expert per sequence by a router."]
+    unrecorded = [t for t in config["tasks"] if t not in set(routing["task"])]
+    note = [(f"No test routing is recorded for {', '.join(unrecorded)}: a task scored by perplexity generates nothing "
+             "(its predictions have no `expert`), and a routed evaluation may be missing; `all prompts` of a test row "
+             "covers the tasks it has.")] if unrecorded else []
+    intro = ("On the evaluated test prompts: the expert each routed composition chose (its predictions' `expert`; "
+             f"the counts are in {paths.report_routing.name} and the {Plot.ROUTER_CONFUSION} plot), next to the "
+             "router's routed accuracy on the held-out validation prompts.")
+    return [*lines, "", intro, "", *routing_table(routing, evaluation, list(config["tasks"])), "", *note]
 
 
 # --- the step ----------------------------------------------------------------------------------------
@@ -421,7 +500,7 @@ def implicit_table(implicit: pd.DataFrame, metrics: pd.DataFrame) -> list[str]:
         mean = float((by_task["accuracy"] * by_task["n"]).sum() / by_task["n"].sum())
         rows.append([f"`{method}`", segment, *(_fmt(100 * by_task["accuracy"].get(t, np.nan), 1) for t in tasks),
                      _fmt(100 * mean, 1)])
-    routed = metrics[metrics["metric"] == "router_accuracy"].groupby("method")
+    routed = metrics[metrics["metric"] == ROUTER_ACCURACY].groupby("method")
     for method, cells in routed:
         by_task = cells.set_index("task")["value"]
         rows.append([f"`{method}` (router)", "prompt", *(_fmt(by_task.get(t, np.nan), 1) for t in tasks),
@@ -430,12 +509,14 @@ def implicit_table(implicit: pd.DataFrame, metrics: pd.DataFrame) -> list[str]:
 
 
 def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame | None,
-            confusion: pd.DataFrame | None, cosine: tuple[list[str], np.ndarray] | None,
+            confusion: pd.DataFrame | None, routing: pd.DataFrame, cosine: tuple[list[str], np.ndarray] | None,
             implicit: pd.DataFrame) -> dict[Plot, Figure | str]:
     """Each plot's figure, or why it was skipped."""
     tasks = list(config["tasks"])
     representative = {task: names[0] for task, names in uncertainty.tasks.items()}
     normalized, scores, method_kinds = uncertainty.normalized(), uncertainty.multitask(), kinds(config)
+    adherence = uncertainty.adherence()
+    routed = confusion is not None and bool((confusion["routing"] == "routed").any())  # held-out prompts, routed
     logs = train_logs(config)
     paths = ExperimentPaths.of(config)
     reference = uncertainty.references[0] if uncertainty.references else None
@@ -450,9 +531,10 @@ def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame |
         Plot.DIFFERENCES: plot_differences(differences, list(scores.index) + uncertainty.methods, method_kinds,
                                            reference, uncertainty.confidence, uncertainty.alpha)
         if len(differences) else "no method to compare with a reference (report.compare_to)",
-        Plot.ROUTER_CONFUSION: plot_confusion(confusion, tasks)
-        if confusion is not None and (confusion["routing"] == "routed").any()
-        else f"no routed {paths.router_confusion.relative_to(paths.root)}",
+        Plot.FORMAT_ADHERENCE: plot_format_adherence(adherence) if adherence.notna().to_numpy().any()
+        else "no evaluation of a task with a format check",
+        Plot.ROUTER_CONFUSION: plot_confusion(confusion if routed else None, routing, tasks) if routed or len(routing)
+        else f"no routed {paths.router_confusion.relative_to(paths.root)} and no routed evaluation",
         Plot.ROUTER_LAYER_ACCURACY: plot_layer_accuracy(evaluation, len(tasks)) if evaluation is not None
         else f"no {paths.router_eval.relative_to(paths.root)}",
         Plot.IMPLICIT_ROUTING: plot_implicit(implicit, tasks) if len(implicit)
@@ -463,8 +545,8 @@ def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame |
 
 
 def summary(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty, evaluation: pd.DataFrame | None,
-            router_config: Mapping[str, object], plots: Mapping[Plot, Figure | str], notes: list[str],
-            implicit: pd.DataFrame) -> str:
+            router_config: Mapping[str, object], routing: pd.DataFrame, plots: Mapping[Plot, Figure | str],
+            notes: list[str], implicit: pd.DataFrame) -> str:
     paths, result = ExperimentPaths.of(config), uncertainty.result
     brackets = (f"Brackets: {uncertainty.confidence:.0%} paired bootstrap percentile intervals over the test items "
                 f"({uncertainty.resamples} resamples, seed {config['seed']}); every figure is recomputed inside each "
@@ -480,14 +562,14 @@ def summary(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty, eva
         reference = uncertainty.references[0]
         lines += ["", f"## Per task: normalized score minus `{reference}`", "", *per_task_table(uncertainty, reference)]
     lines += ["", "## Scores", "", *score_table(config, metrics, uncertainty), "", SCORE_NOTE + " " + brackets, "",
+              "## Format adherence", "", *format_section(uncertainty, brackets), "",
               "## Cost", "", *cost_table(config, metrics), "",
               ("Each composition serves every task's test prompts as one stream (continuous batching, "
                "`evaluation.batch_size` sequences in flight): tokens/s are the stream's (generated tokens over its "
                "wall time, over its decoding steps alone; prompt tokens over its prefills), latency and router "
                "accuracy the means over the tasks with generated answers."),
               "", "## Router", ""]
-    lines += router_summary(evaluation, router_config) if evaluation is not None \
-        else [f"No router evaluation ({paths.router_eval.relative_to(paths.root)}): run `moa train-router` first."]
+    lines += router_section(config, evaluation, router_config, routing)
     if len(implicit):
         lines += ["", "## Does a merged model route itself?", "", IMPLICIT_NOTE, "", *implicit_table(implicit, metrics)]
     lines += ["", "## Plots", "", *(f"![{name}]({paths.plot(name).name})" for name, p in plots.items()
@@ -544,7 +626,7 @@ def comparison_table(uncertainty: Uncertainty, method_kinds: Mapping[str, Kind])
 
 
 def build_report(config: Config) -> StepResult:
-    """Write results/{experiment}/report/ (metrics, intervals, comparisons, summary.md, PNGs) atomically."""
+    """Write results/{experiment}/report/ (metrics, intervals, comparisons, routing, summary.md, PNGs) atomically."""
     paths = ExperimentPaths.of(config)
     metrics, notes = read_metrics(config)
     uncertainty = Uncertainty(config, read_evaluations(config))
@@ -554,19 +636,20 @@ def build_report(config: Config) -> StepResult:
     cosine = task_adapter_cosine(config)
     if cosine and len(cosine[0]) < len(config["tasks"]):
         notes.append(f"{paths.plot(Plot.ADAPTER_COSINE).name} covers only the trained adapters: {', '.join(cosine[0])}")
-    implicit = read_implicit(config)
-    plots = figures(config, uncertainty, evaluation, confusion, cosine, implicit)
+    routing, implicit = evaluated_routing(config, metrics), read_implicit(config)
+    plots = figures(config, uncertainty, evaluation, confusion, routing, cosine, implicit)
     with atomic_dir(paths.report) as tmp:
         with_normalized(metrics, uncertainty).to_parquet(tmp / paths.report_metrics.name, index=False)
         uncertainty.intervals.to_parquet(tmp / paths.report_intervals.name, index=False)
         uncertainty.comparisons.to_parquet(tmp / paths.report_comparisons.name, index=False)
+        routing.to_parquet(tmp / paths.report_routing.name, index=False)
         implicit.to_parquet(tmp / paths.report_implicit_routing.name, index=False)
         for name, plot in plots.items():  # every PNG is written (the workflow declares them all)
             figure = plot if isinstance(plot, Figure) else placeholder(name, plot)
             if figure.get_layout_engine() is None:  # a figure with a suptitle lays itself out (constrained)
                 figure.tight_layout()
             figure.savefig(tmp / paths.plot(name).name, dpi=DPI)
-        text = summary(config, metrics, uncertainty, evaluation, router_config, plots, notes, implicit)
+        text = summary(config, metrics, uncertainty, evaluation, router_config, routing, plots, notes, implicit)
         (tmp / paths.summary.name).write_text(text)
     return StepResult(paths.report, metrics=tracked_metrics(uncertainty), artifacts=paths.report_files,
                       tables={COMPARISON_TABLE: comparison_table(uncertainty, kinds(config))})

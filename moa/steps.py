@@ -88,7 +88,8 @@ STEPS: dict[str, Step] = {
         lambda c: {"methods": {m: method_params(c, m) for m in c["methods"]}, "tasks": c["tasks"],
                    "order": [list(c["methods"]), list(c["tasks"])], "report": c["report"], "seed": c["seed"]},
         "collect every evaluation -> report/metrics.parquet; paired bootstrap intervals and comparisons against "
-        "report.compare_to -> intervals.parquet, comparisons.parquet; summary.md with the verdict; PNG plots"),
+        "report.compare_to -> intervals.parquet, comparisons.parquet; the routing of the test prompts -> "
+        "routing.parquet; summary.md with the verdict; PNG plots"),
 }
 
 

@@ -18,11 +18,13 @@ from moa.compose.composition import compose, load_composition
 from moa.compose.merge import merge_adapters
 from moa.compose.registry import METHODS, Kind, merge_spec
 from moa.config import load_config, method_params, schema
-from moa.data.prepare import prepare_task
+from moa.data.prepare import prepare_task, read_split
+from moa.data.tasks import get_task
 from moa.evaluate import evaluate
 from moa.generate import Request, Sampling, generate
 from moa.layout import MIXED, ExperimentPaths
 from moa.lora import AdapterConfig, Arrow, activate, attach_experts, load_adapter, lora_layers, write_adapter
+from moa.metrics import FORMAT_ADHERENCE
 from moa.model.prepare import base_model
 from moa.model.tokenizer import byte_tokenizer
 from moa.routing import activate_experts
@@ -175,16 +177,21 @@ def test_evaluate_writes_predictions_and_metrics_for_every_task(experiment: Path
         assert set(metrics.method) == {method} and set(metrics.task) == {task}
         assert 0 < len(predictions) <= 4  # evaluation.limit
         assert {"id", "prompt", "prediction", "references"} <= set(predictions.columns)
-        if task == "dialogue":  # scored, not generated
+        if task == "dialogue":  # scored, not generated: no format to check
             assert {"nll", "n_tokens"} <= set(predictions.columns) and predictions.prediction.isna().all()
             ppl = metrics.set_index("metric").value["perplexity"]
             assert ppl == pytest.approx(float(torch.tensor(predictions.nll.sum() / predictions.n_tokens.sum()).exp()))
+            assert "format" not in predictions.columns and FORMAT_ADHERENCE not in set(metrics.metric)
             continue
         costs = {"new_tokens_per_s", "decode_tokens_per_s", "prompt_tokens_per_s", "latency_s"}
         assert costs <= set(metrics.metric) and set(metrics[~metrics.metric.isin(costs)].n) == {len(predictions)}
         values = metrics.set_index("metric").value  # per-example statistics, of which each metric is the mean
         metric = {"qa": "f1", "sentiment": "accuracy"}[task]
         assert predictions[metric].mean() == pytest.approx(values[metric]) and predictions[metric].between(0, 100).all()
+        check, metas = get_task(config, task).format, read_split(config, task, "test")["meta"].map(json.loads)
+        expected = [100.0 * check.follows(p, m) for p, m in zip(predictions.prediction, metas)]
+        assert predictions.format.tolist() == expected
+        assert values[FORMAT_ADHERENCE] == pytest.approx(predictions.format.mean())
         assert (predictions.new_tokens <= 6).all() and (predictions.latency_s > 0).all()
         assert ("router_accuracy" in set(metrics.metric)) == (method == "moa")
         expected = {"moa": set(TASKS), "oracle": {task}, "arrow": {None}, "svd": {None}}[method]  # who served it

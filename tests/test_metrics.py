@@ -3,6 +3,7 @@ per-example statistics recompute any resample's corpus BLEU and chrF as sacreble
 
 import math
 from itertools import zip_longest
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,16 +13,20 @@ import yaml
 from rouge_score import rouge_scorer
 
 from moa import metrics
-from moa.config import SCHEMA_PATH
-from moa.data.tasks import BUILTIN, get_task
+from moa.config import SCHEMA_PATH, validate
+from moa.data.sources import load_split
+from moa.data.tasks import BUILTIN, get_task, is_german
 from moa.errors import MoaError
 from moa.metrics import (
+    FORMAT_ADHERENCE,
     STATISTICS,
     Score,
     aggregate,
     example_statistics,
     final_number,
+    format_statistics,
     higher_is_better,
+    marked_number,
     math_exact_match,
     normalize_answer,
     parse_label,
@@ -329,4 +334,106 @@ def test_statistics_round_trip_through_parquet(tmp_path) -> None:
         assert back[name].shape == values.shape
     with pytest.raises(MoaError, match=r"predictions.parquet: no per-example statistics f1 .*rerun `moa evaluate`"):
         read_statistics(pd.read_parquet(path), ["f1"], str(path))
-    assert set(STATISTICS) == set(metrics.KNOWN_METRICS)
+    assert set(STATISTICS) == {*metrics.KNOWN_METRICS, FORMAT_ADHERENCE}
+
+
+# --- format adherence ------------------------------------------------------------------------------
+
+BUILTIN_TASKS = {"tasks": dict.fromkeys(BUILTIN)}
+
+
+def follows(task: str, outputs: list[str], meta: dict | None = None, config: dict = BUILTIN_TASKS) -> list[bool]:
+    check = get_task(config, task).format
+    return [check.follows(output, meta or {}) for output in outputs]
+
+
+def test_sentiment_format_is_a_whole_word_label() -> None:
+    assert follows("sentiment", ["positive", "  Negative.", "It is negative, clearly", "POSITIVE!"]) == [True] * 4
+    assert follows("sentiment", ["", "positively", "nonnegative", "neutral", "   "]) == [False] * 5
+
+
+def test_math_format_is_a_marked_answer() -> None:
+    assert follows("math", ["#### 42", "3 + 4 = 7\n#### 7", "####-3.5", "  #### $1,000"]) == [True] * 4
+    assert follows("math", ["", "The answer is 42", "####", "#### forty-two", "# 42"]) == [False] * 5
+    assert marked_number("3 + 4 = 7\n#### 7") == "7" and marked_number("The answer is 42") is None
+    assert final_number("The answer is 42") == "42"  # the metric falls back to the last number; the format does not
+
+
+def test_qa_format_is_a_span_of_the_passage_after_squad_normalization() -> None:
+    meta = {"context": "The Eiffel Tower, built in 1889, stands in Paris."}
+    assert follows("qa", ["The Eiffel tower.", "eiffel tower", "  1889", "an Eiffel Tower", "stands in paris!"],
+                   meta) == [True] * 5  # articles, case and punctuation are normalized away
+    assert follows("qa", ["", "The", "London", "iffel", "Tower in Paris"], meta) == [False] * 5  # whole words only
+    with pytest.raises(MoaError, match=r"task qa: the test rows' meta has no passage .*rerun `moa prepare-data"):
+        follows("qa", ["Paris"], {"answer_start": [0]})
+
+
+def test_qa_meta_keeps_the_passage_the_prompt_shows() -> None:
+    row = {"context": "Ada wrote the notes.", "question": "Who wrote the notes?",
+           "answers": {"text": ["Ada"], "answer_start": [0]}}
+    task = get_task(BUILTIN_TASKS, "qa")
+    assert task.meta(row)["context"] in task.prompt(row)
+
+
+def test_translation_format_is_german() -> None:
+    german = ["Der Hund schläft.", "Die Mäuse sind neben dem grünen Tisch.", "schöne Grüße", "Zeitung",
+              "Ich bin in unserer Bibliothek.", "Wiederaufnahme der Sitzungsperiode", "  Das ist gut"]
+    english = ["The dog sleeps.", "Resumption of the session", "The Schützenfest is fun", "Hello", "", "2009"]
+    assert follows("translation", german) == [True] * len(german)
+    assert follows("translation", english) == [False] * len(english)
+    assert not is_german("Guten Morgen")  # documented failure mode: no function word, no German spelling
+
+
+def test_translation_format_on_the_synthetic_corpus() -> None:
+    rows = load_split({"type": "synthetic"}, "test", task="translation", n=300, seed=3, base_dir=Path("."))
+    pairs = [row["translation"] for row in rows]
+    assert not any(is_german(pair["en"]) for pair in pairs)  # the source copied is never German
+    assert sum(is_german(pair["de"]) for pair in pairs) >= 0.99 * len(pairs)
+
+
+def test_summarization_format_is_a_sentence_not_the_instruction() -> None:
+    echoes = ["", "Summarize the news article in a few short sentences.", "Summary:", "  article:",
+              "Summarize the news article in a few short sentences.\nSummary:", "..."]
+    assert follows("summarization", echoes) == [False] * len(echoes)
+    summaries = ["The mayor opened a bridge.", "Summary: Mayor opens bridge in Pinecrest.",
+                 "Summarize the news article in a few short sentences. The bridge cost $59 million."]
+    assert follows("summarization", summaries) == [True] * len(summaries)
+    own = {"tasks": {"summarization": {"template": "TL;DR of {article}:"}}}  # the check follows the template
+    assert follows("summarization", ["Summarize the news article.", "TL;DR:"], config=own) == [True, False]
+
+
+def test_dialogue_has_no_format_and_others_record_it() -> None:
+    assert get_task(BUILTIN_TASKS, "dialogue").format is None
+    assert get_task(BUILTIN_TASKS, "dialogue").evaluated_metrics == ("perplexity",)
+    assert get_task(BUILTIN_TASKS, "qa").evaluated_metrics == ("f1", "exact_match", FORMAT_ADHERENCE)
+    stats = format_statistics([True, False, True, True])
+    assert stats == {"format": pytest.approx([100.0, 0.0, 100.0, 100.0])}
+    weights = np.array([[1, 1, 1, 1], [0, 2, 1, 0]])  # the test set; a resample drawing the 2nd twice, the 3rd once
+    assert aggregate(FORMAT_ADHERENCE, stats, weights).tolist() == pytest.approx([75.0, 100 / 3])
+
+
+def yes_no(**spec: object) -> dict:
+    return {"experiment": "x", "tasks": {"yn": {"source": {"type": "synthetic", "generator": "sentiment"},
+                                                "template": "{sentence}?", "target": "yes", "metric": "accuracy"}
+                                         | spec}}
+
+
+def test_custom_format_regex() -> None:
+    config = validate(yes_no(format="^\\s*(yes|no)\\b"))
+    assert follows("yn", ["yes, it is", "  no", "No"], config=config) == [True, True, False]  # case-sensitive
+    assert follows("yn", ["", "maybe yes", "nope"], config=config) == [False, False, False]
+    assert get_task(validate(yes_no()), "yn").format is None  # a custom task without one is not checked
+    own = validate({"experiment": "x", "tasks": {"sentiment": {"format": "^(positive|negative)$"}}})
+    assert follows("sentiment", ["positive", "positive!"], config=own) == [True, False]  # replaces the built-in
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (yes_no(format="(yes|no"), (r"config: tasks\.yn\.format: '\(yes\|no' is not a valid regular expression "
+                                r"\(missing \), unterminated subpattern at position 0\); fix the pattern")),
+    ({"experiment": "x", "tasks": {"dialogue": {"format": "."}}},
+     r"config: tasks\.dialogue\.format: dialogue is scored by the perplexity of its target and generates no output"),
+], ids=["invalid-regex", "scored-task"])
+def test_bad_format_is_one_line_when_the_config_is_validated(config: dict, message: str) -> None:
+    with pytest.raises(MoaError, match=message) as err:
+        validate(config)
+    assert "\n" not in str(err.value)

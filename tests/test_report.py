@@ -14,10 +14,19 @@ import pytest
 import torch
 
 from moa.config import Config, validate
+from moa.data.tasks import get_task
 from moa.errors import MoaError
 from moa.layout import MIXED, ExperimentPaths, Plot
 from moa.lora import AdapterConfig, write_adapter
-from moa.metrics import STATISTICS, aggregate, statistics_columns
+from moa.metrics import (
+    FORMAT_ADHERENCE,
+    ROUTER_ACCURACY,
+    STATISTICS,
+    aggregate,
+    format_statistics,
+    router_accuracy,
+    statistics_columns,
+)
 from moa.report import adapter_cosine, build_report
 from moa.routing import Upstream
 from moa.stats import ALL_TASKS, MULTITASK
@@ -26,14 +35,17 @@ from moa.train.router import router_report
 TASKS = ["qa", "sentiment", "dialogue"]
 N = 50  # test items per task
 SCORES = {  # method -> task -> metric -> value; svd was never evaluated on dialogue
-    "oracle": {"qa": {"f1": 80.0, "exact_match": 70.0}, "sentiment": {"accuracy": 90.0},
-               "dialogue": {"perplexity": 5.0}},
-    "base": {"qa": {"f1": 20.0, "exact_match": 10.0}, "sentiment": {"accuracy": 46.0},
-             "dialogue": {"perplexity": 20.0}},
-    "moa": {"qa": {"f1": 84.0, "exact_match": 72.0}, "sentiment": {"accuracy": 90.0},
-            "dialogue": {"perplexity": 4.0}},
-    "svd": {"qa": {"f1": 60.0, "exact_match": 50.0}, "sentiment": {"accuracy": 72.0}},
+    "oracle": {"qa": {"f1": 80.0, "exact_match": 70.0, FORMAT_ADHERENCE: 96.0},
+               "sentiment": {"accuracy": 90.0, FORMAT_ADHERENCE: 100.0}, "dialogue": {"perplexity": 5.0}},
+    "base": {"qa": {"f1": 20.0, "exact_match": 10.0, FORMAT_ADHERENCE: 40.0},
+             "sentiment": {"accuracy": 46.0, FORMAT_ADHERENCE: 62.0}, "dialogue": {"perplexity": 20.0}},
+    "moa": {"qa": {"f1": 84.0, "exact_match": 72.0, FORMAT_ADHERENCE: 98.0},
+            "sentiment": {"accuracy": 90.0, FORMAT_ADHERENCE: 100.0}, "dialogue": {"perplexity": 4.0}},
+    "svd": {"qa": {"f1": 60.0, "exact_match": 50.0, FORMAT_ADHERENCE: 90.0},
+            "sentiment": {"accuracy": 72.0, FORMAT_ADHERENCE: 84.0}},
 }
+# moa's expert per test prompt (task -> chosen expert -> count): sentiment partly sent to dialogue, as in issue 17
+MOA_ROUTING = {"qa": {"qa": 48, "sentiment": 2}, "sentiment": {"sentiment": 35, "dialogue": 15}}
 MULTITASK_BASE = (20 / 80 + 46 / 90 + 5 / 20) / 3  # perplexity: oracle / method
 MULTITASK_MOA = (84 / 80 + 1.0 + 5 / 4) / 3
 
@@ -43,21 +55,33 @@ def example_stats(task: str, values: dict[str, float], n: int = N) -> dict[str, 
     perplexity of p from n_tokens 10 and nll 10 ln p per item."""
     if task == "dialogue":
         return {"nll": np.full(n, 10 * np.log(values["perplexity"])), "n_tokens": np.full(n, 10)}
-    return {m: np.where(np.arange(n) < round(v * n / 100), 100.0, 0.0) for m, v in values.items()}
+    return {STATISTICS[m][0]: np.where(np.arange(n) < round(v * n / 100), 100.0, 0.0) for m, v in values.items()}
+
+
+def experts(chosen: dict[str, int]) -> list[str]:
+    return [expert for expert, count in chosen.items() for _ in range(count)]
 
 
 def write_evaluation(config: Config, method: str, task: str, stats: dict[str, np.ndarray],
-                     ids: list[str] | None = None, extra: dict[str, float] | None = None) -> None:
-    """eval/{method}/{task}/: predictions.parquet with the statistics, metrics.parquet computed from them."""
+                     ids: list[str] | None = None, extra: dict[str, float] | None = None,
+                     expert: list[str | None] | None = None, routed: bool = False) -> None:
+    """eval/{method}/{task}/: predictions.parquet with the statistics (and the `expert` of each prompt, if given),
+    metrics.parquet computed from them, with router_accuracy where a router chose the experts (`routed`), as
+    evaluate writes them. A task with a format check gets every output in format unless `stats` say otherwise."""
     n = len(next(iter(stats.values())))
+    if get_task(config, task).format:
+        stats = format_statistics([True] * n) | stats
     paths = ExperimentPaths.of(config)
     paths.evaluation(method, task).mkdir(parents=True)
     metrics = [m for m in STATISTICS if set(STATISTICS[m]) <= stats.keys()]
     values = {m: float(aggregate(m, stats, np.ones((1, n)))[0]) for m in metrics} | (extra or {})
+    if routed:
+        values[ROUTER_ACCURACY] = router_accuracy(expert, [task] * n)
     pd.DataFrame([{"method": method, "task": task, "metric": m, "value": v, "n": n} for m, v in values.items()]
                  ).to_parquet(paths.metrics(method, task), index=False)
     pd.DataFrame({"id": ids or [f"{task}-{i}" for i in range(n)], "prompt": "p", "prediction": "x",
-                  "references": [["r"]] * n} | statistics_columns(stats)).to_parquet(paths.predictions(method, task))
+                  "references": [["r"]] * n} | ({"expert": expert} if expert else {}) | statistics_columns(stats)
+                 ).to_parquet(paths.predictions(method, task))
 
 
 def make_config(tmp_path: Path, **report: object) -> Config:
@@ -68,10 +92,15 @@ def make_config(tmp_path: Path, **report: object) -> Config:
 
 
 def write_metrics(config: Config, scores: dict = SCORES) -> None:
+    """Every evaluation of `scores`; moa routed its generated tasks' prompts as MOA_ROUTING says, the oracle
+    served each prompt with its task's expert, svd with none."""
     for method, tasks in scores.items():
         for task, values in tasks.items():
+            routed = method == "moa" and task in MOA_ROUTING
+            expert = experts(MOA_ROUTING[task]) if routed else [task] * N if method == "oracle" else None
             write_evaluation(config, method, task, example_stats(task, values),
-                             extra={"unparseable": 1.0} if (method, task) == ("moa", "qa") else None)
+                             extra={"unparseable": 1.0} if (method, task) == ("moa", "qa") else None,
+                             expert=expert if task != "dialogue" else None, routed=routed)
 
 
 def write_router(config: Config, n_layers: int = 6, n: int = 60) -> None:
@@ -183,6 +212,13 @@ def test_build_report(full: Config) -> None:
     assert "Multitask score over qa, sentiment, dialogue." in text
     verdict = text.split("## Verdict")[1].split("## Multitask score")[0]
     assert "No merge was evaluated on every task with signal." in verdict  # svd lacks dialogue
+    formats = text.split("## Format adherence")[1].split("## Cost")[0]
+    assert "| method | qa | sentiment |" in formats  # dialogue generates nothing to check
+    assert intervals.loc["svd", "qa", FORMAT_ADHERENCE]["value"] == 90.0
+    svd = [cell("svd", task, FORMAT_ADHERENCE, 1) for task in ("qa", "sentiment")]
+    assert f"| svd | {' | '.join(svd)} |" in formats and svd[0].startswith("90.0 [")
+    assert "- qa: a span of the passage (after SQuAD normalization)." in formats
+    assert "- Without a check: dialogue (a task scored by perplexity" in formats
     assert "Router parameters: 1,234 (type linear, pooling mean, mode routers, eta 1.0)" in text
     assert "| `last` |" in text and "| `vote` |" in text and "each layer's router (mean)" in text
     # the only plot without data: no exact merge was evaluated (test_implicit_routing_section has one)
@@ -194,17 +230,19 @@ def test_build_report(full: Config) -> None:
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
     table = pd.read_parquet(out / "metrics.parquet")
     assert list(table.columns) == ["method", "task", "metric", "value", "n", "normalized"]
-    assert len(table) == sum(len(v) for tasks in SCORES.values() for v in tasks.values()) + 1  # + unparseable
+    extra = 1 + len(MOA_ROUTING)  # unparseable, moa's router accuracy per routed task: not bootstrapped
+    assert len(table) == sum(len(v) for tasks in SCORES.values() for v in tasks.values()) + extra
     normalized = table.set_index(["method", "task", "metric"])["normalized"]
     assert normalized["base", "dialogue", "perplexity"] == pytest.approx(0.25)
     assert normalized["oracle", "qa", "f1"] == 1.0
     assert np.isnan(normalized["base", "qa", "exact_match"]) and np.isnan(normalized["moa", "qa", "unparseable"])
     # the bootstrap's values on the test set are the evaluations' own metrics
     merged = table.merge(intervals.reset_index(), on=["method", "task", "metric"], suffixes=("", "_bootstrap"))
-    assert len(merged) == len(table) - 1
+    assert len(merged) == len(table) - extra
     np.testing.assert_allclose(merged["value_bootstrap"], merged["value"], rtol=1e-12)
     assert {p.name for p in out.iterdir()} == {"metrics.parquet", "intervals.parquet", "comparisons.parquet",
-                                               "implicit_routing.parquet", "summary.md", *(f"{n}.png" for n in Plot)}
+                                               "routing.parquet", "implicit_routing.parquet", "summary.md",
+                                               *(f"{n}.png" for n in Plot)}
     comparisons = pd.read_parquet(out / "comparisons.parquet")
     assert set(comparisons["reference"]) == {"moa", "oracle"}
     assert list(comparisons.columns) == ["method", "reference", "task", "metric", "difference", "lo", "hi", "p",
@@ -300,6 +338,49 @@ def test_compare_to_must_name_methods(tmp_path: Path) -> None:
     assert set(comparisons["reference"]) == {"svd"}
 
 
+def test_routing_on_the_evaluated_test_prompts(tmp_path: Path) -> None:
+    """Every composition whose router chose one expert per prompt, and only those, has its test routing in
+    routing.parquet, the summary and the confusion plot: not the oracle (its expert is the task), not per-layer
+    routing (no one expert), not a merge."""
+    methods = {"oracle": None, "moa": None, "moa_vote": {"method": "moa", "strategy": "vote"},
+               "moa_per_layer": {"method": "moa", "strategy": "per_layer"}, "svd": None}
+    config = validate({"experiment": "r", "results_dir": str(tmp_path), "methods": methods,
+                       "tasks": {t: {"source": {"type": "synthetic"}} for t in TASKS}})
+    vote = {"qa": {"qa": 50}, "sentiment": {"sentiment": 40, "qa": 6, "dialogue": 4}}
+    for task in ("qa", "sentiment"):
+        stats = example_stats(task, {"accuracy": 50.0} if task == "sentiment" else {"f1": 50.0, "exact_match": 50.0})
+        write_evaluation(config, "oracle", task, stats, expert=[task] * N)
+        write_evaluation(config, "moa", task, stats, expert=experts(MOA_ROUTING[task]), routed=True)
+        write_evaluation(config, "moa_vote", task, stats, expert=experts(vote[task]), routed=True)
+        write_evaluation(config, "moa_per_layer", task, stats, expert=[None] * N)
+        write_evaluation(config, "svd", task, stats)
+    write_evaluation(config, "moa", "dialogue", example_stats("dialogue", {"perplexity": 4.0}))
+    out = build_report(config).path
+    routing = pd.read_parquet(out / "routing.parquet")
+    assert list(routing.columns) == ["method", "task", "chosen", "count"]
+    assert set(routing["method"]) == {"moa", "moa_vote"} and set(routing["task"]) == {"qa", "sentiment"}
+    counts = routing.set_index(["method", "task", "chosen"])["count"]
+    assert counts["moa", "sentiment", "dialogue"] == 15 and counts["moa_vote", "sentiment", "qa"] == 6
+    assert counts["moa", "qa", "dialogue"] == 0  # every expert has a row
+    assert (routing.groupby(["method", "task"])["count"].sum() == N).all() and len(routing) == 2 * 2 * len(TASKS)
+    text = (out / "summary.md").read_text()
+    router = text.split("## Router")[1].split("## Plots")[0]
+    assert "No router evaluation" in router  # no moa/ here: the test figures stand alone
+    assert "| routing accuracy (%) | qa | sentiment | dialogue | all prompts |" in router
+    assert "| `moa`, test | 96.00 | 70.00 | – | 83.00 |" in router
+    assert "| `moa_vote`, test | 100.00 | 80.00 | – | 90.00 |" in router
+    assert "`oracle`" not in router and "moa_per_layer" not in router and "| validation" not in router
+    assert "No test routing is recorded for dialogue" in router
+    metrics = pd.read_parquet(out / "metrics.parquet").set_index(["method", "task", "metric"])["value"]
+    assert metrics["moa", "sentiment", ROUTER_ACCURACY] == 70.0  # evaluate's own figure agrees
+    assert "![router_confusion](router_confusion.png)" in text
+    write_router(config)  # with the validation figures: both rows of the table, both rows of the plot
+    router = (build_report(config).path / "summary.md").read_text().split("## Router")[1].split("## Plots")[0]
+    assert "| `moa`, test | 96.00 | 70.00 | – | 83.00 |" in router
+    assert re.search(r"\| validation, `last` \| \d+\.\d\d \| \d+\.\d\d \| \d+\.\d\d \| 86\.67 \|", router)
+    assert "| validation, `vote` |" in router
+
+
 def test_build_report_with_missing_inputs(tmp_path: Path) -> None:
     """No router, no adapters, no train logs, one evaluation: notes, not a crash."""
     config = make_config(tmp_path)
@@ -307,8 +388,11 @@ def test_build_report_with_missing_inputs(tmp_path: Path) -> None:
     text = (build_report(config).path / "summary.md").read_text()
     assert "| base | 20.00 [" in text and "| – | – | – |" in text.split("| base |")[1].split("\n")[0]
     assert "No router evaluation" in text
+    assert "No composition's evaluation was routed one expert per sequence by a router." in text
+    assert pd.read_parquet(ExperimentPaths.of(config).report_routing).empty
     assert "| base | – | – | – |" in text.split("## Cost")[1]  # no decoding cost measured here
-    for name in Plot:
+    assert "| base | 40.0 [" in text.split("## Format adherence")[1] and "![format_adherence]" in text
+    for name in set(Plot) - {Plot.FORMAT_ADHERENCE}:
         assert f"{name}.png skipped" in text and f"![{name}]" not in text
         assert ExperimentPaths.of(config).plot(name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "`oracle` has no evaluation on qa, sentiment, dialogue" in text
@@ -342,8 +426,8 @@ def test_implicit_routing_section(full: Config, tmp_path: Path) -> None:
         paths.implicit_routing("concat", task).parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_parquet(paths.implicit_routing("concat", task))
     for task, accuracy in (("qa", 100.0), ("sentiment", 90.0)):  # MoA's routing on the test prompts
-        metrics = pd.read_parquet(paths.metrics("moa", task))
-        extra = pd.DataFrame([{"method": "moa", "task": task, "metric": "router_accuracy", "value": accuracy, "n": 50}])
+        metrics = pd.read_parquet(paths.metrics("moa", task)).query("metric != @ROUTER_ACCURACY")
+        extra = pd.DataFrame([{"method": "moa", "task": task, "metric": ROUTER_ACCURACY, "value": accuracy, "n": 50}])
         pd.concat([metrics, extra], ignore_index=True).to_parquet(paths.metrics("moa", task), index=False)
     text = build_report(config).path.joinpath("summary.md").read_text()
     assert "## Does a merged model route itself?" in text and "| `concat` | prompt |" in text

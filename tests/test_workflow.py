@@ -23,6 +23,7 @@ from moa.compose.registry import METHODS as REGISTRY
 from moa.config import schema
 from moa.layout import MIXED, ExperimentPaths, Plot
 from moa.lora import load_adapter
+from moa.metrics import FORMAT_ADHERENCE
 from moa.routing import load_routers
 from moa.steps import STEPS
 
@@ -275,11 +276,18 @@ def test_smoke_run_wrote_every_artifact(built: Path) -> None:
     assert len(bounded) and (bounded.lo <= bounded.hi).all() and set(intervals.n) >= {limit}
     comparisons = pd.read_parquet(paths.report_comparisons)
     assert set(comparisons.reference) <= {"moa", "oracle"} and comparisons.p.between(0, 1).all()
+    formats = intervals[intervals.metric == FORMAT_ADHERENCE]  # every smoke task generates and has a format check
+    assert set(zip(formats.method, formats.task)) == {(m, t) for m in METHODS for t in SMOKE_TASKS}
+    assert "## Format adherence" in summary and "| routing accuracy (%) |" in summary
+    routing = pd.read_parquet(paths.report_routing)  # one expert per prompt chosen by a router: not the oracle's
+    assert set(routing.method) == {"moa", "moa_vote"} and set(routing.task) == set(SMOKE_TASKS)
+    assert (routing.groupby(["method", "task"])["count"].sum() == limit).all()
     for plot in Plot:
         assert paths.plot(plot).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), plot
     # the tiny random model's oracle may score 0 on 4 rows, leaving the score plots without data; the rest
     # always have theirs
-    for plot in (Plot.ROUTER_CONFUSION, Plot.ROUTER_LAYER_ACCURACY, Plot.ADAPTER_COSINE, Plot.TRAIN_LOSS):
+    for plot in (Plot.FORMAT_ADHERENCE, Plot.ROUTER_CONFUSION, Plot.ROUTER_LAYER_ACCURACY, Plot.ADAPTER_COSINE,
+                 Plot.TRAIN_LOSS):
         assert f"{plot}.png skipped" not in summary and len(paths.plot(plot).read_bytes()) > 10_000, plot
     for rule, wildcards in (("prepare_model", ()), ("train_mixed", ()), ("report", ()), ("evaluate", ("svd",))):
         assert "wrote " in paths.log(rule, *wildcards).read_text()

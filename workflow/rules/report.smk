@@ -1,5 +1,5 @@
-# Every evaluation in one table, the paired bootstrap's intervals and comparisons, summary.md with the
-# verdict, and the plots (also in `snakemake --report report.html`).
+# Every evaluation in one table, the paired bootstrap's intervals and comparisons, the test prompts' routing,
+# summary.md with the verdict, and the plots (also in `snakemake --report report.html`).
 
 
 rule report:
@@ -12,6 +12,7 @@ rule report:
         metrics=str(PATHS.report_metrics),
         intervals=str(PATHS.report_intervals),
         comparisons=str(PATHS.report_comparisons),
+        routing=str(PATHS.report_routing),
         implicit_routing=str(PATHS.report_implicit_routing),
         summary=report(str(PATHS.summary), category="Summary", caption="../report/summary.rst"),
         plots=[
