@@ -2,11 +2,13 @@
 #
 #   snakemake --cores all --configfile config/smoke.yaml      # the whole DAG on a tiny model, minutes
 #   snakemake --cores all                                      # config/config.yaml, the offline default
+#   snakemake --cores all --configfile config/config.yaml config/sweep.yaml   # + the task-count sweep
 #   snakemake --profile workflow/profiles/slurm --configfile config/real.yaml
 #   snakemake --report report.html --configfile ...            # after a run: plots + provenance
 #
-# `--configfile` replaces config/config.yaml (it is not merged into it); `--config key=value` overrides
-# keys on top (nested values are typed by the schema, e.g. --config training='{steps: 4}').
+# `--configfile` replaces config/config.yaml (it is not merged into it); several files merge, later ones
+# winning key by key (nested keys merge); `--config key=value` overrides keys on top (nested values are typed by
+# the schema, e.g. --config training='{steps: 4}').
 # The config is validated (workflow/schemas/config.schema.yaml) before any job runs.
 
 if not workflow.config_settings.configfiles:
@@ -20,6 +22,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/compose.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/sweep.smk"
 include: "workflow/rules/report.smk"
 
 

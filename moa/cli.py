@@ -24,7 +24,8 @@ from moa.steps import STEPS, run_step
 SOURCE_HELP = ("model source: an HF directory, a .gguf file, a hub id (org/name), "
                "'smollm2-135m-instruct' (default, packaged) or random:PRESET")
 WILDCARD_HELP = {"task": "a task name from the config's tasks section",
-                 "method": "a composition name from the config's methods section, e.g. svd"}
+                 "method": "a composition name from the config's methods section, e.g. svd",
+                 "subset": "run on this subset of the config's sweep, e.g. n4-s1 (its tasks: sweep/n4-s1/tasks.json)"}
 
 
 def model_convert(args: argparse.Namespace) -> None:

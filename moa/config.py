@@ -55,6 +55,7 @@ def validate(config: Config, source: str = "config") -> Config:
         _check_method(config, name, source)
     _check_lengths(config, source)
     _check_formats(config, source)
+    _check_sweep(config, source)
     unknown = [m for m in config["report"]["compare_to"] or () if m not in config["methods"]]
     if unknown:
         raise MoaError(f"{source}: report.compare_to: {', '.join(unknown)} is not a configured method; "
@@ -106,6 +107,25 @@ def _check_formats(config: Config, source: str) -> None:
                 get_task(config, name)
             except MoaError as err:
                 raise MoaError(f"{source}: {err}") from None
+
+
+def _check_sweep(config: Config, source: str) -> None:
+    """Each sweep size is a number of the tasks; the sweep has methods to recompose and the oracle to normalize by."""
+    from moa.stats import ORACLE
+    from moa.sweep import swept_methods  # the sweep imports this module
+
+    if "sweep" not in config:
+        return
+    n_tasks, where = len(config["tasks"]), f"{source}: sweep"
+    larger = next((n for n in config["sweep"]["n_tasks"] if n > n_tasks), None)
+    if larger:
+        raise MoaError(f"{where}.n_tasks: {larger} is more than the {n_tasks} tasks; use sizes from 1 to {n_tasks}")
+    if ORACLE not in config["methods"]:
+        raise MoaError(f"{where}: the sweep's multitask scores are normalized by the oracle; add `{ORACLE}: null` to "
+                       "methods")
+    if not swept_methods(config):
+        raise MoaError(f"{where}: no configured method is recomposed on a subset (merges, moa, routers over the task "
+                       "LoRAs); add one to methods")
 
 
 def schema_node(path: Sequence[str]) -> dict[str, Any]:

@@ -9,8 +9,10 @@
                                 train_log.parquet, experts/{task}/
     compositions/{method}/      composition.json (+ a PEFT adapter and merge_report.json for merges)
     eval/{method}/{task}/       predictions.parquet, metrics.parquet, info.json
-    report/                     metrics.parquet, intervals.parquet, comparisons.parquet, routing.parquet, summary.md,
-                                {plot}.png
+    sweep/{subset}/             a task subset of the sweep (moa.sweep): tasks.json, and its own moa/,
+                                compositions/, eval/ and checkpoints/ (model/, data/, adapters/ are shared)
+    report/                     metrics.parquet, intervals.parquet, comparisons.parquet, routing.parquet,
+                                implicit_routing.parquet, summary.md, {plot}.png (+ sweep.parquet with a sweep)
     logs/, benchmarks/          every job's log and Snakemake benchmark
     mlflow-spool/               run records waiting for the workflow to log them
     .config/                    the validated config each workflow hands its jobs
@@ -19,7 +21,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,9 @@ MANIFEST = "composition.json"  # in compositions/{method}/
 MERGE_REPORT = "merge_report.json"  # in compositions/{merge}/
 CENTROIDS = "centroids.safetensors"  # in compositions/centroid/: [layers, tasks, hidden]
 CENTROID_EVAL = "centroid_eval.parquet"  # in compositions/centroid/: each layer's validation accuracy
+# The key under which a sweep subset's config (moa.sweep.restrict) names its subset; no config file can set it (the
+# schema has no such key).
+SUBSET = "subset"
 
 
 class Plot(StrEnum):
@@ -52,17 +57,41 @@ class Plot(StrEnum):
     IMPLICIT_ROUTING = "implicit_routing"
     ADAPTER_COSINE = "adapter_cosine"
     TRAIN_LOSS = "train_loss"
+    SWEEP = "sweep"  # only with a sweep configured
+
+
+def report_plots(sweep: bool) -> list[Plot]:
+    """The plots a report draws: all of them, the sweep's only where a sweep is configured."""
+    return [plot for plot in Plot if sweep or plot != Plot.SWEEP]
 
 
 @dataclass(frozen=True)
 class ExperimentPaths:
-    """The paths of one experiment's results. Any name may be a Snakemake wildcard such as "{task}"."""
+    """The paths of one experiment's results. Any name may be a Snakemake wildcard such as "{task}".
+
+    With a `subset`, routers, compositions, evaluations and checkpoints are that sweep subset's, under
+    sweep/{subset}/; the base model, the data and the task adapters stay the experiment's."""
 
     root: Path
+    subset: str | None = None
 
     @classmethod
     def of(cls, config: Mapping[str, Any]) -> ExperimentPaths:
-        return cls(Path(config["results_dir"]) / config["experiment"])
+        return cls(Path(config["results_dir"]) / config["experiment"], config.get(SUBSET))
+
+    def of_subset(self, subset: str) -> ExperimentPaths:
+        return replace(self, subset=subset)
+
+    @property
+    def scope(self) -> Path:
+        """Where the routers, compositions, evaluations and checkpoints live: the root, or the subset's folder."""
+        return self.root if self.subset is None else self.root / "sweep" / self.subset
+
+    @property
+    def subset_tasks(self) -> Path:
+        """sweep/{subset}/tasks.json: the subset's tasks."""
+        assert self.subset is not None, "only a sweep subset has a tasks.json"
+        return self.scope / "tasks.json"
 
     # --- the base model and the data ---------------------------------------------------------------
 
@@ -102,12 +131,12 @@ class ExperimentPaths:
         return self.adapter(name) / TRAIN_LOG
 
     def checkpoint(self, name: str) -> Path:
-        return self.root / "checkpoints" / name
+        return self.scope / "checkpoints" / name
 
     @property
     def moa(self) -> Path:
         """moa/: what train-router writes."""
-        return self.root / "moa"
+        return self.scope / "moa"
 
     @property
     def routers(self) -> list[Path]:
@@ -133,7 +162,7 @@ class ExperimentPaths:
     # --- compositions and evaluations ----------------------------------------------------------------
 
     def composition(self, method: str) -> Path:
-        return self.root / "compositions" / method
+        return self.scope / "compositions" / method
 
     def manifest(self, method: str) -> Path:
         return self.composition(method) / MANIFEST
@@ -143,7 +172,7 @@ class ExperimentPaths:
 
     def evaluations(self, method: str) -> Path:
         """eval/{method}/: one composition's evaluation, a folder per task."""
-        return self.root / "eval" / method
+        return self.scope / "eval" / method
 
     def evaluation(self, method: str, task: str) -> Path:
         return self.evaluations(method) / task
@@ -180,13 +209,6 @@ class ExperimentPaths:
         return self.report / "comparisons.parquet"
 
     @property
-    def report_implicit_routing(self) -> Path:
-        return self.report / "implicit_routing.parquet"
-
-    @property
-    def report_routing(self) -> Path:
-        """Which expert each routed composition chose for each task's evaluated test prompts."""
-        return self.report / "routing.parquet"
 
     @property
     def summary(self) -> Path:
@@ -195,11 +217,11 @@ class ExperimentPaths:
     def plot(self, plot: Plot) -> Path:
         return self.report / f"{plot}.png"
 
-    @property
-    def report_files(self) -> list[Path]:
-        """Everything report/ holds, for MLflow and for Snakemake's outputs."""
+    def report_files(self, sweep: bool) -> list[Path]:
+        """Everything report/ holds (the sweep's files only with a sweep), for MLflow and for Snakemake's outputs."""
         return [self.report_metrics, self.report_intervals, self.report_comparisons, self.report_routing,
-                self.report_implicit_routing, self.summary, *(self.plot(plot) for plot in Plot)]
+                self.report_implicit_routing, self.summary, *([self.report_sweep] if sweep else []),
+                *(self.plot(plot) for plot in report_plots(sweep))]
 
     # --- bookkeeping ---------------------------------------------------------------------------------
 

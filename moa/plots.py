@@ -238,3 +238,43 @@ def plot_implicit(implicit: pd.DataFrame, tasks: Sequence[str]) -> Figure:
             bar.ax.axhline(1 / len(tasks), color="white", linestyle="--", linewidth=1)
     fig.suptitle("Does the merge route itself? Mean share of the true task's component in each layer's update")
     return fig
+
+
+SWEEP_LINES = {Kind.ROUTE: "-", Kind.MERGE: "--", Kind.BASE: ":"}
+SWEEP_COLORS = ["tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
+SWEEP_MARKERS = "os^Dv<>P"  # with the colours, one pair per method for up to 64 methods (no oracle green, base red)
+
+
+def plot_sweep(sweep: pd.DataFrame, kinds: Mapping[str, Kind], confidence: float) -> Figure:
+    """The multitask score against the number of tasks composed (sweep.parquet's rows): each method a line through
+    its mean over the subsets of each size, and each subset a point with its bootstrap interval; the methods side by
+    side at each size."""
+    methods = list(dict.fromkeys(sweep["method"]))
+    sizes = sorted(sweep["n_tasks"].unique())
+    width = 0.3 * min(np.diff(sizes), default=1)  # of the methods side by side at one size
+    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    ax = fig.subplots()
+    others = [m for m in methods if m != "base"]
+    for i, method in enumerate(methods):
+        rows = sweep[sweep["method"] == method]
+        offset = width * ((i + 0.5) / len(methods) - 0.5)
+        j = others.index(method) if method in others else 0
+        color = KIND_COLORS[Kind.BASE] if method == "base" else SWEEP_COLORS[j % len(SWEEP_COLORS)]
+        marker = SWEEP_MARKERS[j // len(SWEEP_COLORS) % len(SWEEP_MARKERS)]
+        score = rows["multitask_score"]
+        ax.errorbar(rows["n_tasks"] + offset, score, yerr=[score - rows["lo"], rows["hi"] - score], fmt=marker,
+                    markersize=4, capsize=2, elinewidth=0.8, color=color, alpha=0.6)
+        means = score.groupby(rows["n_tasks"]).mean()
+        ax.plot(means.index + offset, means.to_numpy(), SWEEP_LINES[kinds[method]], color=color, marker=marker,
+                markersize=7, linewidth=1.8, label=method)
+    ax.axhline(1.0, color=ORACLE_COLOR, linestyle="--", linewidth=1, label="oracle (= 1)")
+    ax.set_xticks(sizes)
+    ax.set_xlim(sizes[0] - width, sizes[-1] + width)
+    ax.set_xlabel("tasks composed")
+    ax.set_ylabel("multitask score (oracle = 1)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Multitask score against the number of tasks composed\nlarge markers and lines: the mean over the "
+                 f"subsets of each size (solid: routed, dashed: merge, dotted: base)\nsmall: each subset, with its "
+                 f"{confidence:.0%} paired bootstrap interval", fontsize=10)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="method")
+    return fig

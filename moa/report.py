@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,12 @@ from moa.plots import (
     plot_layer_accuracy,
     plot_multitask,
     plot_scores,
+    plot_sweep,
     plot_train_loss,
 )
 from moa.stats import (
     ALL_TASKS,
+    BASE,
     MULTITASK,
     NORMALIZED,
     ORACLE,
@@ -50,6 +53,7 @@ from moa.stats import (
     comparisons,
     intervals,
 )
+from moa.sweep import Subset, restrict, subsets, swept_methods
 from moa.tracking import COMPARISON_TABLE, StepResult
 
 COLUMNS = ["method", "task", "metric", "value", "n"]
@@ -247,6 +251,55 @@ class Uncertainty:
         return f"over {', '.join(self.signal)}{left_out}"
 
 
+# --- the task-count sweep ------------------------------------------------------------------------------
+
+SWEEP_COLUMNS = ["method", "n_tasks", "subset", "tasks", "multitask_score", "lo", "hi", "reference", "difference",
+                 "difference_lo", "difference_hi", "p", "p_holm", "significant"]
+
+
+def sweep_reference(config: Config) -> str | None:
+    """What each subset's methods are compared with: the first reference (report.compare_to, by default moa) that
+    the sweep recomposes."""
+    swept = swept_methods(config)
+    return next((r for r in references(config) if r in swept), None)
+
+
+def subset_scores(config: Config, subset: Subset, evaluations: Mapping[tuple[str, str], Evaluated],
+                  reference: str | None) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """One subset's rows of sweep.parquet: the multitask score of base and of every recomposed method over the
+    subset's tasks with signal, normalized by the main oracle's evaluations, with its interval and its paired
+    difference to the reference's (Holm over the subset's methods); and the methods without a score, with the
+    tasks they lack."""
+    settings, scoped = config["report"], restrict(config, subset)
+    reused = {(m, t): e for (m, t), e in evaluations.items() if m in (BASE, ORACLE) and t in subset.tasks}
+    methods = [m for m in (ORACLE, BASE) if m in config["methods"]] + list(scoped["methods"])
+    tasks = {t: get_task(config, t).metrics for t in subset.tasks}
+    result = bootstrap(reused | read_evaluations(scoped), methods, tasks, settings["bootstrap"]["resamples"],
+                       config["seed"], settings["alpha"])
+    # the multitask scores alone (not the oracle's, 1 by definition): the figures and the Holm family of the sweep
+    scored = replace(result, metrics={}, normalized={},
+                     multitask={m: v for m, v in result.multitask.items() if m != ORACLE})
+    scores = intervals(scored, settings["alpha"]).rename(columns={"value": "multitask_score"})
+    differences = comparisons(scored, [reference] if reference else [], settings["alpha"])
+    table = scores[["method", "multitask_score", "lo", "hi"]].merge(
+        differences[["method", "difference", "lo", "hi", "p", "p_holm", "significant"]].rename(
+            columns={"lo": "difference_lo", "hi": "difference_hi"}), on="method", how="left")
+    table = table.assign(n_tasks=subset.n_tasks, subset=subset.name, tasks=",".join(subset.tasks), reference=reference)
+    return table.astype({"significant": "boolean"})[SWEEP_COLUMNS], result.missing
+
+
+def sweep_scores(config: Config, evaluations: Mapping[tuple[str, str], Evaluated]) -> tuple[pd.DataFrame, list[str]]:
+    """report/sweep.parquet: every subset's rows (subset_scores); notes on the methods a subset has no score of."""
+    reference, frames, notes = sweep_reference(config), [], []
+    for subset in subsets(config):
+        table, missing = subset_scores(config, subset, evaluations, reference)
+        frames.append(table)
+        notes += [f"`{m}` has no multitask score on sweep subset {subset.name}: no evaluation on {', '.join(tasks)}"
+                  for m, tasks in missing.items()]
+    empty = pd.DataFrame(columns=SWEEP_COLUMNS).astype({"significant": "boolean"})
+    return pd.concat(frames, ignore_index=True) if frames else empty, notes
+
+
 # --- the summary ---------------------------------------------------------------------------------------
 
 
@@ -408,6 +461,62 @@ def _detectable_verdict(uncertainty: Uncertainty, merges: Sequence[str]) -> list
     return [text]
 
 
+def _held(rows: pd.DataFrame) -> str:
+    """Up to how many tasks one method stays indistinguishable from the reference (its rows of sweep.parquet): the
+    largest size at and below which no subset differs significantly; then the largest difference at the next size."""
+    sizes = sorted(rows["n_tasks"].unique())
+    for i, n in enumerate(sizes):
+        differing = rows[(rows["n_tasks"] == n) & rows["significant"].fillna(False)]
+        if len(differing):
+            row = differing.loc[differing["difference"].abs().idxmax()]
+            held = f"up to {sizes[i - 1]} tasks" if i else "at no size swept"
+            return (f"{held}; at {n}, {row['subset']} is {'worse' if row['difference'] < 0 else 'better'}: "
+                    f"{_fmt(row['difference'], 3, True)} [{_fmt(row['difference_lo'], 3, True)}, "
+                    f"{_fmt(row['difference_hi'], 3, True)}], p {_fmt(row['p_holm'], 3)}")
+    return f"at every size swept (up to {sizes[-1]} tasks)"
+
+
+def sweep_verdict(sweep: pd.DataFrame, reference: str | None, alpha: float) -> list[str]:
+    """The verdict's sweep lines: per recomposed method, up to how many tasks it stays indistinguishable from the
+    reference on the same subsets."""
+    if reference is None:
+        return [("- **Task-count sweep**: the sweep recomposes no reference (report.compare_to, by default `moa`): "
+                 "nothing to compare with.")]
+    compared = sweep[sweep["difference"].notna() & (sweep["method"] != BASE)]
+    if not len(compared):
+        return [f"- **Task-count sweep**: no subset has multitask scores of `{reference}` and another method."]
+    sizes = ", ".join(str(n) for n in sorted(sweep["n_tasks"].unique()))
+    head = (f"- **Task-count sweep, each method vs `{reference}` on the same subsets** (sizes {sizes}): a method stays "
+            f"indistinguishable up to the largest size at and below which no subset differs significantly (alpha "
+            f"{alpha:g}, Holm over the methods of each subset):")
+    return [head] + [f"  - `{method}`: {_held(rows)}" for method, rows in compared.groupby("method", sort=False)]
+
+
+def sweep_table(sweep: pd.DataFrame) -> list[str]:
+    """Methods x sizes: the mean multitask score over the subsets of that size, and their range."""
+    sizes = sorted(sweep["n_tasks"].unique())
+    cells = sweep.groupby(["method", "n_tasks"], sort=False)["multitask_score"].agg(["mean", "min", "max", "size"])
+
+    def cell(method: str, n: int) -> str:
+        if (method, n) not in cells.index:
+            return "–"
+        row = cells.loc[method, n]
+        spread = f" ({_fmt(row['min'], 3)}–{_fmt(row['max'], 3)})" if row["size"] > 1 else ""
+        return f"{_fmt(row['mean'], 3)}{spread}"
+
+    methods = list(dict.fromkeys(sweep["method"]))
+    return markdown_table(["method", *(f"{n} tasks" for n in sizes)],
+                          [[f"`{m}`", *(cell(m, n) for n in sizes)] for m in methods])
+
+
+def sweep_section(config: Config, sweep: pd.DataFrame) -> list[str]:
+    note = ("Each cell: the mean multitask score over the subsets of that many tasks (their range across the subsets "
+            "in parentheses); base and the oracle are the main experiment's evaluations, and the subset of every task is "
+            f"the main experiment itself. Each subset's interval and difference to `{sweep_reference(config)}` are in "
+            f"{ExperimentPaths.of(config).report_sweep.name}.")
+    return ["", "## Task-count sweep", "", *sweep_table(sweep), "", note]
+
+
 COST_METRICS = {"new_tokens_per_s": ("generated tokens/s", 1), "decode_tokens_per_s": ("decoding tokens/s", 1),
                 "prompt_tokens_per_s": ("prefill tokens/s", 0), "latency_s": ("latency per sequence (s)", 2),
                 ROUTER_ACCURACY: ("router accuracy (%)", 2)}
@@ -510,8 +619,8 @@ def implicit_table(implicit: pd.DataFrame, metrics: pd.DataFrame) -> list[str]:
 
 def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame | None,
             confusion: pd.DataFrame | None, routing: pd.DataFrame, cosine: tuple[list[str], np.ndarray] | None,
-            implicit: pd.DataFrame) -> dict[Plot, Figure | str]:
-    """Each plot's figure, or why it was skipped."""
+            implicit: pd.DataFrame, sweep: pd.DataFrame | None) -> dict[Plot, Figure | str]:
+    """Each plot's figure, or why it was skipped (the sweep's only with a sweep)."""
     tasks = list(config["tasks"])
     representative = {task: names[0] for task, names in uncertainty.tasks.items()}
     normalized, scores, method_kinds = uncertainty.normalized(), uncertainty.multitask(), kinds(config)
@@ -523,7 +632,7 @@ def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame |
     differences = uncertainty.comparisons[uncertainty.comparisons["reference"] == reference].assign(
         panel=lambda t: np.where(t["task"] == ALL_TASKS, "multitask score", t["task"]))
     differences = differences.sort_values("task", key=lambda t: t != ALL_TASKS, kind="stable")  # the headline first
-    return {
+    plots: dict[Plot, Figure | str] = {
         Plot.SCORES_HEATMAP: plot_scores(normalized, representative, uncertainty.result.excluded)
         if normalized.notna().to_numpy().any() else "no method has an oracle-normalized score",
         Plot.MULTITASK_SCORE: plot_multitask(scores, method_kinds, uncertainty.confidence, uncertainty.tasks_used())
@@ -542,16 +651,21 @@ def figures(config: Config, uncertainty: Uncertainty, evaluation: pd.DataFrame |
         Plot.ADAPTER_COSINE: plot_cosine(*cosine) if cosine else "fewer than two trained task adapters",
         Plot.TRAIN_LOSS: plot_train_loss(logs) if logs else f"no {TRAIN_LOG}",
     }
+    if sweep is not None:
+        plots[Plot.SWEEP] = (plot_sweep(sweep, method_kinds, uncertainty.confidence) if len(sweep)
+                             else "no subset of the sweep has a multitask score yet")
+    return plots
 
 
 def summary(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty, evaluation: pd.DataFrame | None,
             router_config: Mapping[str, object], routing: pd.DataFrame, plots: Mapping[Plot, Figure | str],
-            notes: list[str], implicit: pd.DataFrame) -> str:
+            notes: list[str], implicit: pd.DataFrame, sweep: pd.DataFrame | None) -> str:
     paths, result = ExperimentPaths.of(config), uncertainty.result
     brackets = (f"Brackets: {uncertainty.confidence:.0%} paired bootstrap percentile intervals over the test items "
                 f"({uncertainty.resamples} resamples, seed {config['seed']}); every figure is recomputed inside each "
                 "resample, the same items for every method.")
-    lines = [f"# Report: {config['experiment']}", "", "## Verdict", "", *verdict(uncertainty, kinds(config)), "",
+    lines = [f"# Report: {config['experiment']}", "", "## Verdict", "", *verdict(uncertainty, kinds(config)),
+             *([] if sweep is None else sweep_verdict(sweep, sweep_reference(config), uncertainty.alpha)), "",
              "## Multitask score", "", f"Multitask score {uncertainty.tasks_used()}.", ""]
     if result.multitask:
         lines += [*multitask_table(uncertainty), "", brackets + " Differences: method minus reference, in bold where "
@@ -561,6 +675,7 @@ def summary(config: Config, metrics: pd.DataFrame, uncertainty: Uncertainty, eva
     if uncertainty.references and uncertainty.signal:
         reference = uncertainty.references[0]
         lines += ["", f"## Per task: normalized score minus `{reference}`", "", *per_task_table(uncertainty, reference)]
+    lines += sweep_section(config, sweep) if sweep is not None and len(sweep) else []
     lines += ["", "## Scores", "", *score_table(config, metrics, uncertainty), "", SCORE_NOTE + " " + brackets, "",
               "## Format adherence", "", *format_section(uncertainty, brackets), "",
               "## Cost", "", *cost_table(config, metrics), "",
@@ -629,7 +744,9 @@ def build_report(config: Config) -> StepResult:
     """Write results/{experiment}/report/ (metrics, intervals, comparisons, routing, summary.md, PNGs) atomically."""
     paths = ExperimentPaths.of(config)
     metrics, notes = read_metrics(config)
-    uncertainty = Uncertainty(config, read_evaluations(config))
+    evaluations = read_evaluations(config)
+    uncertainty = Uncertainty(config, evaluations)
+    sweep, sweep_notes = sweep_scores(config, evaluations) if "sweep" in config else (None, [])
     evaluation, confusion = _parquet(paths.router_eval), _parquet(paths.router_confusion)
     router_file = paths.moa / ROUTER_CONFIG
     router_config = read_json(router_file, "rerun `moa train-router`") if router_file.is_file() else {}
@@ -637,19 +754,23 @@ def build_report(config: Config) -> StepResult:
     if cosine and len(cosine[0]) < len(config["tasks"]):
         notes.append(f"{paths.plot(Plot.ADAPTER_COSINE).name} covers only the trained adapters: {', '.join(cosine[0])}")
     routing, implicit = evaluated_routing(config, metrics), read_implicit(config)
-    plots = figures(config, uncertainty, evaluation, confusion, routing, cosine, implicit)
+    plots = figures(config, uncertainty, evaluation, confusion, routing, cosine, implicit, sweep)
     with atomic_dir(paths.report) as tmp:
         with_normalized(metrics, uncertainty).to_parquet(tmp / paths.report_metrics.name, index=False)
         uncertainty.intervals.to_parquet(tmp / paths.report_intervals.name, index=False)
         uncertainty.comparisons.to_parquet(tmp / paths.report_comparisons.name, index=False)
         routing.to_parquet(tmp / paths.report_routing.name, index=False)
         implicit.to_parquet(tmp / paths.report_implicit_routing.name, index=False)
+        if sweep is not None:
+            sweep.to_parquet(tmp / paths.report_sweep.name, index=False)
         for name, plot in plots.items():  # every PNG is written (the workflow declares them all)
             figure = plot if isinstance(plot, Figure) else placeholder(name, plot)
             if figure.get_layout_engine() is None:  # a figure with a suptitle lays itself out (constrained)
                 figure.tight_layout()
             figure.savefig(tmp / paths.plot(name).name, dpi=DPI)
-        text = summary(config, metrics, uncertainty, evaluation, router_config, routing, plots, notes, implicit)
+        text = summary(config, metrics, uncertainty, evaluation, router_config, routing, plots, notes + sweep_notes,
+                       implicit, sweep)
         (tmp / paths.summary.name).write_text(text)
-    return StepResult(paths.report, metrics=tracked_metrics(uncertainty), artifacts=paths.report_files,
+    return StepResult(paths.report, metrics=tracked_metrics(uncertainty),
+                      artifacts=paths.report_files(sweep is not None),
                       tables={COMPARISON_TABLE: comparison_table(uncertainty, kinds(config))})

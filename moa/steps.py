@@ -18,6 +18,7 @@ from moa.data.prepare import prepare_data
 from moa.evaluate import evaluate
 from moa.model.prepare import prepare_model
 from moa.report import build_report
+from moa.sweep import on_subset, sweep_rule
 from moa.tracking import StepResult, log_step
 from moa.train.lora import train_lora, train_mixed
 from moa.train.router import train_router
@@ -29,7 +30,7 @@ class Step:
     wildcards: tuple[str, ...]  # the rule's wildcards: required arguments of `moa <step>`
     reads: Callable[..., dict[str, Any]]  # reads(config, **wildcards): the config sections `run` depends on
     help: str
-    options: tuple[str, ...] = ()  # optional arguments, by hand only (the rule never passes them)
+    options: tuple[str, ...] = ()  # optional arguments; of them, only `subset` is passed by a rule (its sweep rule's)
 
 
 def _trainer(config: Config) -> dict[str, Any]:
@@ -72,17 +73,20 @@ STEPS: dict[str, Step] = {
     "train_router": Step(
         train_router, (), lambda c: _trainer(c) | _all_tasks(c) | {"router": c["router"]},
         "MoA stage 2: train a router before every block on the task LoRAs (teacher forcing) -> moa/ (routers, "
-        "experts, router accuracy, confusion matrix); joint mode is resumable"),
+        "experts, router accuracy, confusion matrix); joint mode is resumable (--subset: on that sweep subset's tasks -> "
+        "sweep/{subset}/moa/)", options=("subset",)),
     "compose": Step(
         compose, ("method",), lambda c, method: _composition(c, method),
         "build one composition from the trained adapters -> compositions/{method}/ (a PEFT adapter + "
-        f"merge_report.json for merges; a manifest for base, oracle, moa and arrow). Methods: {', '.join(METHODS)}"),
+        f"merge_report.json for merges; a manifest for base, oracle, moa and arrow; --subset: from that sweep subset's "
+        f"tasks -> sweep/{{subset}}/compositions/{{method}}/). Methods: {', '.join(METHODS)}", options=("subset",)),
     "evaluate": Step(
         evaluate, ("method",),
         lambda c, method: {"method": method_params(c, method), "evaluation": c["evaluation"], **_all_tasks(c),
                            "model": c["model"], "data": c["data"], "seed": c["seed"]},
         "evaluate one composition on every task's test split, served as one mixed-task stream -> "
-        "eval/{method}/{task}/predictions.parquet + metrics.parquet (--task: that task alone)", options=("task",)),
+        "eval/{method}/{task}/predictions.parquet + metrics.parquet (--task: that task alone; --subset: a sweep "
+        "subset's composition on its tasks -> sweep/{subset}/eval/)", options=("task", "subset")),
     "report": Step(
         build_report, (),
         lambda c: {"methods": {m: method_params(c, m) for m in c["methods"]}, "tasks": c["tasks"],
@@ -93,19 +97,22 @@ STEPS: dict[str, Step] = {
 }
 
 
-def step_hash(name: str, config: Config, **wildcards: str) -> str:
-    """A short hash of what step `name` reads: Snakemake reruns the step when it changes."""
-    return config_hash(STEPS[name].reads(config, **wildcards))
+def step_hash(name: str, config: Config, subset: str | None = None, **wildcards: str) -> str:
+    """A short hash of what step `name` reads (on the sweep subset's config, with a subset): Snakemake reruns the
+    step when it changes."""
+    return config_hash(STEPS[name].reads(on_subset(config, subset), **wildcards))
 
 
-def run_step(name: str, config: Config, **arguments: str) -> StepResult:
-    """Run step `name` on `config` with its wildcards (and any options given) and log it as the MLflow run
-    "{name}:{wildcard values}"."""
-    step = STEPS[name]
-    result = step.run(config, **arguments)
+def run_step(name: str, config: Config, subset: str | None = None, **arguments: str) -> StepResult:
+    """Run step `name` on `config` (on its sweep subset `subset`'s config, moa.sweep.on_subset) with its wildcards
+    and any options given, and log it as the MLflow run "{rule}:{wildcard values}": the rule is the step, or its
+    sweep rule with the subset as the first wildcard ("sweep_compose:n4-s1,svd")."""
+    step, scoped = STEPS[name], on_subset(config, subset)
+    result = step.run(scoped, **arguments)
     wildcards = {w: arguments[w] for w in step.wildcards}
-    run = ":".join([name, ",".join(wildcards.values())]) if wildcards else name
-    tags = {"moa.step": name} | {f"moa.{k}": v for k, v in arguments.items() if v is not None}
-    log_step(config, run, tags, step.reads(config, **wildcards), curves=result.curves, artifacts=result.artifacts,
+    rule, labels = (name, wildcards) if subset is None else (sweep_rule(name), {"subset": subset} | wildcards)
+    run = ":".join([rule, ",".join(labels.values())]) if labels else rule
+    tags = {"moa.step": name} | {f"moa.{k}": v for k, v in (arguments | labels).items() if v is not None}
+    log_step(scoped, run, tags, step.reads(scoped, **wildcards), curves=result.curves, artifacts=result.artifacts,
              metrics=result.metrics, tables=result.tables)
     return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from moa.config import Config, validate
 from moa.data.tasks import get_task
 from moa.errors import MoaError
-from moa.layout import MIXED, ExperimentPaths, Plot
+from moa.layout import MIXED, ExperimentPaths, Plot, report_plots
 from moa.lora import AdapterConfig, write_adapter
 from moa.metrics import (
     FORMAT_ADHERENCE,
@@ -30,6 +31,7 @@ from moa.metrics import (
 from moa.report import adapter_cosine, build_report
 from moa.routing import Upstream
 from moa.stats import ALL_TASKS, MULTITASK
+from moa.sweep import proper_subsets, restrict
 from moa.train.router import router_report
 
 TASKS = ["qa", "sentiment", "dialogue"]
@@ -224,7 +226,7 @@ def test_build_report(full: Config) -> None:
     # the only plot without data: no exact merge was evaluated (test_implicit_routing_section has one)
     assert [line for line in text.splitlines() if "skipped" in line] == [
         "- implicit_routing.png skipped (it says why): no exact merge (concat, task_arithmetic) was evaluated"]
-    for name in (p for p in Plot if p != Plot.IMPLICIT_ROUTING):
+    for name in (p for p in report_plots(sweep=False) if p != Plot.IMPLICIT_ROUTING):
         assert f"![{name}]({name}.png)" in text
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
@@ -242,7 +244,7 @@ def test_build_report(full: Config) -> None:
     np.testing.assert_allclose(merged["value_bootstrap"], merged["value"], rtol=1e-12)
     assert {p.name for p in out.iterdir()} == {"metrics.parquet", "intervals.parquet", "comparisons.parquet",
                                                "routing.parquet", "implicit_routing.parquet", "summary.md",
-                                               *(f"{n}.png" for n in Plot)}
+                                               *(f"{n}.png" for n in report_plots(sweep=False))}
     comparisons = pd.read_parquet(out / "comparisons.parquet")
     assert set(comparisons["reference"]) == {"moa", "oracle"}
     assert list(comparisons.columns) == ["method", "reference", "task", "metric", "difference", "lo", "hi", "p",
@@ -392,7 +394,7 @@ def test_build_report_with_missing_inputs(tmp_path: Path) -> None:
     assert pd.read_parquet(ExperimentPaths.of(config).report_routing).empty
     assert "| base | – | – | – |" in text.split("## Cost")[1]  # no decoding cost measured here
     assert "| base | 40.0 [" in text.split("## Format adherence")[1] and "![format_adherence]" in text
-    for name in set(Plot) - {Plot.FORMAT_ADHERENCE}:
+    for name in set(report_plots(sweep=False)) - {Plot.FORMAT_ADHERENCE}:
         assert f"{name}.png skipped" in text and f"![{name}]" not in text
         assert ExperimentPaths.of(config).plot(name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "`oracle` has no evaluation on qa, sentiment, dialogue" in text
@@ -442,3 +444,82 @@ def test_implicit_routing_section(full: Config, tmp_path: Path) -> None:
         share = layers[layers.task == task].sort_values("layer").share_true.to_numpy()
         assert (np.diff(share) > 0).all()
     assert paths.plot(Plot.IMPLICIT_ROUTING).stat().st_size > 10_000 and "implicit_routing.png skipped" not in text
+
+
+# the sweep: concat stays with moa on every subset; svd is near moa on two tasks, far below it on all three
+SWEPT = {"moa": {"qa": {"f1": 80.0, "exact_match": 70.0}, "sentiment": {"accuracy": 88.0},
+                 "dialogue": {"perplexity": 5.0}},
+         "concat": {"qa": {"f1": 78.0, "exact_match": 68.0}, "sentiment": {"accuracy": 86.0},
+                    "dialogue": {"perplexity": 5.0}}}
+SVD_ON_TWO = {"qa": {"f1": 78.0, "exact_match": 68.0}, "sentiment": {"accuracy": 88.0}, "dialogue": {"perplexity": 5.0}}
+SVD_ON_THREE = {"qa": {"f1": 40.0, "exact_match": 30.0}, "sentiment": {"accuracy": 60.0},
+                "dialogue": {"perplexity": 9.0}}
+
+
+@pytest.fixture
+def swept(tmp_path: Path) -> Config:
+    """Main evaluations of every method, and each two-task subset's evaluations of the methods it recomposes."""
+    config = validate({"experiment": "s", "results_dir": str(tmp_path),
+                       "tasks": {t: {"source": {"type": "synthetic"}} for t in TASKS},
+                       "methods": {"base": None, "oracle": None, "moa": None, "concat": None, "svd": None},
+                       "report": {"bootstrap": {"resamples": 400}}, "sweep": {"n_tasks": [2, 3]}})
+    main = {m: SCORES[m] for m in ("base", "oracle")} | SWEPT | {"svd": SVD_ON_THREE}
+    write_metrics(config, main)
+    for subset in proper_subsets(config):
+        scoped = restrict(config, subset)
+        for method, scores in (SWEPT | {"svd": SVD_ON_TWO}).items():
+            for task in subset.tasks:
+                write_evaluation(scoped, method, task, example_stats(task, scores[task]))
+    return config
+
+
+def test_sweep_report(swept: Config) -> None:
+    """sweep.parquet has every subset's multitask scores, normalized by the main oracle, with intervals and paired
+    differences to moa; the subset of every task is the main experiment's; the verdict says up to how many tasks each
+    method stays indistinguishable from moa; the plot is drawn."""
+    out = build_report(swept).path
+    paths = ExperimentPaths.of(swept)
+    table = pd.read_parquet(paths.report_sweep)
+    assert list(table.columns) == ["method", "n_tasks", "subset", "tasks", "multitask_score", "lo", "hi", "reference",
+                                   "difference", "difference_lo", "difference_hi", "p", "p_holm", "significant"]
+    assert table[["subset", "tasks"]].drop_duplicates().values.tolist() == [
+        ["n2-s1", "qa,sentiment"], ["n2-s2", "qa,dialogue"], ["n2-s3", "sentiment,dialogue"],
+        ["n3-s1", "qa,sentiment,dialogue"]]
+    assert set(table["method"]) == {"base", "moa", "concat", "svd"} and set(table["reference"]) == {"moa"}
+    rows = table.set_index(["subset", "method"])
+    ratio = {"qa": 78 / 80, "sentiment": 88 / 90}  # svd on n2-s1, normalized by the main oracle
+    assert rows.loc[("n2-s1", "svd"), "multitask_score"] == pytest.approx(np.mean(list(ratio.values())))
+    assert rows.loc[("n2-s2", "base"), "multitask_score"] == pytest.approx((20 / 80 + 5 / 20) / 2)
+    assert (table["lo"] <= table["multitask_score"]).all() and (table["multitask_score"] <= table["hi"]).all()
+    # the subset of every task is the main experiment, scored as the main report scores it
+    intervals = pd.read_parquet(paths.report_intervals).set_index(["method", "task", "metric"])
+    main = intervals.loc[("svd", ALL_TASKS, MULTITASK)]
+    assert rows.loc[("n3-s1", "svd"), ["multitask_score", "lo", "hi"]].tolist() == main[["value", "lo", "hi"]].tolist()
+    assert rows.loc[("n3-s1", "svd"), "significant"] and not rows.loc[("n2-s1", "svd"), "significant"]
+    assert not table.loc[table["method"] == "concat", "significant"].any()
+    assert table.loc[table["method"] == "moa", "difference"].isna().all()
+
+    text = (out / "summary.md").read_text()
+    verdict = text.split("## Verdict")[1].split("## Multitask score")[0]
+    assert "- **Task-count sweep, each method vs `moa` on the same subsets** (sizes 2, 3)" in verdict
+    assert "  - `concat`: at every size swept (up to 3 tasks)" in verdict
+    worse = r"  - `svd`: up to 2 tasks; at 3, n3-s1 is worse: −0\.\d{3} \[−0\.\d{3}, −0\.\d{3}\], p 0\.0"
+    assert re.search(worse, verdict)
+    section = text.split("## Task-count sweep")[1].split("## Scores")[0]
+    assert "| method | 2 tasks | 3 tasks |" in section
+    concat = [rows.loc[(s, "concat"), "multitask_score"] for s in ("n2-s1", "n2-s2", "n2-s3")]
+    assert f"| `concat` | {np.mean(concat):.3f} ({min(concat):.3f}–{max(concat):.3f}) |" in section
+    assert "![sweep](sweep.png)" in text and "sweep.png skipped" not in text
+    assert {p.name for p in out.iterdir()} >= {"sweep.parquet", "sweep.png"}
+    assert len(paths.plot(Plot.SWEEP).read_bytes()) > 20_000
+
+
+def test_sweep_report_with_missing_subsets(swept: Config) -> None:
+    """A subset not evaluated yet is a note; no sweep configured, no sweep files."""
+    shutil.rmtree(ExperimentPaths.of(restrict(swept, proper_subsets(swept)[0])).evaluations("svd"))
+    text = (build_report(swept).path / "summary.md").read_text()
+    assert "`svd` has no multitask score on sweep subset n2-s1: no evaluation on qa, sentiment" in text
+    unswept = {k: v for k, v in swept.items() if k != "sweep"}
+    out = build_report(unswept).path
+    assert not (out / "sweep.parquet").exists() and not (out / "sweep.png").exists()
+    assert "Task-count sweep" not in (out / "summary.md").read_text()

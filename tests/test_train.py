@@ -95,7 +95,7 @@ def test_killed_run_resumes_to_a_bitwise_identical_adapter(smoke: Path, tmp_path
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(smoke: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import moa.train.trainer as trainer
+    from moa.train import trainer
 
     real = trainer.lm_loss
     calls = {"n": 0}

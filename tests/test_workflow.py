@@ -20,17 +20,24 @@ import pytest
 import yaml
 
 from moa.compose.registry import METHODS as REGISTRY
-from moa.config import schema
-from moa.layout import MIXED, ExperimentPaths, Plot
+from moa.config import load_config, schema
+from moa.layout import MIXED, ExperimentPaths, Plot, report_plots
 from moa.lora import load_adapter
 from moa.metrics import FORMAT_ADHERENCE
 from moa.routing import load_routers
 from moa.steps import STEPS
+from moa.sweep import proper_subsets, sweep_rule
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "config" / "smoke.yaml"
 SMOKE_TASKS = ["qa", "sentiment", "math"]
 METHODS = list(schema()["properties"]["methods"]["default"])  # smoke.yaml lists none: all of them
+# Each rule -> the step it runs: the step's own rule, and the sweep rule of each step that takes --subset.
+RULES = {rule: step for step in STEPS for rule in ([step, sweep_rule(step)] if "subset" in STEPS[step].options
+                                                    else [step])}
+SWEEP_METHODS = ["moa", "moa_vote", "moa_per_layer", "centroid", "arrow",
+                 "concat", "linear", "avg", "task_arithmetic", "svd", "ties",
+                 "dare_linear", "dare_ties", "magnitude_prune"]  # of METHODS: the ones a sweep recomposes
 # Pinned so that the rerun checks see only what each test changes (test_code_change_reruns_everything
 # covers the real code version, moa's version).
 CODE_VERSION = "test-pinned"
@@ -94,6 +101,20 @@ def smoke_jobs(n_tasks: int = 3, n_methods: int = len(METHODS)) -> Counter[str]:
                    compose=n_methods, evaluate=n_methods, report=1, all=1)  # one evaluation job per method
 
 
+def sweep_jobs(n_subsets: int, n_methods: int = len(SWEEP_METHODS)) -> Counter[str]:
+    """The jobs of a sweep's proper subsets (each with a router to train), without the report."""
+    return Counter(sweep_tasks=n_subsets, sweep_train_router=n_subsets, sweep_compose=n_subsets * n_methods,
+                   sweep_evaluate=n_subsets * n_methods)
+
+
+def with_sweep(directory: Path, **sweep: object) -> Path:
+    """smoke.yaml with a sweep (by default over pairs of its three tasks: three subsets)."""
+    config = yaml.safe_load(SMOKE.read_text()) | {"sweep": {"n_tasks": [2]} | sweep}
+    path = directory / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 # --- without running anything ------------------------------------------------------------------------
 
 
@@ -113,7 +134,7 @@ def test_lint_finds_only_the_rules_without_a_conda_environment(tmp_path: Path, c
     builds under .snakemake/conda/. Nothing else is linted."""
     result = snakemake(tmp_path, "--lint", configfile=configfile)
     output = result.stdout + result.stderr
-    assert lints(output) == {f"rule {rule}": {NO_SOFTWARE_ENV} for rule in STEPS}, output
+    assert lints(output) == {f"rule {rule}": {NO_SOFTWARE_ENV} for rule in RULES}, output  # sweep_tasks: Python
 
 
 def test_dry_run_plans_the_smoke_dag(tmp_path: Path) -> None:
@@ -131,10 +152,24 @@ def test_dry_run_plans_the_smoke_dag(tmp_path: Path) -> None:
 
 
 def test_every_rule_runs_the_moa_step_of_its_name(tmp_path: Path) -> None:
-    """One hop from a rule to its code: rule train_lora runs `moa train-lora`, i.e. STEPS["train_lora"]."""
-    _, out = dry_run(tmp_path, "--printshellcmds")
-    commands = dict(re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?Shell command: moa ([\w-]+) ", out, re.MULTILINE))
-    assert set(commands) == set(STEPS) and all(commands[rule] == rule.replace("_", "-") for rule in commands)
+    """One hop from a rule to its code: rule train_lora runs `moa train-lora`, i.e. STEPS["train_lora"], and
+    sweep_train_router runs `moa train-router --subset ...`."""
+    _, out = dry_run(tmp_path, "--printshellcmds", configfile=with_sweep(tmp_path))
+    shells = re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?Shell command: moa ([\w-]+) (.*)$", out, re.MULTILINE)
+    commands = {rule: command for rule, command, _ in shells}
+    assert commands == {rule: step.replace("_", "-") for rule, step in RULES.items()}
+    assert all(("--subset" in arguments) == rule.startswith("sweep_") for rule, _, arguments in shells)
+
+
+def test_dry_run_plans_the_sweep(tmp_path: Path) -> None:
+    """Every pair of the three tasks is a subset, and the subset of all three is the main experiment: three subsets
+    run, each training its routers and recomposing and evaluating what a sweep recomposes."""
+    counts, out = dry_run(tmp_path, configfile=with_sweep(tmp_path, n_tasks=[2, 3]))
+    assert counts == smoke_jobs() + sweep_jobs(3)
+    assert planned(out, "sweep_tasks") == planned(out, "sweep_train_router") == ["subset=n2-s1", "subset=n2-s2",
+                                                                                 "subset=n2-s3"]
+    assert planned(out, "sweep_compose") == sorted(f"subset=n2-s{k}, method={m}" for k in (1, 2, 3)
+                                                   for m in SWEEP_METHODS)
 
 
 @pytest.mark.parametrize(("methods", "trained"), [
@@ -187,8 +222,12 @@ def test_nested_config_overrides_are_typed_by_the_schema(tmp_path: Path) -> None
     ("methods={svd: {strategy: vote}}", "methods.svd"),
     ("methods={concat: {k: 4}}", "methods.concat"),
     ("training={seq_len: 256}", "data.max_prompt_tokens"),
+    ("sweep={n_tasks: [2, 4]}", "sweep.n_tasks: 4 is more than the 3 tasks; use sizes from 1 to 3"),
+    ("sweep={n_tasks: [0]}", "sweep.n_tasks.0"),
+    ("sweep={tasks: 2}", "sweep"),
 ], ids=["unknown-key", "wrong-type", "wrong-nested-type", "custom-task-without-source", "not-a-method",
-        "key-of-another-method", "key-of-another-merge", "rows-shorter-than-an-example"])
+        "key-of-another-method", "key-of-another-merge", "rows-shorter-than-an-example", "sweep-larger-than-the-tasks",
+        "sweep-of-none", "malformed-sweep"])
 def test_a_bad_config_stops_with_one_line_naming_the_key(tmp_path: Path, override: str, key: str) -> None:
     result = snakemake(tmp_path, "--dry-run", "--config", override)
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
@@ -280,9 +319,9 @@ def test_smoke_run_wrote_every_artifact(built: Path) -> None:
     assert set(zip(formats.method, formats.task)) == {(m, t) for m in METHODS for t in SMOKE_TASKS}
     assert "## Format adherence" in summary and "| routing accuracy (%) |" in summary
     routing = pd.read_parquet(paths.report_routing)  # one expert per prompt chosen by a router: not the oracle's
-    assert set(routing.method) == {"moa", "moa_vote"} and set(routing.task) == set(SMOKE_TASKS)
+    assert set(routing.method) == {"moa", "moa_vote", "centroid"} and set(routing.task) == set(SMOKE_TASKS)
     assert (routing.groupby(["method", "task"])["count"].sum() == limit).all()
-    for plot in Plot:
+    for plot in report_plots(sweep=False):
         assert paths.plot(plot).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), plot
     # the tiny random model's oracle may score 0 on 4 rows, leaving the score plots without data; the rest
     # always have theirs
@@ -358,7 +397,7 @@ def test_report_html(built: Path, tmp_path: Path) -> None:
     result = snakemake(built, "--report", str(html), configfile=smoke_config(built))
     assert result.returncode == 0, result.stdout + result.stderr
     text = html.read_text()
-    plots = [results(built).plot(plot).name for plot in Plot]
+    plots = [results(built).plot(plot).name for plot in report_plots(sweep=False)]
     assert plots and all(name in text for name in plots), plots
 
 
@@ -395,3 +434,75 @@ def test_an_interrupted_run_resumes(built: Path, tmp_path: Path) -> None:
     assert [f.read_bytes() for f in resumed] == [f.read_bytes() for f in uninterrupted]  # bitwise, as README says
     assert paths.summary.is_file()
     assert dry_run(workdir, configfile=config)[0] == Counter()
+
+
+# --- a sweep on the built tree ------------------------------------------------------------------------
+
+SWEEP = {"n_tasks": [2, 3], "subsets": 2}  # two pairs of the three tasks; the three: the main experiment
+SWEEP_RUN = {"base": None, "oracle": None, "moa": None, "svd": None, "ties": None}  # a few methods, a short run
+
+
+def sweep_config(directory: Path, **sweep: object) -> Path:
+    return smoke_config(directory, methods=SWEEP_RUN, sweep=SWEEP | sweep)
+
+
+@pytest.fixture(scope="module")
+def swept(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the built tree on which a small sweep has run."""
+    workdir = copy_of(built, tmp_path_factory.mktemp("sweep"))
+    result = snakemake(workdir, configfile=sweep_config(workdir))
+    logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in results(workdir).root.glob("logs/sweep_*/**/*.log"))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:] + logs[-10000:]
+    return workdir
+
+
+def test_a_sweep_on_a_built_tree_runs_only_the_sweep(built: Path) -> None:
+    """The main experiment's LoRAs, compositions and evaluations are reused: only the subsets' jobs and the report
+    run (the subset of all three tasks is the main experiment: nothing of it)."""
+    counts, out = dry_run(built, configfile=sweep_config(built))
+    assert counts == sweep_jobs(2, n_methods=3) + Counter(report=1, all=1), out
+    assert planned(out, "sweep_train_router") == ["subset=n2-s1", "subset=n2-s2"]
+
+
+def test_a_sweep_writes_each_subset_and_the_report(swept: Path) -> None:
+    paths, config = results(swept), load_config(sweep_config(swept))
+    for subset in proper_subsets(config):
+        scoped = paths.of_subset(subset.name)
+        assert json.loads(scoped.subset_tasks.read_text())["tasks"] == list(subset.tasks)
+        assert load_routers(scoped.moa).spec.tasks == subset.tasks  # routers retrained on the subset's tasks
+        assert json.loads(scoped.merge_report("svd").read_text())["rank"] == 8
+        for method in ("moa", "svd", "ties"):
+            assert json.loads(scoped.manifest(method).read_text())["tasks"] == list(subset.tasks)
+            evaluated = {p.name for p in scoped.evaluations(method).iterdir() if not p.name.startswith(".")}
+            assert evaluated == set(subset.tasks)
+            assert all(len(pd.read_parquet(scoped.predictions(method, task))) == 4 for task in subset.tasks)
+        assert not scoped.composition("base").exists() and not scoped.composition("oracle").exists()
+    table = pd.read_parquet(paths.report_sweep)
+    assert list(table.columns)[:7] == ["method", "n_tasks", "subset", "tasks", "multitask_score", "lo", "hi"]
+    assert set(table["subset"]) <= {"n2-s1", "n2-s2", "n3-s1"} and set(table["method"]) <= {"base", "moa", "svd", "ties"}
+    assert paths.plot(Plot.SWEEP).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "Task-count sweep" in paths.summary.read_text()
+    with sqlite3.connect(swept / "mlflow.db") as db:
+        runs = dict(db.execute("SELECT r.name, t.value FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid "
+                               "WHERE t.key = 'moa.subset'").fetchall())
+    assert runs == {f"{rule}:{s}{wildcards}": s for s in ("n2-s1", "n2-s2")
+                    for rule, wildcards in [("sweep_train_router", "")] + [("sweep_compose", f",{m}") for m in
+                                                                            ("moa", "svd", "ties")]
+                    + [("sweep_evaluate", f",{m}") for m in ("moa", "svd", "ties")]}
+    assert dry_run(swept, configfile=sweep_config(swept))[0] == Counter()  # and a second run does nothing
+
+
+def test_adding_a_size_or_a_subset_runs_only_what_is_new(swept: Path) -> None:
+    counts, out = dry_run(swept, configfile=sweep_config(swept, n_tasks=[1, 2, 3], subsets=3))
+    assert counts == sweep_jobs(4, n_methods=3) + Counter(report=1, all=1), out
+    assert planned(out, "sweep_tasks") == ["subset=n1-s1", "subset=n1-s2", "subset=n1-s3", "subset=n2-s3"]
+
+
+def test_a_change_to_a_task_reruns_only_the_subsets_with_it(swept: Path) -> None:
+    """math's data changes: of the sweep, only what the subset with math holds reruns."""
+    (without,) = [s.name for s in proper_subsets(load_config(sweep_config(swept))) if "math" not in s.tasks]
+    counts, out = dry_run(swept, "--config", "tasks={math: {source: {type: synthetic}, sizes: {test: 8}}}",
+                          configfile=sweep_config(swept))
+    jobs = [job for rule in sweep_jobs(1) for job in planned(out, rule)]
+    assert counts["train_lora"] == 1 and counts["sweep_evaluate"] == 3, out
+    assert jobs and not any(without in job for job in jobs), jobs

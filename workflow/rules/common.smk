@@ -27,9 +27,10 @@ from moa.config import schema_node, apply_overrides, method_params, validate
 from moa.data.tasks import get_task
 from moa.errors import MoaError
 from moa.io import atomic_file
-from moa.layout import MIXED, SPLITS, ExperimentPaths, Plot
+from moa.layout import MIXED, SPLITS, ExperimentPaths, report_plots
 from moa.slurm import check_jobs
 from moa.steps import STEPS, step_hash
+from moa.sweep import proper_subsets, sweep_rule, swept_methods, write_tasks
 from moa.tracking import PARENT_RUN_ENV, SPOOL_ENV, Spool, end_workflow_run, start_workflow_run
 
 # The YAML file(s) and --config overrides the config came from, for error messages.
@@ -93,10 +94,21 @@ validated_config()
 PATHS = ExperimentPaths.of(config)
 TASKS = list(config["tasks"])
 METHODS = list(config["methods"])
+SWEEP = "sweep" in config
+SUBSETS = {subset.name: subset for subset in proper_subsets(config)}  # the sweep's, computed under sweep/{subset}/
+SWEPT = swept_methods(config) if SWEEP else []  # the methods recomposed on each of them
+SUBSET_PATHS = PATHS.of_subset("{subset}")
+
+
+def one_of(names):
+    """A wildcard constraint: exactly one of `names` (none matches where there are none)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
 
 wildcard_constraints:
-    task="|".join(re.escape(t) for t in TASKS),
-    method="|".join(re.escape(m) for m in METHODS),
+    task=one_of(TASKS),
+    method=one_of(METHODS),
+    subset=one_of(SUBSETS),
 
 
 def _code_version():
@@ -130,26 +142,37 @@ def moa_config(wildcards, input):
 # --- what each step reads and runs ------------------------------------------------------------------
 
 
-def step_params(name):
-    """The params every rule has (see the top of this file), for the step of the rule's name."""
-    wildcards = STEPS[name].wildcards
+def rule_wildcards(name, sweep):
+    """The wildcards of the step's rule: the step's, after the subset for its sweep rule."""
+    return ("subset", *STEPS[name].wildcards) if sweep else STEPS[name].wildcards
+
+
+def step_params(name, sweep=False):
+    """The params every rule has (see the top of this file), for the step of the rule's name; with sweep=True for
+    its sweep rule, whose config_hash is of what the step reads of the subset's config."""
+    wildcards = rule_wildcards(name, sweep)
     return dict(config_file=moa_config, code_version=CODE_VERSION,
                 config_hash=lambda w: step_hash(name, config, **{k: w[k] for k in wildcards}))
 
 
-def step_shell(name):
-    """The rule's command: `moa <step>` on the job's config, wildcards and threads, logged to {log}."""
-    args = "".join(f" --{w} {{wildcards.{w}}}" for w in STEPS[name].wildcards)
+def step_shell(name, sweep=False):
+    """The rule's command: `moa <step>` on the job's config, wildcards (sweep: and --subset) and threads, logged
+    to {log}."""
+    args = "".join(f" --{w} {{wildcards.{w}}}" for w in rule_wildcards(name, sweep))
     return (f"moa {name.replace('_', '-')} --config {{params.config_file}}{args} --threads {{threads}} "
             "> {log} 2>&1")
 
 
-def step_log(name):
-    return str(PATHS.log(name, *(f"{{{w}}}" for w in STEPS[name].wildcards)))
+def rule_name(name, sweep):
+    return sweep_rule(name) if sweep else name
 
 
-def step_benchmark(name):
-    return str(PATHS.benchmark(name, *(f"{{{w}}}" for w in STEPS[name].wildcards)))
+def step_log(name, sweep=False):
+    return str(PATHS.log(rule_name(name, sweep), *(f"{{{w}}}" for w in rule_wildcards(name, sweep))))
+
+
+def step_benchmark(name, sweep=False):
+    return str(PATHS.benchmark(rule_name(name, sweep), *(f"{{{w}}}" for w in rule_wildcards(name, sweep))))
 
 
 # --- resources --------------------------------------------------------------------------------------
@@ -191,8 +214,8 @@ def data_files(tasks, splits=("train", "validation")):
     return [str(PATHS.split(task, split)) for task in tasks for split in splits]
 
 
-def task_adapters(train_log=False):
-    return [str(path) for task in TASKS for path in PATHS.adapter_files(task, train_log)]
+def task_adapters(train_log=False, tasks=TASKS):
+    return [str(path) for task in tasks for path in PATHS.adapter_files(task, train_log)]
 
 
 def local_source_files(wildcards):
@@ -206,13 +229,13 @@ def local_source_files(wildcards):
     return sorted({match for pattern in patterns for match in (sorted(glob(pattern)) or [pattern])})
 
 
-def inputs_of(needs):
-    """The files that what `needs` names are read from."""
+def inputs_of(needs, tasks=TASKS, paths=PATHS):
+    """The files that what `needs` names are read from (of a sweep subset's tasks and paths, where given)."""
     return [
-        *(task_adapters() if Need.TASK_ADAPTERS in needs else []),
+        *(task_adapters(tasks=tasks) if Need.TASK_ADAPTERS in needs else []),
         *(files(PATHS.adapter_files(MIXED, train_log=False)) if Need.MIXED_ADAPTER in needs else []),
-        *(files(PATHS.routers) if Need.ROUTERS in needs else []),
-        *([*MODEL_FILES, *data_files(TASKS)] if Need.TASK_PROMPTS in needs else []),
+        *(files(paths.routers) if Need.ROUTERS in needs else []),
+        *([*MODEL_FILES, *data_files(tasks)] if Need.TASK_PROMPTS in needs else []),
     ]
 
 
@@ -225,6 +248,13 @@ def composition_threads(wildcards):
 def composition_inputs(wildcards):
     """What `moa compose --method M` reads (the registry's `needs` of M)."""
     return inputs_of(method_of(method_params(config, wildcards.method)).needs)
+
+
+def sweep_composition_inputs(wildcards):
+    """What `moa compose --method M --subset S` reads: M's needs on S's tasks and routers, and S's tasks.json."""
+    paths = PATHS.of_subset(wildcards.subset)
+    needs = method_of(method_params(config, wildcards.method)).needs
+    return [str(paths.subset_tasks), *inputs_of(needs, SUBSETS[wildcards.subset].tasks, paths)]
 
 
 # --- MLflow: one parent run per invocation; every job's run is its child -----------------------------
