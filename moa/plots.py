@@ -140,8 +140,9 @@ def plot_train_loss(logs: Mapping[str, pd.DataFrame]) -> Figure:
     ax = fig.subplots()
     for name, log in logs.items():
         (line,) = ax.plot(log["step"], log["loss"], linewidth=1, label=name)
-        val = log.dropna(subset=["val_loss"]) if "val_loss" in log else log.iloc[:0]
-        ax.plot(val["step"], val["val_loss"], "o", color=line.get_color(), markersize=5)
+        if "val_loss" in log:  # not in the router's log of routers mode: it fits on features, no held-out loss
+            val = log.dropna(subset=["val_loss"])
+            ax.plot(val["step"], val["val_loss"], "o", color=line.get_color(), markersize=5)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter("{x:g}")  # "0.1", not "10^-1" nor "1e-01"
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))

@@ -121,7 +121,8 @@ def write_router(config: Config, n_layers: int = 6, n: int = 60) -> None:
     pd.concat([r[1] for r in reports], ignore_index=True).to_parquet(paths.router_confusion)
     paths.routers[1].write_text(json.dumps({"type": "linear", "pooling": "mean", "mode": "routers", "eta": 1.0,
                                             "parameters": 1234}))
-    train_log(seed=9).to_parquet(paths.router_files[-1])
+    # routers mode logs the routing loss of each full-batch step, no validation loss
+    train_log(seed=9).drop(columns="val_loss").to_parquet(paths.router_files[-1])
 
 
 def lora_state(rank: int, seed: int, modules: tuple[str, ...] = ("q_proj", "v_proj"), layers: int = 2,
