@@ -112,7 +112,7 @@ def _check_formats(config: Config, source: str) -> None:
 def _check_sweep(config: Config, source: str) -> None:
     """Each sweep size is a number of the tasks; the sweep has methods to recompose and the oracle to normalize by."""
     from moa.stats import ORACLE
-    from moa.sweep import swept_methods  # the sweep imports this module
+    from moa.sweep import recomposable, swept_methods  # the sweep imports this module
 
     if "sweep" not in config:
         return
@@ -123,6 +123,11 @@ def _check_sweep(config: Config, source: str) -> None:
     if ORACLE not in config["methods"]:
         raise MoaError(f"{where}: the sweep's multitask scores are normalized by the oracle; add `{ORACLE}: null` to "
                        "methods")
+    can = recomposable(config)
+    cannot = [m for m in config["sweep"]["methods"] or () if m not in can]
+    if cannot:
+        raise MoaError(f"{where}.methods: {cannot[0]} is not a configured method that a sweep recomposes; use some of "
+                       f"{', '.join(can) or '(none configured)'}")
     if not swept_methods(config):
         raise MoaError(f"{where}: no configured method is recomposed on a subset (merges, moa, routers over the task "
                        "LoRAs); add one to methods")

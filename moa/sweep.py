@@ -82,9 +82,15 @@ def recomposed(params: dict[str, Any]) -> bool:
             and Need.MIXED_ADAPTER not in method.needs)
 
 
-def swept_methods(config: Config) -> list[str]:
-    """The configured methods the sweep recomposes, in the config's order."""
+def recomposable(config: Config) -> list[str]:
+    """The configured methods a sweep can recompose, in the config's order."""
     return [name for name in config["methods"] if recomposed(method_params(config, name))]
+
+
+def swept_methods(config: Config) -> list[str]:
+    """The methods the sweep recomposes, in the config's order: those of `sweep.methods`, or (null) every one it can."""
+    chosen = (config.get("sweep") or {}).get("methods")
+    return [name for name in recomposable(config) if chosen is None or name in chosen]
 
 
 def _restricted_entry(entry: dict[str, Any] | None, tasks: list[str], kept: tuple[str, ...]) -> dict[str, Any] | None:

@@ -98,6 +98,17 @@ def test_the_registry_decides_what_a_sweep_recomposes(tmp_path: Path, monkeypatc
     assert swept_methods(make_config(tmp_path, methods=methods | {"nearest": None}))[-1] == "nearest"
 
 
+def test_sweep_methods_chooses_what_is_recomposed(tmp_path: Path) -> None:
+    methods = {"base": None, "oracle": None, "moa": None, "concat": None, "ties": None}
+    config = validate({"experiment": "w", "tasks": {t: None for t in SIX}, "methods": methods,
+                       "sweep": {"n_tasks": [2], "methods": ["ties", "moa"]}})
+    assert swept_methods(config) == ["moa", "ties"]  # in the config's order
+    assert list(restrict(config, proper_subsets(config)[0])["methods"]) == ["moa", "ties"]
+    with pytest.raises(MoaError, match=r"^config: sweep.methods: oracle is not a configured method that a sweep "
+                                       r"recomposes; use some of moa, concat, ties$"):
+        validate(config | {"sweep": {"n_tasks": [2], "methods": ["oracle"]}})
+
+
 def test_a_subset_is_an_experiment_of_its_tasks(tmp_path: Path) -> None:
     """Its tasks, its methods (per-task weights cut to its tasks), and its paths: routers, compositions, evaluations
     and checkpoints under sweep/{subset}/, the model, data and task adapters the experiment's."""
