@@ -209,6 +209,17 @@ class ExperimentPaths:
         return self.report / "comparisons.parquet"
 
     @property
+    def report_implicit_routing(self) -> Path:
+        return self.report / "implicit_routing.parquet"
+
+    @property
+    def report_routing(self) -> Path:
+        """Which expert each routed composition chose for each task's evaluated test prompts."""
+        return self.report / "routing.parquet"
+
+    @property
+    def report_sweep(self) -> Path:
+        return self.report / "sweep.parquet"
 
     @property
     def summary(self) -> Path:
