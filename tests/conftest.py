@@ -30,6 +30,21 @@ def smollm2_gguf() -> Path:
     return default_gguf()
 
 
+def with_random_experts(model: Transformer, seed: int, experts: int = 3) -> Transformer:
+    """A copy of `model` with `experts` random rank-4 LoRA experts (nonzero B, so each changes the output)."""
+    import copy
+
+    from moa.lora import inject_lora, lora_layers
+
+    model = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    inject_lora(model, rank=4, alpha=8, experts=experts)
+    for layer in lora_layers(model).values():
+        for b in layer.lora_B:
+            torch.nn.init.normal_(b, std=0.3)
+    return model.eval()
+
+
 def hf_tiny_dir(tmp_path: Path, arch: str, **overrides: object) -> Path:
     """A random transformers model of the given family, saved as an HF directory."""
     import transformers

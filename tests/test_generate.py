@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from moa.data.batching import encode_examples
 from moa.generate import Request, Sampling, StopStrings, cut_at_stop, generate, greedy, next_token, score
-from moa.lora import Arrow, activate, activated, fold_lora, inject_lora, lora_layers, merge_and_unload
+from moa.lora import Arrow, activate, activated, fold_lora, lora_layers, merge_and_unload
 from moa.model import Documents, load_pretrained
 from moa.routing import CentroidRouter, LayerRouters, LearnedRouter, RouterSpec, Strategy, activate_experts
-from tests.conftest import hf_tiny_dir
+from tests.conftest import hf_tiny_dir, with_random_experts
 
 PROMPTS = ["short", "a somewhat longer prompt with more words", "x", "the middle one"]
 # Very different lengths, for continuous batching: slots refill while long prompts still decode.
@@ -28,13 +28,7 @@ STREAM = ["x", "a much longer prompt that goes on and on " * 6, "mid-sized promp
 @pytest.fixture(scope="module")
 def experts(tiny):
     """The tiny model with three random LoRA experts (nonzero B, so each changes the output)."""
-    model = copy.deepcopy(tiny[0])
-    torch.manual_seed(1)
-    inject_lora(model, rank=4, alpha=8, experts=3)
-    for layer in lora_layers(model).values():
-        for b in layer.lora_B:
-            torch.nn.init.normal_(b, std=0.3)
-    return model.eval(), tiny[1]
+    return with_random_experts(tiny[0], seed=1), tiny[1]
 
 
 def ids(tokenizer, texts=PROMPTS) -> list[list[int]]:

@@ -3,26 +3,19 @@ own, split into prompt and continuation, and the summary's shares, accuracy and 
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from moa.implicit import EVERY_LAYER, component_responses, responses_table, summarize
-from moa.lora import inject_lora, lora_layers
+from moa.lora import lora_layers
+from tests.conftest import with_random_experts
 
 
 @pytest.fixture(scope="module")
 def merged(tiny):
-    model = copy.deepcopy(tiny[0])
-    torch.manual_seed(2)
-    inject_lora(model, rank=4, alpha=8, experts=3)
-    for layer in lora_layers(model).values():
-        for b in layer.lora_B:
-            torch.nn.init.normal_(b, std=0.3)
-    return model.eval()
+    return with_random_experts(tiny[0], seed=2)
 
 
 def test_packed_responses_equal_each_sequence_alone(merged) -> None:
