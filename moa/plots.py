@@ -158,7 +158,7 @@ def _color(method: str, kind: Kind) -> str:
 
 
 def _kind_legend(ax: Axes, kinds: Collection[Kind], **kwargs: object) -> None:
-    names = {Kind.BASE: "base model", Kind.ADAPTER: "one trained adapter", Kind.ROUTE: "routed (MoA, oracle, training-free routers)",
+    names = {Kind.BASE: "base model", Kind.ADAPTER: "one trained adapter", Kind.ROUTE: "routed",
              Kind.MERGE: "merge"}
     handles = [Line2D([], [], color=KIND_COLORS[k], marker="o", linestyle="", label=names[k]) for k in names if k in kinds]
     ax.legend(handles=handles, **kwargs)
