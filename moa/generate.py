@@ -5,9 +5,14 @@ request's own, or MoA's choice decided in the prefill); and packed log-likelihoo
 A stream is served by up to `batch_size` sequences at a time, each in a slot of a SlotCache. Every
 iteration first admits waiting prompts into free slots, prefilling them packed into one row (no padding,
 per-document attention), then decodes one token for every sequence in flight. A sequence that ends frees
-its slot at once for the next prompt, so no step decodes a finished sequence. Prompts are admitted
-longest first: the long prefills run while the batch fills, and later refills are short ones that barely
-stall the sequences decoding. Greedy outputs equal those of decoding each prompt alone.
+its slot at once for the next prompt, so no step decodes a finished sequence. Requests are admitted
+largest token budget first, then longest prompt first (longest processing time first): the long decodes
+start while there is work to overlap them with, the stream ends on short ones, and the long prefills run
+while the batch fills. A prompt that shares a prefix with another sequence in flight on the same route
+(an instruction template, a few-shot block) computes only the rest and reads the prefix's keys and values
+from that sequence's slot (prefix caching, as vLLM's and SGLang's); the cache is shortened as the longest
+sequences finish, since a decoding step reads every slot's whole length. Greedy outputs equal those of
+decoding each prompt alone.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +39,7 @@ from moa.routing import SequenceRouter, activate_experts
 
 PREFILL_TOKENS = 2048  # prompt tokens packed into one prefill: enough for full-speed matmuls
 SCORE_TOKENS = 4096  # tokens packed into one scoring row
+MIN_SHARED_PREFIX = 4  # prompt tokens worth reading from another sequence's slot instead of computing
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,7 @@ class Served:
     generations: list[Generation]
     prompt_tokens: int
     new_tokens: int
+    reused_tokens: int  # prompt tokens not computed: a shared prefix read from another sequence's slot
     prefill_s: float  # admitting prompts: packed prefills (and MoA's routing)
     decode_s: float  # decoding steps
 
@@ -153,9 +161,8 @@ class _Engine:
                  router: SequenceRouter | None, stop_tokens: set[int]) -> None:
         self.model, self.tokenizer, self.requests, self.router = model, tokenizer, requests, router
         self.device = model.lm_head.weight.device
-        longest = max(len(r.prompt) + r.sampling.max_new_tokens for r in requests)
-        self.cache = SlotCache(model.config, min(batch_size, len(requests)), longest, self.device,
-                               model.lm_head.weight.dtype)
+        self.cache = SlotCache(model.config, min(batch_size, len(requests)), max(map(_reach, requests)),
+                               self.device, model.lm_head.weight.dtype)
         self.stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=self.device)
         self.running: list[_Sequence] = []  # slot i holds running[i]
         fixed = [r.expert is not None for r in requests]
@@ -165,8 +172,12 @@ class _Engine:
         self.experts = (torch.zeros(len(model.model.layers), self.cache.slots, dtype=torch.long, device=self.device)
                         if routed and lora_layers(model) else None)  # [L, slots]: each slot's expert per layer
         self.per_layer = router is not None and router.per_layer  # no one expert per sequence
+        # Routers read the whole prompt before any layer's expert is known: nothing is shared under them.
+        self.shareable = ([0] * len(requests) if router is not None else
+                          shareable_prefixes([r.prompt for r in requests], [r.expert for r in requests]))
+        self.share_lengths = sorted(set(self.shareable) - {0}, reverse=True)
         self.results: list[Generation | None] = [None] * len(requests)
-        self.done = 0
+        self.done = self.reused = 0
         self.prefill_s = self.decode_s = 0.0
 
     @property
@@ -174,12 +185,15 @@ class _Engine:
         return self.cache.slots - len(self.running)
 
     def admit(self, indices: list[int]) -> None:
-        """Prefill these requests, packed, into the next free slots and take each one's first token."""
+        """Prefill these requests, packed, into the next free slots and take each one's first token. A prompt
+        that shares a prefix with a sequence in flight (or with one admitted in full alongside it) on the same
+        route computes only the rest; the prefix's keys and values are read from that sequence's slot."""
         slots = list(range(len(self.running), len(self.running) + len(indices)))
-        prompts = [self.requests[i].prompt for i in indices]
+        starts, sources = self._shared_prefixes(indices, slots)
+        prompts = [self.requests[i].prompt[start:] for i, start in zip(indices, starts)]
         lengths = [len(p) for p in prompts]
         started = time.perf_counter()
-        positions = self.cache.prefill(slots, lengths)
+        positions = self.cache.prefill(slots, lengths, starts, sources)
         ids = torch.tensor([[t for p in prompts for t in p]], device=self.device)
         last = torch.zeros_like(ids, dtype=torch.bool)
         last[0, torch.tensor(lengths, device=self.device).cumsum(0) - 1] = True
@@ -192,6 +206,7 @@ class _Engine:
                 self.experts[:, slots] = fixed[None]
                 activate_experts(self.model, fixed, lengths)
             logits = self.model(ids, positions=positions, cache=self.cache, logits_at=last)
+        self.reused += sum(starts)
         first = len(self.running)
         for i in indices:
             sampling = self.requests[i].sampling
@@ -201,6 +216,37 @@ class _Engine:
                                           generator, started))
         self._take(logits, first)
         self.prefill_s += time.perf_counter() - started
+
+    def _shared_prefixes(self, indices: list[int], slots: list[int]) -> tuple[list[int], list[int]]:
+        """Each admitted request's start (the length of the prefix it reads instead of computing) and the slot
+        that holds that prefix: a sequence in flight, or one admitted in full in the same prefill."""
+        holders: dict[tuple, int] = {}
+        for slot, seq in enumerate(self.running):
+            self._register(holders, seq.index, slot)
+        starts, sources = [], []
+        for i, slot in zip(indices, slots):
+            request = self.requests[i]
+            found = next(((m, holders[key]) for m in self.share_lengths if m <= self.shareable[i]
+                          if (key := (request.expert, tuple(request.prompt[:m]))) in holders), (0, slot))
+            if found[0] == 0:
+                self._register(holders, i, slot)
+            starts.append(found[0])
+            sources.append(found[1])
+        return starts, sources
+
+    def _register(self, holders: dict[tuple, int], i: int, slot: int) -> None:
+        """Slot `slot` holds request i's prompt: index it under every shareable prefix length it reaches."""
+        request = self.requests[i]
+        for m in self.share_lengths:
+            if m <= self.shareable[i]:
+                holders.setdefault((request.expert, tuple(request.prompt[:m])), slot)
+
+    def fit(self, waiting: int) -> None:
+        """Shorten the cache to what the sequences in flight and the `waiting` reach of those still to come
+        can fill, once that saves a quarter of it: a decoding step reads every slot's whole length."""
+        reach = max([waiting, *(_reach(seq.request) for seq in self.running)])
+        if reach <= self.cache.max_len * 3 // 4:
+            self.cache.truncate(reach)
 
     def step(self) -> None:
         """One token for every sequence in flight."""
@@ -254,6 +300,27 @@ class _Engine:
         self.running.pop()
 
 
+def _reach(request: Request) -> int:
+    """The most cache positions a request's sequence can fill."""
+    return len(request.prompt) + request.sampling.max_new_tokens
+
+
+def shareable_prefixes(prompts: Sequence[list[int]], routes: Sequence[int | None]) -> list[int]:
+    """For each prompt, the longest prefix it shares with another prompt served by the same route (an
+    expert, or None), up to all but its last token (which must run for the first logits); 0 where that is
+    shorter than MIN_SHARED_PREFIX. The longest common prefix with any other prompt is the one with a
+    neighbour in sorted order."""
+    order = sorted(range(len(prompts)), key=lambda i: (-1 if routes[i] is None else routes[i], prompts[i]))
+    shared = [0] * len(prompts)
+    for a, b in zip(order, order[1:]):
+        if routes[a] == routes[b]:
+            common = next((k for k, (x, y) in enumerate(zip(prompts[a], prompts[b])) if x != y),
+                          min(len(prompts[a]), len(prompts[b])))
+            for i in (a, b):
+                shared[i] = max(shared[i], min(common, len(prompts[i]) - 1))
+    return [m if m >= MIN_SHARED_PREFIX else 0 for m in shared]
+
+
 def _admissions(requests: Sequence[Request], order: deque[int], free: int) -> list[int]:
     """The next waiting requests that fit the free slots and one prefill's token budget (at least one)."""
     taken, tokens = [], 0
@@ -271,20 +338,23 @@ def serve(model: Transformer, tokenizer: Tokenizer, requests: Sequence[Request],
     sequence's expert(s) are decided in its prefill. A sequence ends at a stop token (default: the
     tokenizer's and the model's EOS), a stop string or its token budget."""
     if not requests:
-        return Served([], 0, 0, 0.0, 0.0)
+        return Served([], 0, 0, 0, 0.0, 0.0)
     stops = stop_ids(model, tokenizer) if stop_tokens is None else stop_tokens
     engine = _Engine(model, tokenizer, requests, batch_size, router, stops)
-    order = deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt)))
+    order = deque(sorted(range(len(requests)), key=lambda i: (-requests[i].sampling.max_new_tokens,
+                                                             -len(requests[i].prompt))))
+    still_needed = list(accumulate((_reach(requests[i]) for i in reversed(order)), max))[::-1] + [0]
     with tqdm(total=len(requests), desc=progress, unit="seq", disable=progress is None) as bar:
         while order or engine.running:
             if order and engine.free:
                 engine.admit(_admissions(requests, order, engine.free))
+            engine.fit(still_needed[len(requests) - len(order)])
             if engine.running:
                 engine.step()
             bar.update(engine.done - bar.n)
     generations = [r for r in engine.results if r is not None]
     return Served(generations, sum(len(r.prompt) for r in requests), sum(len(g.tokens) for g in generations),
-                  engine.prefill_s, engine.decode_s)
+                  engine.reused, engine.prefill_s, engine.decode_s)
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, requests: Sequence[Request], batch_size: int = 64,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,19 @@ import torch
 import torch.nn.functional as F
 
 from moa.data.batching import encode_examples
-from moa.generate import Request, Sampling, StopStrings, cut_at_stop, generate, greedy, next_token, score
+from moa.generate import (
+    MIN_SHARED_PREFIX,
+    Request,
+    Sampling,
+    StopStrings,
+    cut_at_stop,
+    generate,
+    greedy,
+    next_token,
+    score,
+    serve,
+    shareable_prefixes,
+)
 from moa.lora import Arrow, activate, activated, fold_lora, lora_layers, merge_and_unload
 from moa.model import Documents, load_pretrained
 from moa.routing import CentroidRouter, LayerRouters, LearnedRouter, RouterSpec, Strategy, activate_experts
@@ -23,6 +36,10 @@ PROMPTS = ["short", "a somewhat longer prompt with more words", "x", "the middle
 # Very different lengths, for continuous batching: slots refill while long prompts still decode.
 STREAM = ["x", "a much longer prompt that goes on and on " * 6, "mid-sized prompt here", "yo", "q" * 90,
           "another medium prompt", "z", "the last prompt of the stream, long enough " * 3]
+
+# One task's prompts: a shared instruction, then each its own text (some much longer, one repeated).
+TEMPLATED = [f"Classify the sentiment of this review, one word. Review: {text}" for text in
+             ("great film", "dull " * 20, "I loved it", "great film", "meh", "a fine cast in a thin story " * 3)]
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +205,45 @@ def test_per_layer_experts_apply_each_layers_expert(experts) -> None:
         for k, expert in enumerate((2, 0)):
             activate(model, expert)
             torch.testing.assert_close(packed[0, 8 * k:8 * k + 8], model(rows[k:k + 1])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_shareable_prefixes_per_route_leave_the_last_token_to_compute() -> None:
+    long = list(range(10))
+    prompts = [long + [50, 51], long + [60], long + [50, 51], [1, 2, 3], [1, 2, 3, 4], long + [70]]
+    routes = [0, 0, 0, 0, 0, 1]
+    # the repeated prompt keeps its last token; [1, 2, 3] shares too little; a prompt alone on its route shares none
+    assert shareable_prefixes(prompts, routes) == [11, 10, 11, 0, 0, 0]
+    assert MIN_SHARED_PREFIX > 3
+    assert shareable_prefixes(prompts, [None] * 6)[5] == 10
+
+
+@pytest.mark.parametrize("route", ["adapter", "folded", "oracle", "arrow"])
+def test_shared_prompt_prefixes_are_read_from_another_slot_and_decode_alike(experts, route: str) -> None:
+    """Prompts that share an instruction compute it once per route: the others read its keys and values from
+    the slot of a sequence in flight (or admitted in full beside them), and every output equals the prompt's
+    decoded alone. The cache is shortened as the long prompts finish."""
+    model, tokenizer = experts
+    model = copy.deepcopy(model)
+    chosen = [0, 1, 0, 0, 1, 0] if route == "oracle" else None
+    if route == "folded":
+        merge_and_unload(model, torch.tensor([0.5, 0.25, 0.25]))
+    stream = requests(tokenizer, TEMPLATED, Sampling(6), chosen)
+    active = {"adapter": 1, "arrow": Arrow(2, 0.5)}.get(route)  # one adapter for all, unfolded; or Arrow's routing
+    with activated(model, active) if lora_layers(model) else nullcontext():
+        for batch_size in (2, 6):
+            served = serve(model, tokenizer, stream, batch_size=batch_size)
+            assert served.reused_tokens >= (1 if chosen else 3) * len(tokenizer.encode(TEMPLATED[0][:40]))
+            assert tokens(served.generations) == [generate(model, tokenizer, [r])[0].tokens for r in stream]
+            assert tokens(served.generations)[0] == tokens(served.generations)[3]  # the repeated prompt
+    if route == "oracle":  # shared only on the same expert: expert 1's two prompts share with each other alone
+        assert served.reused_tokens < sum(len(r.prompt) for r in stream) - len(stream)
+
+
+def test_routers_share_no_prefix(experts) -> None:
+    """MoA reads every prompt whole before any layer's expert is known: each prompt is computed in full."""
+    model, tokenizer = experts
+    served = serve(model, tokenizer, requests(tokenizer, TEMPLATED, Sampling(4)), router=random_router(model, "last"))
+    assert served.reused_tokens == 0
 
 
 def test_stop_strings_cut_after_leading_whitespace() -> None:

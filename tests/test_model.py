@@ -116,6 +116,30 @@ def test_slot_cache_move_keeps_a_sequence_going(tiny) -> None:
     torch.testing.assert_close(out[0, -1], model(seq[None, :6])[0, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_slot_cache_prefill_after_a_prefix_in_another_slot_then_truncate(tiny) -> None:
+    """A document that starts after a prefix held by another slot (a sequence in flight, or a document of the
+    same prefill) gets the logits of its whole sequence; truncating the cache changes no later step."""
+    model, _ = tiny
+    prefix = torch.randint(0, 300, (5,))
+    seqs = [torch.cat([prefix, torch.randint(0, 300, (n,))]) for n in (4, 2, 3)]
+    cache = SlotCache(model.config, 3, 20)
+    model(seqs[0][None, :7], positions=cache.prefill([0], [7]), cache=cache)  # slot 0 in flight
+    # slot 1 reads the prefix from slot 0; slot 2 from slot 1, whose whole prompt is in this prefill
+    positions = cache.prefill([1, 2], [2, 3], starts=[5, 5], sources=[0, 0])
+    assert positions.tolist() == [[5, 6, 5, 6, 7]]
+    last = torch.tensor([[False, True, False, False, True]])
+    out = model(torch.cat([seqs[1][5:], seqs[2][5:]])[None], positions=positions, cache=cache, logits_at=last)
+    full = [model(seqs[1][None])[0, -1], model(seqs[2][None])[0, -1]]
+    torch.testing.assert_close(out, torch.stack(full), atol=1e-5, rtol=1e-5)
+    assert cache.lengths.tolist() == [7, 7, 8]
+    cache.truncate(10)
+    step = torch.randint(0, 300, (3, 1))
+    out = model(step, positions=cache.decode(3), cache=cache)[:, 0]
+    full = [model(torch.cat([s[:n], t])[None])[0, -1] for s, n, t in zip(seqs, (7, 7, 8), step)]
+    torch.testing.assert_close(out, torch.stack(full), atol=1e-5, rtol=1e-5)
+    assert cache.max_len == 10
+
+
 def test_greedy_batch_equals_one_by_one(tiny) -> None:
     model, tokenizer = tiny
     prompts = [tokenizer.encode(t) for t in ("short", "a somewhat longer prompt", "x")]

@@ -78,29 +78,30 @@ def attend_per_document(q: Tensor, k: Tensor, v: Tensor, lengths: Sequence[int])
 
 @dataclass(frozen=True)
 class _Prefill:
-    lengths: tuple[int, ...]  # of the documents packed into the row, in order
-    slots: Tensor  # [D]: the slot of each document
+    lengths: tuple[int, ...]  # new tokens of each document packed into the row, in order
+    slots: tuple[int, ...]  # the slot of each document
+    starts: tuple[int, ...]  # each document's first new position: those before it are its shared prefix
+    sources: tuple[int, ...]  # the slot whose first `start` positions hold that prefix
     slot_of: Tensor  # [T]: the slot of each token
-    positions: Tensor  # [T]: each token's position in its document
+    positions: Tensor  # [T]: each token's position in its sequence
+    masks: tuple[Tensor | None, ...]  # [length, start + length] causal masks of the documents with a prefix
 
 
 @dataclass(frozen=True)
 class _Decode:
     n: int  # one token for each of the first n slots
-    width: int  # the longest of their sequences, with the new token
-    visible: Tensor  # [n, 1, 1, width]: which cached positions each slot's token attends to
+    bias: Tensor  # [n, 1, 1, max_len] float32: 0 at the cached positions each slot's token attends to, -inf elsewhere
 
 
-def decode_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tensor:
-    """One query per sequence over its cached keys: q [n, H, 1, D], keys/values [n, Hkv, S, D], visible
-    [n, 1, 1, S] -> [n, H, 1, D]. Query heads are grouped onto their key/value head (GQA) as plain batched
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:
+    """One query per sequence over its cached keys: q [n, H, 1, D], keys/values [n, Hkv, S, D] (contiguous),
+    bias [n, 1, 1, S] -> [n, H, 1, D]. Query heads are grouped onto their key/value head (GQA) as plain batched
     matmuls, with the softmax in float32: on CPU this beats scaled_dot_product_attention's masked kernels
-    for one query (several times over in bfloat16)."""
+    for one query (several times over in bfloat16), and contiguous keys spare the copy a sliced cache costs."""
     n, heads, _, dim = q.shape
     grouped = q.view(n, keys.shape[1], heads // keys.shape[1], dim)  # query head h reads key head h // G
-    scores = (grouped @ keys.transpose(-1, -2)).float() * dim ** -0.5  # [n, Hkv, G, S]
-    weights = scores.masked_fill(~visible, float("-inf")).softmax(-1).to(values.dtype)
-    return (weights @ values).view(n, heads, 1, dim)
+    scores = (grouped @ keys.transpose(-1, -2)).float().mul_(dim ** -0.5).add_(bias)  # [n, Hkv, G, S]
+    return (scores.softmax(-1).to(values.dtype) @ values).view(n, heads, 1, dim)
 
 
 class SlotCache:
@@ -108,9 +109,12 @@ class SlotCache:
     its own length, so a finished sequence's slot is refilled while the others keep decoding.
 
     Before each forward the engine plans it: `prefill(slots, lengths)` for documents packed into one row
-    (each written into its slot from position 0), or `decode(n)` for one new token of each of the first n
-    slots; the forward then calls `attend` in every layer and `advance` at the end. The slots in use are
-    kept at the front: `move` fills a finished sequence's slot with the last one."""
+    (each written into its slot from position 0, or after a prefix it shares with another slot's sequence,
+    which is then read from that slot instead of computed again), or `decode(n)` for one new token of each
+    of the first n slots; the forward then calls `attend` in every layer and `advance` at the end. The slots
+    in use are kept at the front: `move` fills a finished sequence's slot with the last one. A decode step
+    attends over all `max_len` positions of its slots (masked), which keeps the keys contiguous; `truncate`
+    shortens the cache when the sequences still to come are shorter."""
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
@@ -128,43 +132,70 @@ class SlotCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def prefill(self, slots: Sequence[int], lengths: Sequence[int]) -> Tensor:
-        """Plan a packed prefill of documents of `lengths` into `slots`; returns their positions [1, T]."""
+    def prefill(self, slots: Sequence[int], lengths: Sequence[int], starts: Sequence[int] | None = None,
+                sources: Sequence[int] | None = None) -> Tensor:
+        """Plan a packed prefill of documents of `lengths` new tokens into `slots`; document d starts at
+        position starts[d] (default 0), after the prefix held by slot sources[d]: a slot whose sequence has
+        it (its own tokens are written before any layer reads them, so that may be a document of this
+        prefill that starts at 0). Returns the new tokens' positions [1, T]."""
         device = self.lengths.device
-        where, sizes = torch.tensor(slots, device=device), torch.tensor(lengths, device=device)
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-        self._plan = _Prefill(tuple(lengths), where, torch.repeat_interleave(where, sizes), positions)
+        starts = tuple(starts or [0] * len(lengths))
+        sources = tuple(slots if sources is None else sources)
+        positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths)])
+        slot_of = torch.repeat_interleave(torch.tensor(slots, device=device), torch.tensor(lengths, device=device))
+        masks = tuple(torch.ones(n, s + n, dtype=torch.bool, device=device).tril(s) if s else None
+                      for s, n in zip(starts, lengths))
+        self._plan = _Prefill(tuple(lengths), tuple(slots), starts, sources, slot_of, positions, masks)
         return positions[None]
 
     def decode(self, n: int) -> Tensor:
         """Plan one token for each of the first n slots; returns their positions [n, 1]."""
         positions = self.lengths[:n]
-        width = int(positions.max()) + 1
-        visible = torch.arange(width, device=positions.device) <= positions[:, None]  # [n, width]
-        self._plan = _Decode(n, width, visible[:, None, None, :])
+        visible = torch.arange(self.max_len, device=positions.device) <= positions[:, None]  # [n, max_len]
+        bias = torch.zeros(visible.shape, device=positions.device).masked_fill_(~visible, float("-inf"))
+        self._plan = _Decode(n, bias[:, None, None, :])
         return positions[:, None].clone()
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Store this forward's keys and values, then attend: within each document (prefill), or over each
-        slot's sequence so far (decode)."""
+        """Store this forward's keys and values, then attend: within each document and its prefix (prefill),
+        or over each slot's sequence so far (decode)."""
         plan = self._plan
         if isinstance(plan, _Prefill):
             self.k[layer, plan.slot_of, :, plan.positions] = k[0].transpose(0, 1)  # [T, Hkv, D]
             self.v[layer, plan.slot_of, :, plan.positions] = v[0].transpose(0, 1)
-            return attend_per_document(q, k, v, plan.lengths)
+            if not any(plan.starts):
+                return attend_per_document(q, k, v, plan.lengths)
+            return self._attend_after_prefixes(layer, q, k, v, plan)
         if isinstance(plan, _Decode):
             rows, positions = torch.arange(plan.n, device=q.device), self.lengths[:plan.n]
             self.k[layer, rows, :, positions] = k[:, :, 0]
             self.v[layer, rows, :, positions] = v[:, :, 0]
-            keys, values = self.k[layer, :plan.n, :, :plan.width], self.v[layer, :plan.n, :, :plan.width]
-            return decode_attention(q, keys, values, plan.visible)
+            return decode_attention(q, self.k[layer, :plan.n], self.v[layer, :plan.n], plan.bias)
         raise RuntimeError("SlotCache: plan a prefill or a decode step before the forward")
+
+    def _attend_after_prefixes(self, layer: int, q: Tensor, k: Tensor, v: Tensor, plan: _Prefill) -> Tensor:
+        """Per document: causal within it, and over its prefix, copied from its source slot."""
+        gqa, out = q.shape[1] != k.shape[1], []
+        for qd, kd, vd, slot, start, source, mask in zip(q.split(plan.lengths, 2), k.split(plan.lengths, 2),
+                                                         v.split(plan.lengths, 2), plan.slots, plan.starts,
+                                                         plan.sources, plan.masks):
+            if mask is None:
+                out.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa))
+                continue
+            if source != slot:
+                self.k[layer, slot, :, :start] = self.k[layer, source, :, :start]
+                self.v[layer, slot, :, :start] = self.v[layer, source, :, :start]
+            end = start + qd.shape[2]
+            keys, values = self.k[layer, slot, None, :, :end], self.v[layer, slot, None, :, :end]
+            out.append(F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, enable_gqa=gqa))
+        return torch.cat(out, dim=2)
 
     def advance(self) -> None:
         """After the forward: the planned tokens are part of their slots' sequences."""
         plan = self._plan
         if isinstance(plan, _Prefill):
-            self.lengths[plan.slots] = torch.tensor(plan.lengths, device=self.lengths.device)
+            ends = [s + n for s, n in zip(plan.starts, plan.lengths)]
+            self.lengths[list(plan.slots)] = torch.tensor(ends, device=self.lengths.device)
         elif isinstance(plan, _Decode):
             self.lengths[:plan.n] += 1
         self._plan = None
@@ -175,6 +206,12 @@ class SlotCache:
         self.k[:, target, :, :n] = self.k[:, source, :, :n]
         self.v[:, target, :, :n] = self.v[:, source, :, :n]
         self.lengths[target] = n
+
+    def truncate(self, max_len: int) -> None:
+        """Keep only the first `max_len` positions of every slot (the caller's sequences in flight all fit).
+        Keys first, then values: the old keys are freed before the new values are allocated."""
+        self.k = self.k[..., :max_len, :].clone()
+        self.v = self.v[..., :max_len, :].clone()
 
 
 class Attention(nn.Module):
