@@ -68,11 +68,12 @@ def generates(task: Task) -> bool:
 
 def cost_scores(served: Served) -> list[Score]:
     """What serving the stream cost: generated tokens per second of its wall time and of decoding alone,
-    and prompt tokens per second of prefill."""
+    prompt tokens per second of prefill, and the share of prompt tokens read from a shared prefix."""
     n = len(served.generations)
     return [Score("new_tokens_per_s", served.new_tokens / max(served.seconds, 1e-9), n),
             Score("decode_tokens_per_s", served.new_tokens / max(served.decode_s, 1e-9), n),
-            Score("prompt_tokens_per_s", served.prompt_tokens / max(served.prefill_s, 1e-9), n)]
+            Score("prompt_tokens_per_s", served.prompt_tokens / max(served.prefill_s, 1e-9), n),
+            Score("shared_prefix_pct", 100 * served.reused_tokens / max(served.prompt_tokens, 1), n)]
 
 
 def run_generation(config: Config, composed: Composed, tasks: Sequence[Task], frames: dict[str, pd.DataFrame],

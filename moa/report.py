@@ -518,7 +518,9 @@ def sweep_section(config: Config, sweep: pd.DataFrame) -> list[str]:
 
 
 COST_METRICS = {"new_tokens_per_s": ("generated tokens/s", 1), "decode_tokens_per_s": ("decoding tokens/s", 1),
-                "prompt_tokens_per_s": ("prefill tokens/s", 0), "latency_s": ("latency per sequence (s)", 2),
+                "prompt_tokens_per_s": ("prefill tokens/s", 0),
+                "shared_prefix_pct": ("prompt tokens from a shared prefix (%)", 1),
+                "latency_s": ("latency per sequence (s)", 2),
                 ROUTER_ACCURACY: ("router accuracy (%)", 2)}
 
 

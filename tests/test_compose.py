@@ -183,9 +183,10 @@ def test_evaluate_writes_predictions_and_metrics_for_every_task(experiment: Path
             assert ppl == pytest.approx(float(torch.tensor(predictions.nll.sum() / predictions.n_tokens.sum()).exp()))
             assert "format" not in predictions.columns and FORMAT_ADHERENCE not in set(metrics.metric)
             continue
-        costs = {"new_tokens_per_s", "decode_tokens_per_s", "prompt_tokens_per_s", "latency_s"}
+        costs = {"new_tokens_per_s", "decode_tokens_per_s", "prompt_tokens_per_s", "shared_prefix_pct", "latency_s"}
         assert costs <= set(metrics.metric) and set(metrics[~metrics.metric.isin(costs)].n) == {len(predictions)}
         values = metrics.set_index("metric").value  # per-example statistics, of which each metric is the mean
+        assert 0 <= values["shared_prefix_pct"] < 100 and (values["shared_prefix_pct"] == 0) == (method == "moa")
         metric = {"qa": "f1", "sentiment": "accuracy"}[task]
         assert predictions[metric].mean() == pytest.approx(values[metric]) and predictions[metric].between(0, 100).all()
         check, metas = get_task(config, task).format, read_split(config, task, "test")["meta"].map(json.loads)
