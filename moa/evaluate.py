@@ -66,14 +66,17 @@ def generates(task: Task) -> bool:
     return any(m != "perplexity" for m in task.metrics)
 
 
+# What the whole mixed-task stream cost: each task's metrics carry the same values, with the stream's n.
+STREAM_COSTS = ("new_tokens_per_s", "decode_tokens_per_s", "prompt_tokens_per_s", "shared_prefix_pct")
+
+
 def cost_scores(served: Served) -> list[Score]:
     """What serving the stream cost: generated tokens per second of its wall time and of decoding alone,
     prompt tokens per second of prefill, and the share of prompt tokens read from a shared prefix."""
-    n = len(served.generations)
-    return [Score("new_tokens_per_s", served.new_tokens / max(served.seconds, 1e-9), n),
-            Score("decode_tokens_per_s", served.new_tokens / max(served.decode_s, 1e-9), n),
-            Score("prompt_tokens_per_s", served.prompt_tokens / max(served.prefill_s, 1e-9), n),
-            Score("shared_prefix_pct", 100 * served.reused_tokens / max(served.prompt_tokens, 1), n)]
+    values = (served.new_tokens / max(served.seconds, 1e-9), served.new_tokens / max(served.decode_s, 1e-9),
+              served.prompt_tokens / max(served.prefill_s, 1e-9),
+              100 * served.reused_tokens / max(served.prompt_tokens, 1))
+    return [Score(name, value, len(served.generations)) for name, value in zip(STREAM_COSTS, values, strict=True)]
 
 
 def run_generation(config: Config, composed: Composed, tasks: Sequence[Task], frames: dict[str, pd.DataFrame],

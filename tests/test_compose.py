@@ -20,7 +20,7 @@ from moa.compose.registry import METHODS, Kind, merge_spec
 from moa.config import load_config, method_params, schema
 from moa.data.prepare import prepare_task, read_split
 from moa.data.tasks import get_task
-from moa.evaluate import evaluate
+from moa.evaluate import STREAM_COSTS, evaluate
 from moa.generate import Request, Sampling, generate
 from moa.layout import MIXED, ExperimentPaths
 from moa.lora import AdapterConfig, Arrow, activate, attach_experts, load_adapter, lora_layers, write_adapter
@@ -183,7 +183,7 @@ def test_evaluate_writes_predictions_and_metrics_for_every_task(experiment: Path
             assert ppl == pytest.approx(float(torch.tensor(predictions.nll.sum() / predictions.n_tokens.sum()).exp()))
             assert "format" not in predictions.columns and FORMAT_ADHERENCE not in set(metrics.metric)
             continue
-        costs = {"new_tokens_per_s", "decode_tokens_per_s", "prompt_tokens_per_s", "shared_prefix_pct", "latency_s"}
+        costs = {*STREAM_COSTS, "latency_s"}
         assert costs <= set(metrics.metric) and set(metrics[~metrics.metric.isin(costs)].n) == {len(predictions)}
         values = metrics.set_index("metric").value  # per-example statistics, of which each metric is the mean
         assert 0 <= values["shared_prefix_pct"] < 100 and (values["shared_prefix_pct"] == 0) == (method == "moa")
