@@ -196,10 +196,10 @@ def test_jobs_on_the_model_take_the_gpu_token_only_where_there_is_a_gpu(tmp_path
 
 
 def test_configfile_replaces_the_default_config(tmp_path: Path) -> None:
-    """--configfile smoke.yaml is the experiment; without it config/config.yaml (six tasks, 9 methods, and a
-    sweep of one subset of two tasks, two methods) is."""
+    """--configfile smoke.yaml is the experiment; without it config/config.yaml (six tasks, all 17 methods,
+    and a sweep of one subset of two tasks, two methods) is."""
     counts, _ = dry_run(tmp_path, configfile=None)
-    assert counts == smoke_jobs(n_tasks=6, n_methods=9) + sweep_jobs(1, n_methods=2)
+    assert counts == smoke_jobs(n_tasks=6, n_methods=17) + sweep_jobs(1, n_methods=2)
     assert (tmp_path / "results" / "default" / ".config").is_dir()
 
 
