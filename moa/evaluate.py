@@ -18,7 +18,7 @@ import pandas as pd
 
 from moa.compose.composition import Composed, load_composition, read_manifest
 from moa.compose.merge import EXACT_MERGES, resolved_weights
-from moa.compose.registry import merge_spec, task_adapters
+from moa.compose.registry import Kind, merge_spec, method_of, task_adapters
 from moa.config import Config, method_params
 from moa.data.batching import encode_examples, encode_prompts
 from moa.data.prepare import read_split
@@ -141,6 +141,16 @@ def task_scores(task: Task, predictions: pd.DataFrame, metas: list[dict], compos
     return results, predictions, extra
 
 
+def precision(config: Config, params: dict) -> dict[str, str]:
+    """The dtypes a composition ran in: its weights' (model.dtype, where it is built), its decoding's
+    (evaluation.dtype) and, for an adapter folded into the weights, the fold's sum (W0 + delta in float32,
+    rounded once to model.dtype; see LoRALinear.fold)."""
+    record = {"weights": config["model"]["dtype"], "decode": config["evaluation"]["dtype"]}
+    if config["evaluation"]["fold"] and method_of(params).kind in (Kind.ADAPTER, Kind.MERGE):
+        record["fold"] = "float32"
+    return record
+
+
 def implicit_routing(config: Config, params: dict, tasks: Sequence[Task], frames: dict[str, pd.DataFrame],
                      generated: dict[str, list[Generation]]) -> dict[str, pd.DataFrame]:
     """An exact merge's component responses on every evaluated sequence, per task (see moa.implicit): the
@@ -173,18 +183,22 @@ def evaluate(config: Config, method: str, task: str | None = None) -> StepResult
     composed = load_composition(config, method, fold=config["evaluation"]["fold"])
     generated, served = run_generation(config, composed, [t for t in tasks if generates(t)], frames,
                                        f"evaluate {method}")
-    implicit = (implicit_routing(config, params, tasks, frames, generated) if params["method"] in EXACT_MERGES
-                else {})
+    scored = {t.name: run_scoring(config, composed, t, frames[t.name]) for t in tasks if t.scored}
+    implicit = {}
+    if params["method"] in EXACT_MERGES:  # its own model: the served one is released first (one 7B at a time)
+        composed.model.to("meta")
+        implicit = implicit_routing(config, params, tasks, frames, generated)
     paths, metrics, artifacts, lines = ExperimentPaths.of(config), {}, [], []
     for spec in tasks:
-        scores = run_scoring(config, composed, spec, frames[spec.name]) if spec.scored else None
+        scores = scored.get(spec.name)
         predictions = predictions_frame(frames[spec.name], composed, generated.get(spec.name))
         metas = [json.loads(meta) for meta in frames[spec.name]["meta"]]
         results, predictions, extra = task_scores(spec, predictions, metas, composed,
                                                   served if spec.name in generated else None, scores)
         table = pd.DataFrame([{"method": method, "task": spec.name, "metric": s.metric, "value": s.value, "n": s.n}
                               for s in results])
-        info = {"method": params, "sampling": vars(sampling_settings(config, spec)) | {"stop": list(spec.stop)},
+        info = {"method": params, "precision": precision(config, params),
+                "sampling": vars(sampling_settings(config, spec)) | {"stop": list(spec.stop)},
                 "rows": len(predictions)} | {k: v for k, v in extra.items() if isinstance(v, str)}
         with atomic_dir(paths.evaluation(method, spec.name)) as tmp:
             predictions.to_parquet(tmp / paths.predictions(method, spec.name).name, index=False)
@@ -193,7 +207,8 @@ def evaluate(config: Config, method: str, task: str | None = None) -> StepResult
             if spec.name in implicit:
                 implicit[spec.name].to_parquet(tmp / paths.implicit_routing(method, spec.name).name, index=False)
         metrics |= {f"{spec.name}.{s.metric}": s.value for s in results}
-        artifacts += [paths.metrics(method, spec.name), paths.predictions(method, spec.name)]
+        artifacts += [paths.metrics(method, spec.name), paths.predictions(method, spec.name),
+                      paths.eval_info(method, spec.name)]
         lines.append(f"{spec.name}: " + ", ".join(f"{s.metric} {s.value:.4g}" for s in results))
     return StepResult(paths.evaluations(method), metrics=metrics, artifacts=artifacts,
                       summary="\n".join(lines))

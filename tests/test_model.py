@@ -10,7 +10,7 @@ import transformers
 
 from moa.generate import greedy
 from moa.model import Documents, ModelConfig, SlotCache, document_mask, load_hf_dir, load_pretrained
-from moa.model.llama import rope_inv_freq
+from moa.model.llama import rope_cos_sin, rope_inv_freq
 from tests.conftest import hf_tiny_dir
 
 ARCH_CASES = {
@@ -52,6 +52,43 @@ def test_llama3_rope_scaling_changes_low_frequencies() -> None:
     a, b = rope_inv_freq(plain), rope_inv_freq(scaled)
     assert torch.equal(a[:1], b[:1])  # the highest frequency is untouched
     assert torch.allclose(a[-1] / 8, b[-1])  # the lowest divided by the factor
+
+
+def test_bf16_logits_match_transformers_at_long_distances(tmp_path: Path) -> None:
+    """In bf16 the RoPE frequencies stay float32, as in transformers: with a bf16 table a query 6000 positions
+    after a key would see it rotated by up to 6000 * 2^-9 rad too far. q/k are scaled so attention is sharp."""
+    directory = hf_tiny_dir(tmp_path, "llama", rope_theta=500.0, max_position_embeddings=8192)
+    sharp = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    for layer in sharp.model.layers:
+        layer.self_attn.q_proj.weight.data.mul_(10)
+        layer.self_attn.k_proj.weight.data.mul_(10)
+    sharp.save_pretrained(directory)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    ours, _ = load_pretrained(directory, torch.bfloat16)
+    cast = load_hf_dir(directory)[0].to(torch.bfloat16)
+    assert ours.inv_freq.dtype == cast.inv_freq.dtype == torch.float32
+    ids = torch.randint(0, 128, (2, 32))
+    positions = torch.cat([torch.arange(16), torch.arange(6000, 6016)]).expand(2, 32)
+    with torch.no_grad():
+        # an explicit all-ones mask: without one transformers reads a position jump as a new packed sequence
+        expected = ref(ids, position_ids=positions, attention_mask=torch.ones_like(ids)).logits.float()
+        got, got_cast = ours(ids, positions=positions).float(), cast(ids, positions=positions).float()
+        ours.inv_freq = ours.inv_freq.bfloat16()  # the table model.to(bfloat16) used to make
+        old = ours(ids, positions=positions).float()
+    assert (got - expected).abs().max().item() <= 0.02  # a bf16 ulp at these logits (~0.6) is 2^-8
+    assert torch.equal(got, got_cast)
+    assert (old - expected).abs().max().item() > 0.1
+
+
+def test_rope_stays_float32_through_casts_and_autocast() -> None:
+    model, _ = load_pretrained("random:tiny")  # not the shared fixture: the casts round its weights
+    exact = rope_inv_freq(model.config)
+    assert torch.equal(model.to(torch.bfloat16).to(torch.float32).inv_freq, exact)
+    positions = torch.arange(7000, 7008)[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos, sin = rope_cos_sin(exact, positions, torch.float32)
+    assert torch.equal(cos, rope_cos_sin(exact, positions, torch.float32)[0])
+    assert torch.equal(sin, rope_cos_sin(exact, positions, torch.float32)[1])
 
 
 def test_logits_at_selects_positions(tiny) -> None:

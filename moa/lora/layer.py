@@ -12,7 +12,13 @@ y = W0 x + b + s_i B_i A_i dropout(x). The `active` attribute says which experts
   per token: each token takes the top-k experts by |x . p_i|, where the prototype p_i is the top right singular
   vector of B_i A_i, weighted by a softmax of those scores over the temperature.
 
-A delta can also be folded into W0 (``fold``), after which forward is a plain linear until ``unfold``.
+The LoRA path runs in the factors' dtype (fp32 factors train on bf16 weights without autocast, as in PEFT) and
+its update is added to W0 x in that dtype, then rounded once to W0 x's dtype; under autocast, autocast picks the
+matmuls' dtype. Dropout in training regenerates its mask in backward from the RNG state it was drawn from, so a
+layer saves only x (q, k and v share theirs), not a dropped copy and a mask (see _DroppedDown).
+
+A delta can also be folded into W0 (``fold``, summed in fp32), after which forward is a plain linear until
+``unfold``.
 """
 
 from __future__ import annotations
@@ -59,13 +65,15 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, experts: Sequence[ExpertSpec] = (), dropout: float = 0.0) -> None:
         """Wrap ``base``, reusing its weight and bias Parameters (no copy, so ties survive), frozen."""
         super().__init__()
+        if not 0 <= dropout < 1:
+            raise MoaError(f"LoRA dropout {dropout} must be in [0, 1); fix lora.dropout in the config")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight.requires_grad_(False)
         self.bias = None if base.bias is None else base.bias.requires_grad_(False)
         self.lora_A = nn.ParameterList()
         self.lora_B = nn.ParameterList()
         self.specs: list[ExpertSpec] = []
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout  # the probability, as nn.Dropout(dropout) in training
         self._active: Active = None
         self._folded: Tensor | None = None  # expert weights [N] of the delta folded into W0
         self._cache: dict[str, tuple[tuple, tuple[Tensor, ...]]] = {}
@@ -117,19 +125,31 @@ class LoRALinear(nn.Module):
             return y
         if isinstance(active, Tensor) and active.device != x.device:
             self.active = active = active.to(x.device)  # move once, not in every forward
+        dtype = self._lora_dtype(x)
         if isinstance(active, Arrow):
-            return y + self._arrow(x, active)
+            return _add(y, self._arrow(x.to(dtype), active))
         if isinstance(active, int):
             # One expert for every row: [1, M, in] @ [1, in, r] @ [1, r, out]. On CPU bmm beats F.linear for
             # these thin shapes, and baddbmm adds the update to y in the same call.
             a, b = self._selected(active)
-            h = torch.bmm(self.dropout(x.reshape(1, -1, x.shape[-1])), a)
-            return torch.baddbmm(y.view(1, -1, y.shape[-1]), h, b).view(y.shape)
+            h = self._down(x.reshape(1, -1, x.shape[-1]), a, dtype)
+            return torch.baddbmm(y.view(1, -1, y.shape[-1]).to(h.dtype), h, b).view(y.shape).to(y.dtype)
         # Several experts (weights, or one expert per row or per token): all experts' A at once, each rank
         # column scaled by its expert's weight (0 for the experts not chosen), then all B at once. Routes
         # that change at every step (continuous batching) then cost no gathering of factors.
         a, b, _, _ = self._concat()
-        return y + F.linear(F.linear(self.dropout(x), a) * self._column_weights(active, x), b)
+        return _add(y, F.linear(self._down(x, a.T, dtype) * self._column_weights(active, x, dtype), b))
+
+    def _lora_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype x enters the LoRA path in: the factors' (PEFT's rule), or x's own under autocast, which
+        casts the matmuls anyway (a cast copy would be saved for backward in every layer)."""
+        return x.dtype if torch.is_autocast_enabled(x.device.type) else self.lora_A[0].dtype
+
+    def _down(self, x: Tensor, a_t: Tensor, dtype: torch.dtype) -> Tensor:
+        """dropout(x) in `dtype` @ a_t (x [.., in], a_t [in, r] or [1, in, r]); dropout through _DroppedDown."""
+        if self.training and self.dropout > 0:
+            return _DroppedDown.apply(x, a_t, self.dropout, dtype)
+        return torch.matmul(x.to(dtype), a_t)
 
     def _arrow(self, x: Tensor, arrow: Arrow) -> Tensor:
         """Arrow's update, as PEFT computes it: scores |x . p_i| (x not normalized), the top-k kept and
@@ -140,7 +160,8 @@ class LoRALinear(nn.Module):
         logits = torch.full_like(scores, -math.inf).scatter(-1, kept.indices, kept.values)
         weights = torch.softmax(logits / arrow.temperature, dim=-1)  # [.., N], one row per token
         a, b, _, _ = self._concat()
-        return self.dropout(F.linear(F.linear(x, a) * self._column_weights(weights, x), b))
+        update = F.linear(F.linear(x, a) * self._column_weights(weights, x, x.dtype), b)
+        return F.dropout(update, self.dropout, self.training)
 
     def prototypes(self) -> Tensor:
         """Each expert's Arrow prototype [N, in]: the top right singular vector of its B A (unit norm, sign
@@ -161,10 +182,10 @@ class LoRALinear(nn.Module):
 
         return self._cached("selected", build)
 
-    def _column_weights(self, active: Tensor, x: Tensor) -> Tensor:
-        """Each concatenated rank column's weight, broadcastable to x up to [.., R]: the expert weights [N] /
-        [B, N] (or per token [B, T, N], Arrow's) times the scalings, or the scaling where an expert index [B] /
-        [B, T] names the column's expert and 0 elsewhere."""
+    def _column_weights(self, active: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """Each concatenated rank column's weight in `dtype`, broadcastable to x up to [.., R]: the expert weights
+        [N] / [B, N] (or per token [B, T, N], Arrow's) times the scalings, or the scaling where an expert index
+        [B] / [B, T] names the column's expert and 0 elsewhere."""
         _, _, scale, owner = self._concat()
         per_row = active.dim() > (1 if active.is_floating_point() else 0)
         if per_row and active.shape[0] != x.shape[0]:
@@ -172,7 +193,7 @@ class LoRALinear(nn.Module):
         col = (active[..., owner] if active.is_floating_point() else active[..., None] == owner) * scale
         if per_row and col.dim() == 2:
             col = col.view(col.shape[0], *([1] * (x.dim() - 2)), col.shape[1])  # [B, 1.., R]
-        return col.to(x.dtype)
+        return col.to(dtype)
 
     def component_norms(self, x: Tensor, weights: Tensor) -> Tensor:
         """The norm of each expert's weighted update of every token, ||w_i s_i B_i A_i x_t||: x [.., in] ->
@@ -232,15 +253,19 @@ class LoRALinear(nn.Module):
         Until ``unfold`` the forward is a plain linear whatever is active, and the factors are locked."""
         self._check_not_folded("fold again")
         weights = _expert_weights(check_active(experts, self.n_experts), self.n_experts, self.weight.device)
-        self.weight.add_(self.delta(weights).to(self.weight.dtype))
+        self._add_to_weight(self.delta(weights))
         self._folded = weights
 
     @torch.no_grad()
     def unfold(self) -> None:
         """Subtract the folded delta again (exact up to float rounding)."""
         if self._folded is not None:
-            self.weight.sub_(self.delta(self._folded).to(self.weight.dtype))
+            self._add_to_weight(-self.delta(self._folded))
             self._folded = None
+
+    def _add_to_weight(self, delta: Tensor) -> None:
+        """W0 += delta, summed in fp32 and rounded once to W0's dtype (a bf16 W0 would round the delta first)."""
+        self.weight.copy_(self.weight.float() + delta.float())
 
     def _check_not_folded(self, action: str) -> None:
         if self._folded is not None:
@@ -249,6 +274,59 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = [s.rank for s in self.specs]
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, ranks={ranks}"
+
+
+def _add(y: Tensor, update: Tensor) -> Tensor:
+    """y + update in the update's dtype, rounded once to y's (PEFT's order for fp32 factors on bf16 weights)."""
+    return (y.to(update.dtype) + update).to(y.dtype)
+
+
+def _keep_mask(x: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
+    """nn.Dropout's mask for x, from `generator` (None: the default one): True with probability 1 - p."""
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p, generator=generator)
+
+
+def _drop(t: Tensor, keep: Tensor, p: float) -> Tensor:
+    """t where kept, scaled by 1 / (1 - p), else 0: dropout's forward, and its backward on a gradient."""
+    return torch.where(keep, t, 0).mul_(1 / (1 - p))  # where: t * keep would copy the mask to t's dtype
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    """The state of the default generator of `device` (the CPU's or an accelerator's)."""
+    return torch.get_rng_state() if device.type == "cpu" else torch.get_device_module(device).get_rng_state(device)
+
+
+class _DroppedDown(torch.autograd.Function):
+    """h = dropout(x) @ a_t, x [.., in] cast to `dtype`, a_t [in, r] or [1, in, r]; dropout as nn.Dropout's (keep
+    with probability 1 - p, scale 1 / (1 - p)), its mask drawn from x's device's default generator, so
+    torch.manual_seed reproduces it and torch.utils.checkpoint's recomputation (which restores that state)
+    draws it again.
+
+    Saved for backward: x itself, which q, k and v share, and the generator's state before the draw; backward
+    draws the mask again from a copy of that state. nn.Dropout instead saves a dropped copy of x and its mask
+    in every layer."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, a_t: Tensor, p: float,
+                dtype: torch.dtype) -> Tensor:
+        ctx.rng, ctx.p = _rng_state(x.device), p
+        ctx.save_for_backward(x, a_t)
+        return torch.matmul(_drop(x, _keep_mask(x, p, None), p).to(dtype), a_t)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        # Backward runs without autocast: each product in the forward's dtype, which is grad's
+        x, a_t = ctx.saved_tensors
+        generator = torch.Generator(x.device)
+        generator.set_state(ctx.rng)
+        keep = _keep_mask(x, ctx.p, generator)
+        grad_x = grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _drop((grad @ a_t.to(grad.dtype).transpose(-1, -2)).to(x.dtype), keep, ctx.p)
+        if ctx.needs_input_grad[1]:
+            dropped = _drop(x, keep, ctx.p).to(grad.dtype).reshape(-1, x.shape[-1])
+            grad_a = (dropped.T @ grad.reshape(-1, grad.shape[-1])).view(a_t.shape).to(a_t.dtype)
+        return grad_x, grad_a, None, None
 
 
 def check_active(active: Active | Sequence[float], n_experts: int) -> Active:

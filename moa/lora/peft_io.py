@@ -130,7 +130,7 @@ def save_adapter(
         r=spec.rank,
         lora_alpha=spec.alpha,
         target_modules=_target_modules(model, layers),
-        lora_dropout=getattr(next(iter(layers.values())).dropout, "p", 0.0),
+        lora_dropout=next(iter(layers.values())).dropout,
         use_rslora=spec.use_rslora,
         base_model_name_or_path=base_model_name_or_path,
         arch_fingerprint=arch_fingerprint,

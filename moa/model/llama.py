@@ -7,12 +7,13 @@ HF checkpoints load without renaming and PEFT adapter keys map one to one.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moa.model.config import ModelConfig
 
@@ -51,6 +52,8 @@ def rope_inv_freq(config: ModelConfig) -> Tensor:
 
 
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [B, 1, T, D] in `dtype`, the angles computed in float32 as transformers does (in bf16 an
+    angle at position p would be off by up to p * 2^-9 rad); an elementwise product is not autocast."""
     freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, D]
@@ -63,17 +66,27 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Documents:
-    """Documents packed back to back in one row ([1, T], T = sum of lengths): each attends only to itself,
-    causally, so no FLOP is spent on padding or across documents."""
+    """Documents packed back to back in the rows of [B, T], in row-major order, none crossing a row (so the
+    lengths of each row's documents sum to T): each attends only to itself, causally, so no FLOP is spent
+    across documents and no [B, 1, T, T] mask is built (SDPA keeps its flash kernels on GPU)."""
 
     lengths: tuple[int, ...]
 
 
 def attend_per_document(q: Tensor, k: Tensor, v: Tensor, lengths: Sequence[int]) -> Tensor:
-    """Causal attention within each packed document: q [1, H, T, D], k/v [1, Hkv, T, D] -> [1, H, T, D]."""
+    """Causal attention within each document: q [B, H, T, D], k/v [B, Hkv, T, D] -> [B, H, T, D], the documents'
+    `lengths` row-major over the B rows. Rows that are one document each take a single causal call."""
     gqa = q.shape[1] != k.shape[1]
-    return torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa)
-                      for qd, kd, vd in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))], dim=2)
+    B, T = q.shape[0], q.shape[2]
+    if len(lengths) == B:  # one document per row (e.g. a padded row whose padding is its document's tail)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    rows, start = [[] for _ in range(B)], 0
+    for n in lengths:
+        b, s = divmod(start, T)
+        rows[b].append(F.scaled_dot_product_attention(q[b:b + 1, :, s:s + n], k[b:b + 1, :, s:s + n],
+                                                      v[b:b + 1, :, s:s + n], is_causal=True, enable_gqa=gqa))
+        start += n
+    return torch.cat([torch.cat(row, dim=2) for row in rows])
 
 
 @dataclass(frozen=True)
@@ -288,7 +301,16 @@ class Transformer(nn.Module):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.gradient_checkpointing = False  # training: recompute each block in backward (see block_input)
         self.tie_weights()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Transformer:
+        """Cast and move as nn.Module does, but `inv_freq` only moves: it stays float32 whatever the
+        weights' dtype (model.to(bfloat16)), as in transformers."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -299,8 +321,8 @@ class Transformer(nn.Module):
                 logits_at: Tensor | slice | None = None) -> Tensor:
         """Next-token logits.
 
-        input_ids [B, T]; positions [B, T] (default: 0..T-1); attn_mask a bool mask broadcastable to
-        [B, 1, T, T], True = attend, or `Documents` for packed rows (default: causal); cache: a SlotCache
+        input_ids [B, T]; positions [B, T] (default: 0..T-1); attn_mask `Documents` for packed rows, or a bool
+        mask broadcastable to [B, 1, T, T], True = attend (default: causal); cache: a SlotCache
         with a planned prefill or decode step (its plan gives the positions); logits_at selects where the
         LM head runs: a bool mask [B, T] -> [N, V], or a slice of T -> [B, T', V].
         """
@@ -321,8 +343,12 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.model.layers[:layer]:
-            x = block(x, cos, sin, attn_mask, cache)
+            if recompute:  # keep only each block's input; backward recomputes the block (dropout masks included)
+                x = checkpoint(block, x, cos, sin, attn_mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask, cache)
         return x
 
 
