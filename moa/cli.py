@@ -157,6 +157,40 @@ def add_model_commands(commands: argparse._SubParsersAction) -> None:
     info.set_defaults(run=model_info)
 
 
+def plan(args: argparse.Namespace) -> None:
+    from moa.config import load_config
+    from moa.plan import Setting, gib, model_config_of, parse_bytes, plan_config, shapes_of, table
+
+    config = load_config(args.config, args.set)
+    shapes = model_config_of(args.model_config) if args.model_config else shapes_of(config)
+    here = Setting.here()
+    gpu = (parse_bytes(args.gpu_memory) if args.gpu_memory
+           else Setting.here().device_bytes if args.device is None or args.device.startswith("cuda") else None)
+    where = Setting(None if gpu is None else int(gpu * (0.9 if args.gpu_memory else 1)),
+                    parse_bytes(args.host_memory) if args.host_memory else here.host_bytes)
+    plans = plan_config(config, shapes, where)
+    print(f"{config['experiment']}: {shapes.model_type}, {shapes.num_hidden_layers} layers, hidden "
+          f"{shapes.hidden_size}; GPU {'none' if where.device_bytes is None else gib(where.device_bytes) + ' GiB usable'}"
+          f", host {gib(where.host_bytes)} GiB (GiB below)")
+    print(table(plans, where))
+    if not all(where.fits(p) for p in plans):
+        raise MoaError("some jobs do not fit (fits: NO); `moa <step>` names the setting that fits")
+
+
+def add_plan_command(commands: argparse._SubParsersAction) -> None:
+    command = add_config_command(commands, "plan", "print every job's peak memory (weights, LoRA and optimizer, "
+                                 "activations, KV cache, workspace, host) from the model's shapes, without "
+                                 "loading it, against a GPU's memory and the host's")
+    command.add_argument("--device", default=None, help="cuda:N to plan for this machine's GPU, cpu for none "
+                         "(default: the GPU if there is one)")
+    command.add_argument("--gpu-memory", default=None, help="plan for a GPU of this size, e.g. 80GB (90%% of it is "
+                         "planned, the rest is the CUDA context and fragmentation)")
+    command.add_argument("--host-memory", default=None, help="a job's host memory, e.g. 64GB (default: available here)")
+    command.add_argument("--model-config", default=None, help="the model's shapes when the config's model cannot "
+                         "be read here: a preset (e.g. mistral-7b) or a config.json")
+    command.set_defaults(run=plan)
+
+
 def add_generate_command(commands: argparse._SubParsersAction) -> None:
     gen = add_config_command(commands, "generate", "answer prompts with any composition: one prompt per line "
                              "from --input or stdin (JSONL lines with a \"prompt\" field also work); interactive "
@@ -186,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument(f"--{argument}", required=argument in step.wildcards, help=WILDCARD_HELP[argument])
         command.set_defaults(run=step_command(name))
     add_generate_command(commands)
+    add_plan_command(commands)
     return parser
 
 

@@ -242,7 +242,7 @@ def pooled_prompts(model: Transformer, batch: Batch, pooling: Pooling,
     follow = routers is not None
     restore = activated(model, None) if follow else nullcontext()  # undoes what the hooks activate
     with restore, pooled_block_inputs(model, prompt_index(batch), pooling, routers) as pooled:
-        model(batch.input_ids, positions=batch.positions, attn_mask=batch.attn_mask(), logits_at=slice(0, 0))
+        model(batch.input_ids, positions=batch.positions, attn_mask=batch.documents(), logits_at=slice(0, 0))
     return pooled
 
 

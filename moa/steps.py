@@ -17,6 +17,7 @@ from moa.config import Config, config_hash, method_params
 from moa.data.prepare import prepare_data
 from moa.evaluate import evaluate
 from moa.model.prepare import prepare_model
+from moa.plan import preflight
 from moa.report import build_report
 from moa.sweep import on_subset, sweep_rule
 from moa.tracking import StepResult, log_step
@@ -108,6 +109,7 @@ def run_step(name: str, config: Config, subset: str | None = None, **arguments: 
     and any options given, and log it as the MLflow run "{rule}:{wildcard values}": the rule is the step, or its
     sweep rule with the subset as the first wildcard ("sweep_compose:n4-s1,svd")."""
     step, scoped = STEPS[name], on_subset(config, subset)
+    preflight(scoped, name, arguments.get("method"))  # before anything loads: does the job fit its device?
     result = step.run(scoped, **arguments)
     wildcards = {w: arguments[w] for w in step.wildcards}
     rule, labels = (name, wildcards) if subset is None else (sweep_rule(name), {"subset": subset} | wildcards)

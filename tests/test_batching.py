@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from moa.data.batching import IGNORE, Batch, Example, bucket, encode_examples, lm_loss, pack, padding_fraction
 from moa.errors import MoaError
+from moa.model import document_mask
 
 TEXTS = [
     ("Translate to German: good morning", "Guten Morgen"),
@@ -106,7 +107,7 @@ def test_padding_stays_finite(tiny) -> None:
     [batch] = bucket(examples, 1000)
     assert batch.pad_fraction > 0.3
     with torch.no_grad():
-        logits = model(batch.input_ids, positions=batch.positions, attn_mask=batch.attn_mask())
+        logits = model(batch.input_ids, positions=batch.positions, attn_mask=batch.documents())
     assert torch.isfinite(logits).all()
     trainable = copy.deepcopy(model).requires_grad_(True)  # the shared fixture stays frozen
     loss = lm_loss(trainable, batch)
@@ -169,3 +170,51 @@ def test_errors(tiny) -> None:
         encode_examples([""], ["x"], tokenizer)
     with pytest.raises(MoaError, match="2 prompts, 1 targets"):
         encode_examples(["a", "b"], ["x"], tokenizer)
+
+
+def test_documents_match_the_dense_document_mask(tiny) -> None:
+    """Per-document attention over several rows (packed, padded) gives the dense block-diagonal mask's outputs at
+    every real token, without building the [B, 1, T, T] mask."""
+    model, _ = tiny
+    examples = [Example([3 + i] * (5 + 3 * i), [4] * (2 + i) + [2]) for i in range(7)]
+    for batch in pack(examples, 40, 3, seed=1) + bucket(examples, 120, seed=1):
+        real = batch.doc_ids >= 0
+        with torch.no_grad():
+            dense = model(batch.input_ids, positions=batch.positions, attn_mask=document_mask(batch.doc_ids))
+            sparse = model(batch.input_ids, positions=batch.positions, attn_mask=batch.documents())
+        torch.testing.assert_close(sparse[real], dense[real], atol=1e-5, rtol=1e-5)
+
+
+def test_micro_batches_sum_to_the_batch(tiny) -> None:
+    """Split rows (trimmed to their own longest row) keep every document and give the batch's summed loss."""
+    model, _ = tiny
+    examples = [Example([3 + i] * (5 + 3 * i), [4] * (2 + i) + [2]) for i in range(9)]
+    [batch] = pack(examples, 40, 16)
+    micro = batch.split(2)
+    assert [i for m in micro for i in m.example_index] == batch.example_index
+    assert sum(m.loss_tokens for m in micro) == batch.loss_tokens
+    assert all(m.input_ids.shape[1] == int((m.doc_ids >= 0).sum(1).max()) for m in micro)
+    with torch.no_grad():
+        torch.testing.assert_close(sum(lm_loss(model, m, "sum") for m in micro), lm_loss(model, batch, "sum"))
+
+
+def test_the_chunked_loss_equals_the_whole(tiny, monkeypatch) -> None:
+    """In training, the loss over the vocabulary is taken in chunks whose logits are recomputed in backward: the
+    same loss and gradients as all logits at once."""
+    from moa.data import batching
+
+    examples = [Example([3 + i] * (5 + 3 * i), [4] * (6 + i) + [2]) for i in range(6)]
+    [batch] = pack(examples, 200, 4)
+
+    def loss_and_grads(chunk: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(batching, "loss_chunk", lambda vocab: chunk)
+        model = copy.deepcopy(tiny[0]).requires_grad_(True)
+        loss = lm_loss(model, batch, "sum")
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+
+    (whole, grads), (chunked, chunked_grads) = loss_and_grads(10_000), loss_and_grads(7)
+    assert batch.loss_tokens > 7
+    torch.testing.assert_close(chunked, whole)
+    for got, want in zip(chunked_grads, grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from moa.config import load_config
 from moa.data.prepare import prepare_task
@@ -94,6 +96,33 @@ def test_killed_run_resumes_to_a_bitwise_identical_adapter(smoke: Path, tmp_path
     assert list(log.step) == list(range(1, 25))
 
 
+def test_a_checkpoint_from_a_gpu_machine_resumes_here(smoke: Path) -> None:
+    """A checkpoint that carries a CUDA generator state (written on a GPU) resumes on a machine with another
+    device count: everything is read onto the CPU first, the CPU generator restored, the CUDA one left alone."""
+    from moa.train.trainer import STATE_FILE, Trainer
+
+    config = load_config(smoke, FAST)
+    model, _ = load_pretrained("random:tiny")
+    from moa.lora import inject_lora, mark_only_lora_as_trainable
+
+    inject_lora(model, rank=4)
+    mark_only_lora_as_trainable(model)
+    examples = task_examples(config, "sentiment", "train", byte_tokenizer())[:16]
+    settings = TrainSettings.from_config(config["training"])
+    folder = Path(config["results_dir"]) / "ckpt"
+    trainer = Trainer(model, examples, [], settings, 0, folder)
+    trainer.step = 3
+    trainer._checkpoint()
+    state = torch.load(folder / STATE_FILE, weights_only=True)
+    state["cuda_rng"] = torch.zeros(16, dtype=torch.uint8)  # as torch.cuda.get_rng_state() returns it
+    torch.save(state, folder / STATE_FILE)
+    rng = torch.get_rng_state()
+    torch.manual_seed(123)
+    resumed = Trainer(model, examples, [], settings, 0, folder)
+    resumed._resume()
+    assert resumed.step == 3 and torch.equal(torch.get_rng_state(), rng)
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(smoke: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from moa.train import trainer
 
@@ -155,9 +184,9 @@ def test_train_mixed_writes_one_adapter_for_all_tasks(smoke: Path) -> None:
     attach_adapter(model, out, arch_fingerprint=model.config.fingerprint())
 
 
-def test_epochs_accumulation_and_bf16_autocast(smoke: Path) -> None:
-    """steps: null trains `epochs` passes; each step accumulates grad_accum batches; bf16 autocast runs."""
-    sets = FAST + ["training.steps=null", "training.epochs=2", "training.grad_accum=2", "training.precision=bf16"]
+def test_epochs_micro_batches_and_bf16_autocast(smoke: Path) -> None:
+    """steps: null trains `epochs` passes of one batch per step; micro-batches and bf16 autocast run."""
+    sets = FAST + ["training.steps=null", "training.epochs=2", "training.micro_batch_size=2", "training.precision=bf16"]
     config = load_config(smoke, sets)
     settings = TrainSettings.from_config(config["training"])
     assert settings.autocast_dtype(torch.device("cpu")) == torch.bfloat16
@@ -165,6 +194,27 @@ def test_epochs_accumulation_and_bf16_autocast(smoke: Path) -> None:
     per_epoch = len(batches_for(examples, settings, config["seed"], 0))
     out = train_lora(config, "sentiment").path
     log = pd.read_parquet(out / "train_log.parquet")
-    assert len(log) == -(-2 * per_epoch // 2)  # ceil(epochs * batches / grad_accum)
+    assert len(log) == 2 * per_epoch
     assert log.epoch.max() == 1 and log.loss.notna().all()
     assert (log.tokens > 0).all()
+
+
+@pytest.mark.parametrize("change", [["training.gradient_checkpointing=true"],  # with dropout: the same masks
+                                    ["training.micro_batch_size=1", "lora.dropout=0"],
+                                    ["training.micro_batch_size=3", "training.gradient_checkpointing=true",
+                                     "lora.dropout=0"]])
+def test_micro_batches_and_checkpointing_give_the_same_update(smoke: Path, change: list[str]) -> None:
+    """Splitting a step's batch into micro-batches, or recomputing blocks in backward (dropout masks included),
+    changes memory, not the training: the same losses and adapter up to float rounding. (Micro-batches draw
+    their dropout masks per micro-batch, so with dropout the update is the same in distribution only.)"""
+    def trained(sets: list[str]) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+        dropout = [s for s in change if s.startswith("lora.dropout")]
+        config = load_config(smoke, FAST + ["training.steps=4", "training.gradient_checkpointing=false"] + dropout
+                             + sets)
+        out = train_lora(config, "sentiment").path
+        return pd.read_parquet(out / "train_log.parquet"), load_file(out / "adapter_model.safetensors")
+
+    (log, adapter), (other_log, other) = trained([]), trained(change)
+    np.testing.assert_allclose(other_log.loss, log.loss, rtol=1e-5)
+    for name, value in adapter.items():
+        torch.testing.assert_close(other[name], value, rtol=1e-4, atol=1e-6)

@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from moa.compose.registry import METHODS as REGISTRY
-from moa.config import load_config, schema
+from moa.compose.registry import METHODS as REGISTRY, Need, method_of
+from moa.config import load_config, method_params, schema
 from moa.evaluate import STREAM_COSTS
 from moa.layout import MIXED, ExperimentPaths, Plot, report_plots
 from moa.lora import load_adapter
@@ -187,12 +187,25 @@ def test_the_dag_trains_only_what_the_methods_need(tmp_path: Path, methods: dict
     assert {need for m in methods for need in REGISTRY[m].needs}  # the registry is what decides
 
 
-def test_jobs_on_the_model_take_the_gpu_token_only_where_there_is_a_gpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("gpu", [0, 1])
+def test_jobs_on_the_model_take_the_gpu_token_only_where_there_is_a_gpu(tmp_path: Path, monkeypatch, gpu: int) -> None:
+    """Training, routers, evaluations and the compositions that read the model (centroid) take a GPU token where
+    this host has an NVIDIA driver (a stand-in nvidia-smi here), merges never."""
+    if gpu:
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\n")
+        (tmp_path / "bin" / "nvidia-smi").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    elif shutil.which("nvidia-smi"):
+        pytest.skip("this host has a GPU")
     _, out = dry_run(tmp_path)
-    gpu = 1 if shutil.which("nvidia-smi") else 0  # as workflow/rules/common.smk decides
     for rule in ("train_lora", "train_mixed", "train_router", "evaluate"):
         assert all(f"gpu={gpu}," in resources for resources in planned(out, rule, "resources")), rule
-    assert not any("gpu=" in resources for resources in planned(out, "compose", "resources"))
+    smoke = load_config(SMOKE)
+    reading = [m for m in METHODS if Need.TASK_PROMPTS in method_of(method_params(smoke, m)).needs]
+    compose = planned(out, "compose", "resources")
+    assert reading and sum("gpu=1," in r for r in compose) == gpu * len(reading)
+    assert sum("gpu=0," in r for r in compose) == len(compose) - gpu * len(reading)
 
 
 def test_configfile_replaces_the_default_config(tmp_path: Path) -> None:
@@ -414,8 +427,11 @@ def test_an_interrupted_run_resumes(built: Path, tmp_path: Path) -> None:
         shutil.rmtree(folder)
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "2", "--configfile", str(config)]
+    # Ctrl-C's default disposition in the child: a script's background job (`nohup bash scripts/test.sh &`)
+    # starts with SIGINT ignored, which children inherit, and the interrupt would then never land.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=environment(workdir), start_new_session=True)
+                            env=environment(workdir), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoint = paths.checkpoint(MIXED) / "state.pt"
     deadline = time.monotonic() + 900
     while not checkpoint.is_file() and proc.poll() is None and time.monotonic() < deadline:

@@ -1,8 +1,8 @@
 """Tokenized training examples, packed or length-bucketed batches, and the LM loss on targets only.
 
-A packed row holds several documents (prompt + target + EOS) back to back; a block-diagonal causal
-mask and positions restarting at 0 make each document see exactly what it would see alone, so
-packing changes the speed, never the loss.
+A packed row holds several documents (prompt + target + EOS) back to back; attention within each
+document (moa.model.llama.Documents) and positions restarting at 0 make each document see exactly what it
+would see alone, so packing changes the speed, never the loss.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moa.errors import MoaError
-from moa.model.llama import document_mask
+from moa.model.llama import Documents
 from moa.model.tokenizer import Tokenizer
 
 
@@ -105,10 +106,31 @@ class Batch:
     def pad_fraction(self) -> float:
         return 1.0 - self.real_tokens / self.doc_ids.numel()
 
-    def attn_mask(self) -> Tensor:
-        """[B, 1, T, T] bool. Padding (doc id -1) forms its own causal block, so every query sees at
-        least itself and no row is all-False (which would make NaNs that leak through zero weights)."""
-        return document_mask(self.doc_ids)
+    def documents(self) -> Documents:
+        """The attention's documents, row-major; each row's padding is the tail of its last document (a row of
+        padding is one document): padding follows every real token, so it changes no real token's output,
+        and a padded row of one example stays one causal call."""
+        lengths = []
+        for row in self.doc_ids.tolist():
+            sizes = [0] * (max(row) + 1) if max(row) >= 0 else [0]
+            for d in row:
+                sizes[d] += 1  # padding (-1) counts towards the last document
+            lengths += sizes
+        return Documents(tuple(lengths))
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows start:stop as a batch of their own, trimmed to their longest row (a micro-batch)."""
+        doc_ids = self.doc_ids[start:stop]
+        width = int((doc_ids >= 0).sum(1).max())
+        first = int(self.docs_per_row[:start].sum())
+        n_docs = int(self.docs_per_row[start:stop].sum())
+        cut = {k: getattr(self, k)[start:stop, :width] for k in ("input_ids", "labels", "positions", "doc_ids")}
+        return Batch(**cut, tasks=self.tasks[start:stop], example_index=self.example_index[first:first + n_docs])
+
+    def split(self, rows: int) -> list[Batch]:
+        """Micro-batches of at most `rows` rows each, in order."""
+        n = self.input_ids.shape[0]
+        return [self.rows(k, min(k + rows, n)) for k in range(0, n, rows)]
 
     @property
     def docs_per_row(self) -> Tensor:
@@ -232,6 +254,28 @@ def padding_fraction(batches: Sequence[Batch]) -> float:
 Reduction = Literal["mean", "sum", "per_example"]
 
 
+LOSS_CHUNK_BYTES = 2**30  # fp32 logits of one chunk of the training loss (its log-softmax and gradients alike)
+
+
+def loss_chunk(vocab_size: int) -> int:
+    """Loss tokens whose logits exist at once in training: 8,192 for a 32k vocabulary, 1,766 for 152k."""
+    return max(256, LOSS_CHUNK_BYTES // (4 * vocab_size))
+
+
+def token_losses(model: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy [N] of the final hidden states [N, H] (before the final norm) against `labels` [N]. With
+    gradients, in chunks (loss_chunk) whose logits are recomputed in backward: the logits of a long micro-batch
+    over a large vocabulary (32k tokens x 152k) would otherwise take tens of GB."""
+    def chunk(h: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(model.lm_head(model.model.norm(h)).float(), y, reduction="none")
+
+    size = loss_chunk(model.lm_head.out_features)
+    if not torch.is_grad_enabled() or len(labels) <= size:
+        return chunk(hidden, labels)
+    return torch.cat([checkpoint(chunk, h, y, use_reentrant=False)
+                      for h, y in zip(hidden.split(size), labels.split(size))])
+
+
 def lm_loss(model: nn.Module, batch: Batch, reduction: Reduction = "mean") -> Tensor:
     """Cross-entropy on target tokens (+ EOS) only; the LM head runs only at those positions.
 
@@ -242,8 +286,8 @@ def lm_loss(model: nn.Module, batch: Batch, reduction: Reduction = "mean") -> Te
         raise MoaError(f"unknown loss reduction {reduction!r}: use mean, sum or per_example")
     batch = batch.to(next(model.parameters()).device)
     at = batch.labels != IGNORE
-    logits = model(batch.input_ids, positions=batch.positions, attn_mask=batch.attn_mask(), logits_at=at)
-    loss = F.cross_entropy(logits.float(), batch.labels[at], reduction="none")  # [N]
+    hidden = model.block_input(batch.input_ids, batch.positions, batch.documents(), len(model.model.layers))
+    loss = token_losses(model, hidden[at], batch.labels[at])  # [N]
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":

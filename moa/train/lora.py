@@ -14,6 +14,7 @@ from moa.layout import ADAPTER_CONFIG, MIXED, TRAIN_LOG, ExperimentPaths
 from moa.lora import inject_lora, mark_only_lora_as_trainable, save_adapter
 from moa.model import Tokenizer, Transformer
 from moa.model.prepare import base_model, device
+from moa.plan import with_checkpointing
 from moa.tracking import StepResult
 from moa.train.trainer import Trainer, TrainSettings
 
@@ -47,8 +48,9 @@ def train_and_save(config: Config, model: Transformer, train: list[Example], val
                    name: str) -> StepResult:
     """Train, then write adapters/{name}/ (PEFT format + train_log.parquet) in one atomic step."""
     paths = ExperimentPaths.of(config)
-    trainer = Trainer(model, train, validation, TrainSettings.from_config(config["training"]), config["seed"],
-                      paths.checkpoint(name), desc=f"train {name}")
+    settings = with_checkpointing(TrainSettings.from_config(config["training"]), config, model.config,
+                                  "train_mixed" if name == MIXED else "train_lora")
+    trainer = Trainer(model, train, validation, settings, config["seed"], paths.checkpoint(name), desc=f"train {name}")
     log = trainer.run()
     out = paths.adapter(name)
     with atomic_dir(out) as tmp:

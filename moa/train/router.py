@@ -52,6 +52,7 @@ from moa.routing import (
 )
 from moa.tracking import StepResult
 from moa.train.lora import all_task_examples, task_examples, train_lora_factors_in_fp32
+from moa.plan import with_checkpointing
 from moa.train.trainer import Trainer, TrainSettings, clip_and_step, optimizer_for
 
 
@@ -103,7 +104,7 @@ def prompt_features(model: Transformer, prompts: Sequence[Example], pooling: Poo
     model.eval()
     dev = next(model.parameters()).device
     features, tasks = [], []
-    for batch in tqdm(pack(prompts, settings.seq_len, settings.batch_size, by_task=True), desc="router features",
+    for batch in tqdm(pack(prompts, settings.seq_len, settings.micro_rows, by_task=True), desc="router features",
                       unit="batch", dynamic_ncols=True):
         with activated(model, batch.tasks), settings.autocast(dev):
             features.append(pooled_prompts(model, batch, pooling))
@@ -243,6 +244,7 @@ def joint_trainer(config: Config, model: Transformer, routers: LayerRouters, tok
                   settings: TrainSettings) -> Trainer:
     """Joint mode: the Trainer on L over packed rows of one task each (teacher forcing routes whole rows),
     checkpointed under checkpoints/_router/."""
+    settings = with_checkpointing(settings, config, model.config, "train_router")
     return Trainer(RouterTraining(model, routers), *all_task_examples(config, tokenizer), settings, config["seed"],
                    ExperimentPaths.of(config).checkpoint("_router"),
                    loss_fn=partial(router_loss, eta=config["router"]["eta"]), desc="train router (joint)", by_task=True)

@@ -1,5 +1,6 @@
-"""The training loop: AdamW, linear warm-up then cosine decay, clipping, gradient accumulation,
-validation loss, bf16 autocast, and checkpoints that make a killed run resume bitwise identically."""
+"""The training loop: AdamW, linear warm-up then cosine decay, clipping, gradient accumulation over
+micro-batches, activation checkpointing, validation loss, bf16 autocast, and checkpoints that make a killed
+run resume bitwise identically (on another device too)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from moa.data.batching import Batch, Batching, Example, bucket, lm_loss, pack, padding_fraction
 from moa.errors import MoaError
 from moa.io import atomic_dir
+from moa.model.llama import Transformer
 
 LossFn = Callable[[nn.Module, Batch], Tensor]  # summed loss over the batch's loss tokens
 STATE_FILE = "state.pt"
@@ -41,7 +43,8 @@ class TrainSettings:
     batch_size: int
     seq_len: int
     batching: Batching
-    grad_accum: int
+    micro_batch_size: int | None  # rows per forward/backward; None: the whole batch
+    gradient_checkpointing: bool | str  # True, False or "auto" (moa.plan decides from the device's memory)
     lr: float
     weight_decay: float
     warmup_steps: int
@@ -56,6 +59,10 @@ class TrainSettings:
     def from_config(cls, section: dict[str, Any]) -> TrainSettings:
         settings = cls(**{f.name: section[f.name] for f in fields(cls)})
         return replace(settings, batching=Batching(settings.batching), precision=Precision(settings.precision))
+
+    @property
+    def micro_rows(self) -> int:
+        return min(self.micro_batch_size or self.batch_size, self.batch_size)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         if self.precision == Precision.BF16 or (self.precision == Precision.AUTO and device.type == "cuda"):
@@ -76,8 +83,15 @@ def batches_for(examples: Sequence[Example], settings: TrainSettings, seed: int,
     return bucket(examples, settings.seq_len * settings.batch_size, seed=seed, epoch=epoch)
 
 
+def micro_batches(batch: Batch, settings: TrainSettings) -> list[Batch]:
+    """One step's batch as forward/backward passes of at most micro_batch_size x seq_len tokens each."""
+    if settings.micro_rows >= settings.batch_size:
+        return [batch]
+    return batch.split(max(1, settings.micro_rows * settings.seq_len // batch.input_ids.shape[1]))
+
+
 def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
-    return settings.steps or max(1, math.ceil(settings.epochs * batches_per_epoch / settings.grad_accum))
+    return settings.steps or max(1, math.ceil(settings.epochs * batches_per_epoch))
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -116,6 +130,9 @@ class Trainer:
         self.checkpoint_dir, self.desc = Path(checkpoint_dir), desc
         self.loss_fn = loss_fn or (lambda m, b: lm_loss(m, b, reduction="sum"))
         self.device = next(model.parameters()).device
+        for module in model.modules():
+            if isinstance(module, Transformer):
+                module.gradient_checkpointing = settings.gradient_checkpointing is True
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise MoaError("nothing to train: the model has no parameter that requires grad")
@@ -137,11 +154,12 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=self.total, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True)
         while self.step < self.total:
-            micro, batches = self._next_batches(batches)
+            batch, batches = self._next_batch(batches)
+            micro = micro_batches(batch, self.settings)
             start = time.perf_counter()
             loss, grad_norm = self._optimize(micro)
             seconds = time.perf_counter() - start
-            tokens = sum(b.real_tokens for b in micro)
+            tokens = batch.real_tokens
             row = {"step": self.step + 1, "epoch": self.epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                    "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / seconds,
                    "pad_fraction": padding_fraction(micro)}
@@ -158,19 +176,17 @@ class Trainer:
         self.model.eval()
         return pd.DataFrame(self.log)
 
-    def _next_batches(self, batches: list[Batch]) -> tuple[list[Batch], list[Batch]]:
-        """The step's micro-batches, moving to a freshly shuffled epoch when one runs out."""
-        micro = []
-        for _ in range(self.settings.grad_accum):
-            if self.position == len(batches):
-                self.epoch, self.position = self.epoch + 1, 0
-                batches = self._batches(self.train_examples, self.epoch)
-            micro.append(batches[self.position])
-            self.position += 1
-        return micro, batches
+    def _next_batch(self, batches: list[Batch]) -> tuple[Batch, list[Batch]]:
+        """The step's batch, moving to a freshly shuffled epoch when one runs out."""
+        if self.position == len(batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            batches = self._batches(self.train_examples, self.epoch)
+        self.position += 1
+        return batches[self.position - 1], batches
 
     def _optimize(self, micro: list[Batch]) -> tuple[float, float]:
-        """One optimizer step over the micro-batches; the loss is the mean over all their loss tokens."""
+        """One optimizer step over the batch's micro-batches; the loss is the mean over all their loss tokens,
+        so the update does not depend on how the batch is split."""
         n_tokens = sum(b.loss_tokens for b in micro)
         total = 0.0
         for batch in micro:
@@ -188,7 +204,7 @@ class Trainer:
         """Mean loss per target token over the fixed validation batches (dropout off)."""
         self.model.eval()
         total, tokens = 0.0, 0
-        for batch in self.val_batches:
+        for batch in (micro for batch in self.val_batches for micro in micro_batches(batch, self.settings)):
             with self.settings.autocast(self.device):
                 total += self.loss_fn(self.model, batch.to(self.device)).item()
             tokens += batch.loss_tokens
@@ -204,8 +220,8 @@ class Trainer:
             "rng": torch.get_rng_state(), "step": self.step, "epoch": self.epoch, "position": self.position,
             "total": self.total, "log": self.log,
         }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # the generator of the training device only: resumable on any GPU count
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         with atomic_dir(self.checkpoint_dir) as tmp:
             torch.save(state, tmp / STATE_FILE)
 
@@ -214,7 +230,8 @@ class Trainer:
         if not path.is_file():
             return
         try:
-            state = torch.load(path, weights_only=True, map_location=self.device)  # never unpickle code
+            # On the CPU first: RNG states must stay CPU ByteTensors; the rest moves with copy_/load_state_dict.
+            state = torch.load(path, weights_only=True, map_location="cpu")  # never unpickle code
         except Exception as err:  # torch raises several types on a damaged file
             raise MoaError(f"{path}: unreadable checkpoint ({err}); delete {self.checkpoint_dir} to start over") from err
         if state["total"] != self.total or state["params"].keys() != self.params.keys():
@@ -225,9 +242,9 @@ class Trainer:
                 self.params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"].cpu())
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step, self.epoch, self.position, self.log = state["step"], state["epoch"], state["position"], state["log"]
         tqdm.write(f"{self.desc}: resuming from step {self.step} ({path})", file=sys.stderr)
 

@@ -1,0 +1,109 @@
+"""The memory plan: against peaks measured on CPU, the pre-flight's one line, and the paper-scale configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moa.cli import main
+from moa.config import load_config
+from moa.data.batching import Example, lm_loss, pack
+from moa.errors import MoaError
+from moa.lora import inject_lora, mark_only_lora_as_trainable
+from moa.lora.inject import DEFAULT_TARGETS
+from moa.memory import PeakMemory
+from moa.model.config import ModelConfig
+from moa.model.llama import Transformer
+from moa.plan import GiB, LoraShape, Setting, Training, preflight, training_memory, with_checkpointing
+from moa.train.trainer import TrainSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ModelConfig(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=2)
+
+
+def measured_step_peak(dtype: torch.dtype, autocast: bool, checkpointing: bool, rows: int, seq: int,
+                       target: int) -> tuple[int, int]:
+    """(peak bytes of two AdamW steps of a LoRA on SMALL, the batch's loss tokens): weights and LoRA factors,
+    plus every tensor alive at once during the steps."""
+    torch.manual_seed(0)
+    model = Transformer(SMALL).to(dtype)
+    inject_lora(model, DEFAULT_TARGETS, rank=8, dropout=0.05)
+    mark_only_lora_as_trainable(model)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    model.gradient_checkpointing = checkpointing
+    [batch] = pack([Example([5] * (seq - target - 1), [6] * target + [2]) for _ in range(rows)], seq, rows)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with PeakMemory() as memory:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = lm_loss(model, batch, "sum")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    resident = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return memory.peak + resident, batch.loss_tokens
+
+
+@pytest.mark.parametrize("dtype,autocast,checkpointing,rows,seq,target", [
+    (torch.float32, False, False, 4, 512, 64),
+    (torch.float32, True, False, 4, 512, 64),  # fp32 weights under bf16 autocast: its weight casts count
+    (torch.bfloat16, True, False, 2, 1024, 256),
+    (torch.float32, False, True, 4, 512, 64),
+    (torch.bfloat16, True, True, 8, 512, 16),
+])
+def test_the_training_plan_is_within_15_percent_of_the_measured_peak(dtype, autocast, checkpointing, rows, seq,
+                                                                      target) -> None:
+    peak, loss_tokens = measured_step_peak(dtype, autocast, checkpointing, rows, seq, target)
+    plan = training_memory(SMALL, LoraShape(DEFAULT_TARGETS, 8, 0.05), dtype,
+                           Training(rows * seq, loss_tokens, checkpointing, torch.bfloat16 if autocast else None))
+    assert 0.85 <= plan.device / peak <= 1.15, (plan, peak)
+
+
+def test_checkpointing_keeps_a_fraction_of_the_activations() -> None:
+    lora = LoraShape(DEFAULT_TARGETS, 8, 0.05)
+    full, kept = (training_memory(SMALL, lora, torch.bfloat16, Training(4096, 512, c, torch.bfloat16))
+                  for c in (False, True))
+    assert kept.activations < full.activations / 2 and kept.weights == full.weights
+
+
+@pytest.fixture
+def smoke(tmp_path: Path) -> dict:
+    return load_config(ROOT / "config/smoke.yaml", [f"results_dir={tmp_path}", "training.batch_size=64",
+                                                   "training.seq_len=4096"])
+
+
+def test_a_job_that_does_not_fit_names_the_micro_batch_that_does(smoke: dict, monkeypatch) -> None:
+    """Planned against a small GPU: train-lora stops before loading anything, naming the setting that fits."""
+    monkeypatch.setattr(Setting, "here", classmethod(lambda cls: cls(300 * 2**20, 64 * GiB)))
+    with pytest.raises(MoaError, match=r"train_lora at micro-batch 64 x 4096, checkpointing needs .* GiB on the GPU "
+                                       r".*; set training\.micro_batch_size: \d+ and "
+                                       r"training\.gradient_checkpointing: true"):
+        preflight(smoke, "train_lora")
+    monkeypatch.setattr(Setting, "here", classmethod(lambda cls: cls(1 * 2**20, 64 * GiB)))
+    with pytest.raises(MoaError, match=r"train_lora at .* needs .* GiB on the GPU .*even micro-batch 1"):
+        preflight(smoke, "train_lora")
+
+
+def test_auto_checkpointing_turns_on_only_when_needed(smoke: dict, monkeypatch) -> None:
+    from moa.plan import shapes_of
+
+    settings = TrainSettings.from_config(smoke["training"])
+    assert settings.gradient_checkpointing == "auto"
+    monkeypatch.setattr(Setting, "here", classmethod(lambda cls: cls(None, 64 * GiB)))
+    assert with_checkpointing(settings, smoke, shapes_of(smoke), "train_lora").gradient_checkpointing is False
+    monkeypatch.setattr(Setting, "here", classmethod(lambda cls: cls(30 * 2**20, 64 * GiB)))
+    assert with_checkpointing(settings, smoke, shapes_of(smoke), "train_lora").gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("config,shapes", [("paper.yaml", "mistral-7b"), ("thesis.yaml", "qwen2-1.5b")])
+def test_the_paper_scale_configs_fit_an_80gb_gpu(config: str, shapes: str, capsys) -> None:
+    assert main(["plan", "--config", str(ROOT / "config" / config), "--model-config", shapes,
+                 "--gpu-memory", "80GB", "--host-memory", "64GB"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert rows and all("  yes  " in row for row in rows)
+    assert any(row.startswith("train_lora") and "  GPU  " in row for row in rows)
