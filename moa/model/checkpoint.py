@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,36 +27,63 @@ def empty_model(config: ModelConfig) -> Transformer:
         return Transformer(config)
 
 
-def load_state(model: Transformer, tensors: dict[str, torch.Tensor], source: str,
-               dtype: torch.dtype = torch.float32) -> Transformer:
-    """Check names and shapes against the model, then assign the tensors (no copy when dtypes agree)."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+def check_state(model: Transformer, shapes: dict[str, list[int]], source: str) -> set[str]:
+    """The checkpoint's names to load, after checking all of them (`shapes`: name -> shape) against the
+    model, so that a bad checkpoint fails before any tensor is read."""
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    names = {k for k in shapes if not IGNORED_KEYS.fullmatch(k)}
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight")
-        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-    tensors = {k: v for k, v in tensors.items() if not IGNORED_KEYS.fullmatch(k)}
-    unknown = sorted(set(tensors) - set(expected))
+        names.discard("lm_head.weight")
+    unknown = sorted(names - set(expected))
     if unknown:
         raise MoaError(f"{source}: unknown tensor {unknown[0]!r} ({len(unknown)} unknown in all) "
                        f"for a {model.config.model_type} model")
-    missing = sorted(set(expected) - set(tensors))
+    missing = sorted(set(expected) - names)
     if missing:
         raise MoaError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
     for name, shape in expected.items():
-        if tensors[name].shape != shape:
-            raise MoaError(f"{source}: tensor {name!r} has shape {list(tensors[name].shape)}, "
-                           f"the config implies {list(shape)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
-    model.tie_weights()
+        if list(shapes[name]) != shape:
+            raise MoaError(f"{source}: tensor {name!r} has shape {list(shapes[name])}, the config implies {shape}")
+    return names
+
+
+def assign(model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
+    """Put checked tensors in place of the model's meta ones, as they are (no copy)."""
+    model.load_state_dict(tensors, strict=False, assign=True)
+
+
+def finish(model: Transformer, device: torch.device | str) -> Transformer:
+    model.tie_weights()  # the LM head still holds its meta placeholder
+    model = model.to(device)  # what is still elsewhere: RoPE's buffer, made on the CPU at construction
+    model.tie_weights()  # a move to another kind of device (meta) makes new parameters
     return model.eval().requires_grad_(False)
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_state(model: Transformer, tensors: dict[str, torch.Tensor], source: str,
+               device: torch.device | str = "cpu") -> Transformer:
+    """Check and assign tensors already read in the model's dtype onto `device`."""
+    names = check_state(model, {k: list(v.shape) for k, v in tensors.items()}, source)
+    assign(model, {k: tensors[k] for k in names})
+    return finish(model, device)
+
+
+@contextlib.contextmanager
+def open_shard(path: Path) -> Iterator[safe_open]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            yield f
     except (SafetensorError, OSError) as err:
         raise MoaError(f"{path}: cannot read safetensors ({err}); re-download or re-convert the model") from err
+
+
+def shard_shapes(paths: list[Path]) -> dict[Path, dict[str, list[int]]]:
+    """Each shard's tensor names and shapes, from its header alone (no tensor data is read)."""
+    shapes = {}
+    for path in paths:
+        with open_shard(path) as f:
+            shapes[path] = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    return shapes
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -84,14 +113,18 @@ def read_config(directory: Path) -> ModelConfig:
         raise MoaError(f"{path}: unexpected value ({err})") from err
 
 
-def load_hf_dir(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+def load_hf_dir(directory: str | Path, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer]:
+    """Every tensor goes to `dtype` on `device` as soon as it is read, one shard at a time: the host holds
+    at most one shard beyond the model (none of the model when `device` is a GPU)."""
     directory = Path(directory)
-    config = read_config(directory)
-    tensors: dict[str, torch.Tensor] = {}
-    for path in weight_files(directory):
-        tensors |= read_safetensors(path)
-    model = load_state(empty_model(config), tensors, str(directory), dtype)
-    return model, Tokenizer.from_dir(directory)
+    model = empty_model(read_config(directory))
+    shards = shard_shapes(weight_files(directory))
+    names = check_state(model, {k: v for shapes in shards.values() for k, v in shapes.items()}, str(directory))
+    for path, shapes in shards.items():
+        with open_shard(path) as f:
+            assign(model, {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in shapes if k in names})
+    return finish(model, device), Tokenizer.from_dir(directory)
 
 
 def save_hf_dir(model: Transformer, tokenizer: Tokenizer, out: str | Path,

@@ -94,7 +94,9 @@ def read_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     )
 
 
-def read_tensors(reader: gguf.GGUFReader, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(reader: gguf.GGUFReader, config: ModelConfig, path: Path, dtype: torch.dtype,
+                 device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Dequantized weights by Hugging Face name, each in `dtype` on `device` as soon as it is read."""
     tensors = {}
     for t in reader.tensors:
         name = hf_name(t.name, path)
@@ -106,7 +108,7 @@ def read_tensors(reader: gguf.GGUFReader, config: ModelConfig, path: Path) -> di
             w = unpermute_qk(w, config.num_attention_heads)
         elif config.model_type == "llama" and ".attn_k." in t.name:
             w = unpermute_qk(w, config.num_key_value_heads)
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(w)).to(device=device, dtype=dtype)
     return tensors
 
 
@@ -129,8 +131,9 @@ def read_tokenizer(reader: gguf.GGUFReader, path: Path) -> Tokenizer:
                      add_bos_token=bool(field(reader, "tokenizer.ggml.add_bos_token", False)))
 
 
-def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     path = Path(path)
     reader = open_gguf(path)
     config = read_config(reader, path)
-    return config, read_tensors(reader, config, path), read_tokenizer(reader, path)
+    return config, read_tensors(reader, config, path, dtype, device), read_tokenizer(reader, path)
