@@ -29,8 +29,13 @@ include: "workflow/rules/report.smk"
 report: "workflow/report/workflow.rst"
 
 
+# Under a cluster executor these run where snakemake runs (on SLURM: the login node, which reaches the Hugging Face
+# Hub), not as submitted jobs: the prepare steps are the only ones that download (the model, the `hf` datasets), so
+# every submitted job reads local files only (results/{experiment}/model/ and data/). Locally every rule runs alike.
 localrules:
     all,
+    prepare_model,
+    prepare_data,
 
 
 rule all:

@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 from moa.cli import main
-from moa.config import load_config
+from moa.config import load_config, method_params
 from moa.data.batching import encode_examples, pack, padding_fraction
 from moa.data.prepare import COLUMNS, prepare_task
+from moa.data.tasks import DropRow, get_task
 from moa.layout import SPLITS
+from moa.metrics import example_statistics
 from moa.model import load_tokenizer
 from moa.model.tokenizer import byte_tokenizer
 
@@ -133,6 +135,66 @@ def test_hf_source_builds_from_local_files_offline(tmp_path: Path) -> None:
     assert set(frames["train"].target) == {"positive", "negative"}
     carved, train = set(frames["validation"].id), set(frames["train"].id)  # no validation file: carved
     assert len(carved) == 5 and not carved & train and carved <= {str(i) for i in range(30)}
+
+
+# Rows in GLUE MNLI's schema (nyu-mll/glue, mnli): label is a ClassLabel, 0 entailment, 1 neutral, 2 contradiction.
+MNLI_ROWS = [
+    {"premise": "A man is playing a guitar on a stage.", "hypothesis": "A person is making music.", "label": 0,
+     "idx": 0},
+    {"premise": "The museum opens at nine on weekdays.", "hypothesis": "The museum is popular with tourists.",
+     "label": 1, "idx": 1},
+    {"premise": "Two dogs sleep on the porch.", "hypothesis": "The dogs are running in the park.", "label": 2,
+     "idx": 2},
+]
+THESIS = ROOT / "config" / "thesis.yaml"
+
+
+def test_thesis_config_is_the_reference_studys_setting() -> None:
+    config = load_config(THESIS)
+    assert config["model"] == {"source": "Qwen/Qwen2-1.5B", "dtype": "bfloat16"}
+    assert config["training"]["precision"] == "bf16" and config["evaluation"]["dtype"] == "bfloat16"
+    assert "grad_accum" not in yaml.safe_load(THESIS.read_text())["training"]  # batch_size: rows per optimizer step
+    assert list(config["tasks"]) == ["summarization", "translation", "qa", "sentiment", "mnli"]
+    assert config["lora"]["rank"] == 8
+    table = {name: method_params(config, name) for name in ("base", "moa", "svd", "weighted_sum", "concat")}
+    assert {name: params["method"] for name, params in table.items()} == {
+        "base": "base", "moa": "moa", "svd": "svd", "weighted_sum": "linear", "concat": "concat"}
+    assert table["svd"]["k"] == 8 and "oracle" in config["methods"]
+
+
+def test_thesis_mnli_builds_prompts_and_targets_from_mnli_rows() -> None:
+    task = get_task(load_config(THESIS), "mnli")
+    assert task.columns == ("premise", "hypothesis", "label") and task.metric == "accuracy"
+    assert task.prompt(MNLI_ROWS[0]) == (
+        "Does the premise entail the hypothesis? Answer entailment, neutral or contradiction.\n\n"
+        "Premise: A man is playing a guitar on a stage.\nHypothesis: A person is making music.\nRelation:")
+    labels = ["entailment", "neutral", "contradiction"]
+    assert [task.target(row) for row in MNLI_ROWS] == labels
+    assert [task.references(row) for row in MNLI_ROWS] == [[label] for label in labels]
+    for unlabeled in (-1, 3, None, "neutral"):  # GLUE's test splits hold -1
+        with pytest.raises(DropRow, match="invalid_label"):
+            task.check(MNLI_ROWS[0] | {"label": unlabeled})
+    assert task.format.follows(" Neutral", {}) is False and task.format.follows(" neutral\n", {})
+    outputs = [" entailment", " neutral.", " It is a contradiction", " maybe"]
+    stats, extra = example_statistics("custom", ["accuracy"], outputs, [[label] for label in [*labels, "neutral"]])
+    assert stats["accuracy"].tolist() == [100, 100, 100, 0] and extra["unparseable"] == 1
+
+
+def test_labelled_custom_task_prepares_names_and_drops_unlabeled_rows(tmp_path: Path) -> None:
+    rows = [row | {"idx": 10 * i + row["idx"]} for i in range(8) for row in MNLI_ROWS]
+    rows = [row | {"premise": f"{row['premise']} ({row['idx']})"} for row in rows]
+    unlabeled = [MNLI_ROWS[0] | {"premise": f"Unlabeled {i}.", "label": -1, "idx": 100 + i} for i in range(3)]
+    source = f"{{type: local, files: {jsonl(tmp_path / 'mnli.jsonl', rows + unlabeled)}}}"
+    config = load_config(THESIS, [f"results_dir={tmp_path / 'results'}", "experiment=t", f"tasks.mnli.source={source}",
+                                  "tasks.mnli.sizes={train: 40, validation: 3, test: 3}"])
+    prepare_task(config, "mnli", byte_tokenizer())
+    frames, stats = read(tmp_path, "mnli")
+    assert sum(split["drops"].get("invalid_label", 0) for split in stats["splits"].values()) == 3
+    assert not {str(row["idx"]) for row in unlabeled} & set().union(*(frame.id for frame in frames.values()))
+    for frame in frames.values():
+        assert set(frame.target) <= {"entailment", "neutral", "contradiction"}
+        assert all(list(refs) == [target] for refs, target in zip(frame.references, frame.target))
+        assert all(prompt.startswith("Does the premise entail") for prompt in frame.prompt)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -1,7 +1,8 @@
 """The task registry: what each task reads, how its prompt and target are built, how it is scored.
 
 A built-in task (the six of the proposal) is defined here; a custom task is defined in the config alone
-(source + template + target + references + metric, optionally a `format` regex). Both become a `Task`.
+(source + template + target + references + metric, optionally `labels` naming a class-index column's values and a
+`format` regex). Both become a `Task`.
 
 Each generating task also says what a well-formed output looks like (`FormatCheck`): the report's format
 adherence, whether a composition still answers in the task's format when it must tell tasks apart from the
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,19 +285,46 @@ def _render(template: str, row: Row) -> str:
     return template.format_map(row)
 
 
+Labels = Mapping[str, Sequence[str]]  # a custom task's `labels`: class-index column -> the names of 0, 1, ...
+
+
+def named(labels: Labels, row: Row) -> Row:
+    """The row with each class-index column's value replaced by its name (DropRow where it has none)."""
+    if not labels:
+        return row
+    out = dict(row)
+    for column, names in labels.items():
+        value = row.get(column)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(names):
+            raise DropRow("invalid_label")
+        out[column] = names[value]
+    return out
+
+
+@dataclass(frozen=True)
+class _CustomTask(Task):
+    labels: Labels = field(default_factory=dict)
+
+    def prompt(self, row: Row) -> str:
+        return super().prompt(named(self.labels, row))
+
+
 def _custom(name: str, spec: Mapping[str, Any]) -> Task:
     missing = [k for k in ("template", "target", "metric") if k not in spec]
     if missing:
         raise MoaError(f"tasks.{name}: a custom task needs {', '.join(missing)} "
                        f"(or use a built-in name: {', '.join(BUILTIN)})")
     references = spec.get("references") or [spec["target"]]
-    columns = template_fields(spec["template"] + spec["target"] + "".join(references))
-    return Task(name=name, kind="custom", source=dict(spec["source"]), columns=tuple(columns),
-                template=spec["template"], target=lambda r: _text(_render(spec["target"], r), "target"),
-                references=lambda r: [_render(t, r).strip() for t in references],
-                metrics=(spec["metric"],), max_new_tokens=spec.get("max_new_tokens", 64),
-                stop=tuple(spec.get("stop", ("\n\n",))), truncate=spec.get("truncate"),
-                scored=spec["metric"] == "perplexity")
+    labels = spec.get("labels", {})
+    columns = template_fields(spec["template"] + spec["target"] + "".join(references)) + list(labels)
+    return _CustomTask(name=name, kind="custom", source=dict(spec["source"]), columns=tuple(dict.fromkeys(columns)),
+                       template=spec["template"], labels=labels,
+                       target=lambda r: _text(_render(spec["target"], named(labels, r)), "target"),
+                       references=lambda r: [_render(t, named(labels, r)).strip() for t in references],
+                       check=lambda r: named(labels, r) and None,
+                       metrics=(spec["metric"],), max_new_tokens=spec.get("max_new_tokens", 64),
+                       stop=tuple(spec.get("stop", ("\n\n",))), truncate=spec.get("truncate"),
+                       scored=spec["metric"] == "perplexity")
 
 
 def get_task(config: Mapping[str, Any], name: str) -> Task:

@@ -11,6 +11,7 @@
 # them through their newer inputs. The merged config itself reaches the steps as one YAML file
 # (moa_config()): a derived param, so its name changing with any key never triggers a rerun.
 
+import functools
 import hashlib
 import os
 import re
@@ -182,6 +183,48 @@ def step_benchmark(name, sweep=False):
 # exhausting) its memory; on a machine without an NVIDIA driver (nvidia-smi) they take none and run
 # side by side. On SLURM the slurm profile's set-resources decide what each job requests.
 GPU_JOB = 1 if shutil.which("nvidia-smi") else 0
+
+
+def composition_gpus(wildcards):
+    """A composition that reads prompts through the model (centroid) runs it on a GPU: where this host has
+    one, and on SLURM (whose profile gives the other model-reading rules theirs; a cluster without GPUs takes
+    it back with --set-resources compose:gpu=0). Merges are matrix work on the host."""
+    reads_model = Need.TASK_PROMPTS in method_of(method_params(config, wildcards.method)).needs
+    on_slurm = workflow.executor_plugin is not None and workflow.executor_plugin.name == "slurm"
+    return int(reads_model and (GPU_JOB or on_slurm))
+
+
+@functools.cache
+def planned_shapes():
+    """The model's shapes for the plans (None where they cannot be read), looked up once per invocation."""
+    from moa.plan import shapes_of
+
+    try:
+        return shapes_of(config)
+    except MoaError:
+        return None
+
+
+def planned_mem_mb(step, unplanned):
+    """A job's host memory (sbatch --mem) from its plan (`moa plan`): the planned host peak plus a quarter,
+    rounded up to a GB, planned for a GPU where the job gets one. `unplanned` (MB) where the model's shapes
+    cannot be read (offline, before prepare-model) and inside a submitted job (its --mem is decided)."""
+
+    def mem_mb(wildcards):
+        from moa.plan import HOST_BASELINE, Setting, job_plan
+
+        on = workflow.executor_plugin.name if workflow.executor_plugin is not None else None
+        if on == "slurm-jobstep":
+            return unplanned
+        shapes = planned_shapes()
+        if shapes is None:
+            return unplanned
+        gpu = 1 << 60 if GPU_JOB or on == "slurm" else None
+        plan = job_plan(config, shapes, step, Setting(gpu, 1 << 60), getattr(wildcards, "method", None))
+        host = plan.memory.host if plan else HOST_BASELINE
+        return 1024 * -(-int(1.25 * host) // 2**30)
+
+    return mem_mb
 
 
 def check_slurm_jobs():

@@ -15,7 +15,8 @@ rule compose:
         step_benchmark("compose")
     threads: composition_threads
     resources:
-        mem_mb=8000,
+        mem_mb=planned_mem_mb("compose", 8000),
         runtime=60,
+        gpu=composition_gpus,
     shell:
         step_shell("compose")

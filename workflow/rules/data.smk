@@ -1,5 +1,6 @@
 # One task's data: data/{task}/{train,validation,test}.parquet and stats.json. The tokenizer comes from
 # model.source itself (no weights are read), so data does not wait for prepare_model.
+# A local rule (Snakefile): on a cluster it runs on the login node, where the hub is reachable.
 
 
 rule prepare_data:

@@ -19,7 +19,7 @@ rule evaluate:
     # Decoding with large batches is compute-bound: the job takes the cores, one composition at a time.
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=planned_mem_mb("evaluate", 8000),
         runtime=120,
         gpu=GPU_JOB,
     shell:

@@ -1,5 +1,6 @@
 # The base model, written once as an HF directory that every later step loads (a GGUF is dequantized here).
 # Each rule runs the moa step of its name: moa.steps.STEPS["prepare_model"].
+# A local rule (Snakefile): on a cluster it runs on the login node, where the hub is reachable.
 
 
 rule prepare_model:

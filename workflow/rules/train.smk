@@ -17,7 +17,7 @@ rule train_lora:
         step_benchmark("train_lora")
     threads: 8
     resources:
-        mem_mb=16000,
+        mem_mb=planned_mem_mb("train_lora", 16000),
         runtime=360,
         gpu=GPU_JOB,
     shell:
@@ -38,7 +38,7 @@ rule train_mixed:
         step_benchmark("train_mixed")
     threads: 8
     resources:
-        mem_mb=16000,
+        mem_mb=planned_mem_mb("train_mixed", 16000),
         runtime=480,
         gpu=GPU_JOB,
     shell:
@@ -60,7 +60,7 @@ rule train_router:
         step_benchmark("train_router")
     threads: 8
     resources:
-        mem_mb=16000,
+        mem_mb=planned_mem_mb("train_router", 16000),
         runtime=480,
         gpu=GPU_JOB,
     shell:
