@@ -159,15 +159,14 @@ def add_model_commands(commands: argparse._SubParsersAction) -> None:
 
 def plan(args: argparse.Namespace) -> None:
     from moa.config import load_config
-    from moa.plan import Setting, gib, model_config_of, parse_bytes, plan_config, shapes_of, table
+    from moa.plan import DEVICE_MARGIN, Setting, gib, model_config_of, parse_bytes, plan_config, shapes_of, table
 
     config = load_config(args.config, args.set)
     shapes = model_config_of(args.model_config) if args.model_config else shapes_of(config)
-    here = Setting.here()
-    gpu = (parse_bytes(args.gpu_memory) if args.gpu_memory
-           else Setting.here().device_bytes if args.device is None or args.device.startswith("cuda") else None)
-    where = Setting(None if gpu is None else int(gpu * (0.9 if args.gpu_memory else 1)),
-                    parse_bytes(args.host_memory) if args.host_memory else here.host_bytes)
+    here = Setting.here()  # this machine's GPU (already DEVICE_MARGIN of it) and host
+    gpu = (int(parse_bytes(args.gpu_memory) * DEVICE_MARGIN) if args.gpu_memory
+           else here.device_bytes if args.device is None or args.device.startswith("cuda") else None)
+    where = Setting(gpu, parse_bytes(args.host_memory) if args.host_memory else here.host_bytes)
     plans = plan_config(config, shapes, where)
     print(f"{config['experiment']}: {shapes.model_type}, {shapes.num_hidden_layers} layers, hidden "
           f"{shapes.hidden_size}; GPU {'none' if where.device_bytes is None else gib(where.device_bytes) + ' GiB usable'}"

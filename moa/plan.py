@@ -22,9 +22,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from moa.data.batching import loss_chunk
 from moa.errors import MoaError
+from moa.generate import PREFILL_TOKENS
 from moa.lora import inject_lora, lora_layers
 from moa.model.config import DTYPES, ModelConfig, preset
 from moa.model.llama import Block, Transformer, rope_cos_sin
+from moa.routing import POOL_TOKENS
 from moa.train.trainer import TrainSettings
 
 GiB = 2**30
@@ -33,7 +35,6 @@ LOAD_FACTOR = 1.3  # host RAM while loading a checkpoint shard by shard: this ti
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, assumed when the checkpoint is not local
 DEVICE_MARGIN = 0.9  # of a device's memory a plan may fill: the rest is the CUDA context and fragmentation
 T = TypeVar("T")
-PREFILL_TOKENS = 2048  # moa.generate's packed prefill (imported there from here would be a cycle)
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,11 @@ def shapes_of(config: dict) -> ModelConfig:
     return model_config_of(str(prepared if prepared.is_file() else config["model"]["source"]))
 
 
+def largest_module(shapes: ModelConfig) -> int:
+    """Elements of the model's largest block linear [out, in] (the MLP's, or the attention's query projection)."""
+    return max(shapes.intermediate_size, shapes.num_attention_heads * shapes.dim_per_head) * shapes.hidden_size
+
+
 def _lora(config: dict, experts: int = 1) -> LoraShape:
     lora = config["lora"]
     targets = lora["target_modules"]
@@ -379,8 +385,7 @@ def evaluation_plan(config: dict, shapes: ModelConfig, method: str, on_device: b
     memory = inference_memory(shapes, _lora(config, experts) if experts else None, DTYPES[evaluation["dtype"]],
                               max(PREFILL_TOKENS, data["max_prompt_tokens"]), slots, reach,
                               PREFILL_TOKENS if scored else slots)
-    fold = 2 * 4 * max(shapes.intermediate_size, shapes.num_attention_heads * shapes.dim_per_head) \
-        * shapes.hidden_size  # one module's fp32 delta and sum while a merge is folded
+    fold = 2 * 4 * largest_module(shapes)  # one module's fp32 delta and sum while a merge is folded
     memory = replace(memory, workspace=memory.workspace + fold)
     memory = replace(memory, host=_host(config, memory.weights, on_device, memory.device))
     return JobPlan(f"evaluate:{method}", memory, on_device, f"{slots} sequences x {reach} tokens")
@@ -393,13 +398,12 @@ def composition_plan(config: dict, shapes: ModelConfig, method: str, on_device: 
     from moa.config import method_params
 
     kind = METHODS[method_params(config, method)["method"]]
-    if Need.TASK_PROMPTS in kind.needs:  # moa.routing.pooled_features: rows of 4096 prompt tokens
-        memory = inference_memory(shapes, None, DTYPES[config["evaluation"]["dtype"]], 4096)
+    if Need.TASK_PROMPTS in kind.needs:  # moa.routing.pooled_features
+        memory = inference_memory(shapes, None, DTYPES[config["evaluation"]["dtype"]], POOL_TOKENS)
         memory = replace(memory, host=_host(config, memory.weights, on_device, memory.device))
-        return JobPlan(f"compose:{method}", memory, on_device, "rows of 4096 prompt tokens")
+        return JobPlan(f"compose:{method}", memory, on_device, f"rows of {POOL_TOKENS} prompt tokens")
     n = len(config["tasks"])
-    dense = (n + 3) * 4 * max(shapes.intermediate_size, shapes.num_attention_heads * shapes.dim_per_head) \
-        * shapes.hidden_size
+    dense = (n + 3) * 4 * largest_module(shapes)
     memory = Memory(lora=4 * lora_numel(shapes, _lora(config, n)), workspace=dense)
     memory = replace(memory, host=HOST_BASELINE + memory.device)
     return JobPlan(f"compose:{method}", memory, False)

@@ -395,8 +395,11 @@ class CentroidRouter:
         return CentroidRouter(self.centroids.to(device), self.layer)
 
 
+POOL_TOKENS = 4096  # prompt tokens per row of pooled_features (the centroid router's feature pass)
+
+
 @torch.no_grad()
-def pooled_features(model: Transformer, prompts: Sequence[list[int]], budget: int = 4096) -> Tensor:
+def pooled_features(model: Transformer, prompts: Sequence[list[int]], budget: int = POOL_TOKENS) -> Tensor:
     """Every block's input mean-pooled over each prompt, unit norm, with no expert active: [L, D, H]. Prompts
     are packed into rows of about `budget` tokens."""
     device, features = model.lm_head.weight.device, []

@@ -185,13 +185,17 @@ def step_benchmark(name, sweep=False):
 GPU_JOB = 1 if shutil.which("nvidia-smi") else 0
 
 
+def executor():
+    """The executor's name once jobs are planned (None while the Snakefile is parsed)."""
+    return workflow.executor_plugin.name if workflow.executor_plugin is not None else None
+
+
 def composition_gpus(wildcards):
     """A composition that reads prompts through the model (centroid) runs it on a GPU: where this host has
     one, and on SLURM (whose profile gives the other model-reading rules theirs; a cluster without GPUs takes
     it back with --set-resources compose:gpu=0). Merges are matrix work on the host."""
     reads_model = Need.TASK_PROMPTS in method_of(method_params(config, wildcards.method)).needs
-    on_slurm = workflow.executor_plugin is not None and workflow.executor_plugin.name == "slurm"
-    return int(reads_model and (GPU_JOB or on_slurm))
+    return int(reads_model and (GPU_JOB or executor() == "slurm"))
 
 
 @functools.cache
@@ -213,7 +217,7 @@ def planned_mem_mb(step, unplanned):
     def mem_mb(wildcards):
         from moa.plan import HOST_BASELINE, Setting, job_plan
 
-        on = workflow.executor_plugin.name if workflow.executor_plugin is not None else None
+        on = executor()
         if on == "slurm-jobstep":
             return unplanned
         shapes = planned_shapes()
