@@ -12,18 +12,25 @@ the largest. Over several modules (a layer's, or all of them), responses are sum
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from moa.lora import lora_layers
+from moa.config import Config
+from moa.data.batching import encode_examples, encode_prompts
+from moa.data.tasks import Task
+from moa.generate import Generation
+from moa.lora import attach_experts, lora_layers
+from moa.model import DTYPES
 from moa.model.llama import Documents, Transformer
+from moa.model.prepared import base_model, device
 
 ROW_TOKENS = 4096  # tokens packed into one measured row
 ALL = "all"  # the `module` of a layer's modules pooled
@@ -92,6 +99,29 @@ def component_responses(model: Transformer, weights: Sequence[float],
             out[i, :, 1] = norms[:, prompt:end].sum(1)
             start = end
     return out
+
+
+def implicit_routing(config: Config, adapters: Sequence[Path], weights: Sequence[float], tasks: Sequence[Task],
+                     frames: Mapping[str, pd.DataFrame],
+                     generated: Mapping[str, Sequence[Generation]]) -> dict[str, pd.DataFrame]:
+    """An exact merge's component responses on every evaluated sequence, per task: the merge's task `adapters` as
+    experts of an unfolded copy of the base model, `weights` as merged. A task in `generated` is measured on its
+    prompts and generated tokens, any other (scored) on its prompts and reference targets."""
+    model, tokenizer = base_model(config)
+    attach_experts(model, list(adapters))
+    model.to(device(), DTYPES[config["evaluation"]["dtype"]]).eval()
+    chat, tables = config["data"]["chat_template"], {}
+    for task in tasks:
+        frame = frames[task.name]
+        if task.name in generated:
+            prompts = encode_prompts(frame.prompt.tolist(), tokenizer, chat)
+            sequences = [(p, g.tokens) for p, g in zip(prompts, generated[task.name])]
+        else:
+            examples = encode_examples(frame.prompt.tolist(), frame.target.tolist(), tokenizer, chat)
+            sequences = [(e.prompt_ids, e.target_ids) for e in examples]
+        responses = component_responses(model, weights, sequences)
+        tables[task.name] = responses_table(frame["id"].tolist(), list(lora_layers(model)), responses)
+    return tables
 
 
 def responses_table(ids: Sequence[str], modules: Sequence[str], responses: np.ndarray) -> pd.DataFrame:

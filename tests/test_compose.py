@@ -17,15 +17,17 @@ from moa.cli import main
 from moa.compose.composition import compose, load_composition
 from moa.compose.merge import merge_adapters
 from moa.compose.registry import METHODS, Kind, merge_spec
-from moa.config import load_config, method_params, schema
-from moa.data.prepare import prepare_task, read_split
+from moa.config import method_params, schema
+from moa.data.prepare import prepare_task
+from moa.data.splits import read_split
 from moa.data.tasks import get_task
-from moa.evaluate import STREAM_COSTS, evaluate
+from moa.evaluate import evaluate
+from moa.experiment import load_config
 from moa.generate import Request, Sampling, generate
 from moa.layout import MIXED, ExperimentPaths
 from moa.lora import AdapterConfig, Arrow, activate, attach_experts, load_adapter, lora_layers, write_adapter
-from moa.metrics import FORMAT_ADHERENCE
-from moa.model.prepare import base_model
+from moa.metrics import FORMAT_ADHERENCE, STREAM_COSTS
+from moa.model.prepared import base_model
 from moa.model.tokenizer import byte_tokenizer
 from moa.routing import activate_experts
 from moa.train.lora import train_lora, train_mixed

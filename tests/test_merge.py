@@ -13,6 +13,9 @@ What PEFT 0.21's ``add_weighted_adapter`` does, read from peft/tuners/lora/model
   and equal scalings it equals moa's linear (A = sum v_i A_i, B = sum v_i B_i, keep s) with v_i = sqrt(w_i).
 - "ties" / "dare_*" / "magnitude_prune" (no _svd) prune the A and B factors separately; moa's methods of
   those names are PEFT's "*_svd" variants (prune the dense updates, then a rank-k SVD).
+
+moa's breadcrumbs is checked against mergekit's `breadcrumbs` (mergekit/sparsify.py's magnitude_outliers,
+no rescaling, no sign consensus, no normalization: the weighted sum of the pruned updates), restated below.
 """
 
 from __future__ import annotations
@@ -298,11 +301,50 @@ def test_dense_methods_equal_peft_svd_variants(base, same_dirs, method):
     assert report["density"] == 0.4 and 0 < report["retained_energy"] < 1 and report["relative_error"] > 0
 
 
+def mergekit_outliers(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit's magnitude_outliers (rescale_norm=None), step for step: sort the magnitudes ascending, drop the
+    int(gamma * n) largest and the smallest beyond int(density * n) kept (fewer of the largest where both do not
+    fit), as its slice indices[n_bot:-n_top] does."""
+    if density >= 1:
+        return t
+    n = t.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top, n_bot = n_top + n_bot, 0
+    indices = torch.sort(t.abs().view(-1).float(), descending=False).indices
+    mask = torch.zeros_like(t)
+    mask.view(-1)[indices[n_bot:-n_top]] = 1
+    return t * mask
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.5, 0.01), (0.9, 0.05), (0.3, 0.2), (0.97, 0.1), (1.0, 0.1)])
+def test_breadcrumbs_equals_mergekit(density, gamma):
+    """Each update pruned as mergekit's magnitude_outliers, then the weighted sum (mergekit's `breadcrumbs`:
+    no consensus, normalize and rescale off). (0.97, 0.1): density leaves no room for every outlier dropped."""
+    gen = torch.Generator().manual_seed(5)
+    updates = [torch.randn(24, 40, generator=gen) for _ in range(3)]
+    ours = dense_merge(MergeSpec("breadcrumbs", WEIGHTS, density=density, gamma=gamma), updates, list(WEIGHTS), 0)
+    pruned = torch.stack([mergekit_outliers(t, density, gamma) for t in updates])
+    theirs = (pruned * torch.tensor(WEIGHTS).view(-1, 1, 1)).sum(dim=0)
+    assert torch.equal(ours, theirs)
+    assert [int((t != 0).sum()) for t in pruned] == [int(density * 24 * 40)] * 3  # the density kept
+
+
+def test_breadcrumbs_drops_the_largest_and_the_smallest():
+    t = torch.arange(1.0, 101.0) * torch.tensor([1.0, -1.0]).repeat(50)  # magnitudes 1..100, signs alternating
+    pruned = dense_merge(MergeSpec("breadcrumbs", (1.0,), density=0.5, gamma=0.1), [t], [1.0], 0)
+    assert torch.equal(pruned.abs().nonzero().flatten() + 1, torch.arange(41, 91))  # 10 largest, 40 smallest dropped
+    no_outliers = MergeSpec("breadcrumbs", (1.0,), density=0.3, gamma=0.0)  # mergekit's slice would keep nothing
+    assert torch.equal(dense_merge(no_outliers, [t], [1.0], 0),
+                       dense_merge(MergeSpec("magnitude_prune", (1.0,), density=0.3), [t], [1.0], 0))
+
+
 # -- the written adapter -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("method", "specs"), [("linear", "same"), ("svd", "mixed"), ("dare_ties", "same"),
-                                               ("task_arithmetic", "mixed")])
+                                               ("task_arithmetic", "mixed"), ("breadcrumbs", "mixed")])
 def test_written_adapter_loads_in_peft(base, ids, tmp_path, method, specs, request):
     dirs = request.getfixturevalue(f"{specs}_dirs")
     config, state, report = merge_adapters(MergeSpec(method, k=3 if method == "svd" else None), loaded(dirs),
@@ -328,6 +370,9 @@ def test_report_fields(same_dirs):
     }  # fmt: skip
     assert 0 < measured[0] <= measured[1] and 0 < measured[2] < 1
     assert resolved_weights(MergeSpec("svd"), 4) == [0.25] * 4 and resolved_weights(MergeSpec("concat"), 2) == [1, 1]
+    _, _, report = merge_adapters(MergeSpec("breadcrumbs", gamma=0.05), loaded(same_dirs), names(3))
+    assert (report["k"], report["density"], report["gamma"], report["weights"]) == (4, 0.5, 0.05, [1.0] * 3)
+    assert "seed" not in report and "majority_sign_method" not in report
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -371,6 +416,7 @@ ERRORS = {
                "unknown merge method 'mean'; use one of: " + ", ".join(MergeMethod)),
     "density 0": (lambda same, mixed: MergeSpec("ties", density=0.0), r"density=0.0 is outside \(0, 1\]"),
     "density 1.5": (lambda same, mixed: MergeSpec("ties", density=1.5), r"density=1.5 is outside \(0, 1\]"),
+    "gamma 1": (lambda same, mixed: MergeSpec("breadcrumbs", gamma=1.0), r"gamma=1.0 is outside \[0, 1\)"),
     "sign method": (lambda same, mixed: MergeSpec("ties", majority_sign_method="mean"),
                     "majority_sign_method='mean' is unknown; use 'total' or 'frequency'"),
     "weights": (lambda same, mixed: merge_adapters(MergeSpec("svd", (1.0, 2.0)), same, names(3)),

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from moa import __version__
-from moa.compose.registry import Applied, method_of
+from moa.compose.registry import Applied, method_of, settings
 from moa.config import Config, method_params
 from moa.errors import MoaError
 from moa.io import atomic_dir, read_json
 from moa.layout import MANIFEST, ExperimentPaths
 from moa.model import DTYPES, Tokenizer, Transformer
-from moa.model.prepare import base_model, device
+from moa.model.prepared import base_model, device
 from moa.routing import SequenceRouter
-from moa.tracking import StepResult
+from moa.step_result import StepResult
 
 MERGE_METRICS = ("rank", "relative_error", "retained_energy")  # of merge_report.json, logged to MLflow
 
@@ -57,7 +57,7 @@ def compose(config: Config, method: str) -> StepResult:
     manifest: dict[str, Any] = {"name": method, "method": params["method"], "params": params,
                                 "tasks": list(config["tasks"]), "moa_version": __version__}
     with atomic_dir(paths.composition(method)) as tmp:
-        manifest |= method_of(params).build(config, method, params, tmp)
+        manifest |= method_of(params).build(config, method, settings(params), tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     report = paths.merge_report(method)
     merge = read_json(report, "") if report.is_file() else {}

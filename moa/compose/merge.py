@@ -1,4 +1,4 @@
-"""Merge PEFT-format LoRA adapters into one adapter (DESIGN.md section 4); pure functions over states.
+"""Merge PEFT-format LoRA adapters into one adapter; pure functions over states.
 
 Adapter i on a module has A_i [r_i, in], B_i [out, r_i] and scaling s_i, so dW_i = s_i B_i A_i; the
 target of every method is the weighted sum dW = sum_i w_i dW_i. With Bcat = cat_i(B_i) [out, R] and
@@ -13,16 +13,19 @@ Acat = cat_i(w_i s_i A_i) [R, in] (R = sum_i r_i), dW = Bcat Acat exactly.
   dW's singular values S and vectors Qb U, Qa V; ||dW - dW_k||_F^2 = sum S[k:]^2.
 - ties / dare_linear / dare_ties / magnitude_prune: PEFT's element-wise primitives (peft.utils.merge_utils,
   reimplemented here so that moa does not depend on peft) on the dense dW_i of one module at a time, then
-  a rank-k SVD of the result.
+  a rank-k SVD of the result. breadcrumbs (Model Breadcrumbs, Davari & Belilovsky 2023) prunes each dW_i as
+  mergekit's `breadcrumbs` does: the largest `gamma` fraction and the smallest entries dropped, the middle
+  `density` fraction kept, then the weighted sum.
 
 The SVD-based methods split sqrt(S) between B and A and have scaling 1 (lora_alpha = r, no rsLoRA).
+MERGES is the table of the methods: how each forms the update, its default weights and its parameters.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any
 
@@ -45,6 +48,7 @@ class MergeMethod(StrEnum):
     DARE_LINEAR = "dare_linear"
     DARE_TIES = "dare_ties"
     MAGNITUDE_PRUNE = "magnitude_prune"
+    BREADCRUMBS = "breadcrumbs"
 
 
 class SignMethod(StrEnum):
@@ -54,11 +58,13 @@ class SignMethod(StrEnum):
     FREQUENCY = "frequency"
 
 
-EXACT_MERGES = (MergeMethod.CONCAT, MergeMethod.TASK_ARITHMETIC)  # the exact sum of the task updates
-_LINEAR = (MergeMethod.LINEAR, MergeMethod.AVG)
-_DENSE = (MergeMethod.TIES, MergeMethod.DARE_LINEAR, MergeMethod.DARE_TIES, MergeMethod.MAGNITUDE_PRUNE)
-_SVD_BASED = (MergeMethod.SVD, *_DENSE)
-_MEAN_BY_DEFAULT = (MergeMethod.AVG, MergeMethod.TASK_ARITHMETIC, MergeMethod.SVD)
+class Update(StrEnum):
+    """How a merge forms the merged update from the task updates dW_i."""
+
+    EXACT = "exact"  # the factors stacked: the weighted sum itself, rank R
+    FACTORS = "factors"  # the factors summed: cheap, not the sum of the updates
+    SVD = "svd"  # the best rank-k approximation of the weighted sum
+    DENSE = "dense"  # an element-wise merge of the dense updates, then its rank-k SVD
 
 
 @dataclass(frozen=True)
@@ -68,9 +74,10 @@ class MergeSpec:
     method: MergeMethod
     weights: tuple[float, ...] | None = None  # None = the method's default
     k: int | None = None  # target rank of the SVD-based methods; None = the largest input rank
-    density: float = 0.5  # ties / dare / magnitude_prune: the fraction of each update's entries kept
+    density: float = 0.5  # element-wise merges: the fraction of each update's entries kept
     majority_sign_method: SignMethod = SignMethod.TOTAL  # ties / dare_ties
     seed: int = 0  # dare
+    gamma: float = 0.01  # breadcrumbs: the fraction of each update's largest entries dropped (mergekit's default)
 
     def __post_init__(self) -> None:
         if self.method not in set(MergeMethod):
@@ -78,6 +85,8 @@ class MergeSpec:
         object.__setattr__(self, "method", MergeMethod(self.method))
         if not 0 < self.density <= 1:
             raise MoaError(f"merge density={self.density} is outside (0, 1]; it is the fraction of entries kept")
+        if not 0 <= self.gamma < 1:
+            raise MoaError(f"merge gamma={self.gamma} is outside [0, 1); it is the fraction of largest entries dropped")
         if self.majority_sign_method not in set(SignMethod):
             raise MoaError(f"majority_sign_method={self.majority_sign_method!r} is unknown; use 'total' or 'frequency'")
         object.__setattr__(self, "majority_sign_method", SignMethod(self.majority_sign_method))
@@ -85,6 +94,20 @@ class MergeSpec:
             raise MoaError(f"merge rank k={self.k} must be at least 1")
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))  # a list stays hashable
+
+
+Prune = Callable[[Tensor, MergeSpec, torch.Generator], Tensor]  # one dense update, sparsified
+
+
+@dataclass(frozen=True)
+class Merge:
+    """A merge method's row of MERGES."""
+
+    update: Update
+    mean: bool = False  # default weights 1/N (else 1 each)
+    params: tuple[str, ...] = ()  # the MergeSpec fields it reads besides the weights
+    prune: Prune | None = None  # DENSE: how each update is sparsified
+    elect: bool = False  # DENSE: TIES' sign election, then the mean of the agreeing entries (else the weighted sum)
 
 
 @dataclass
@@ -108,10 +131,17 @@ class Merged:
     energy: float | None  # SVD-based methods: sum(S[:k]^2) / sum(S^2) of the matrix truncated
 
 
+def merge_parameters(method: MergeMethod) -> dict[str, Any]:
+    """The keys a `methods` entry of a merge may set, each with its default (weights None: the method's; k None:
+    the largest input rank)."""
+    defaults = {field.name: field.default for field in fields(MergeSpec)}
+    return {"weights": None} | {name: defaults[name] for name in MERGES[method].params}
+
+
 def resolved_weights(spec: MergeSpec, n: int) -> list[float]:
-    """The weights of ``n`` adapters: the explicit ones, else 1/N for avg/task_arithmetic/svd and 1 otherwise."""
+    """The weights of ``n`` adapters: the explicit ones, else the method's default (1/N or 1 each)."""
     if spec.weights is None:
-        return [1.0 / n if spec.method in _MEAN_BY_DEFAULT else 1.0] * n
+        return [1.0 / n if MERGES[spec.method].mean else 1.0] * n
     if len(spec.weights) != n:
         raise MoaError(f"{spec.method} merge got {len(spec.weights)} weights for {n} adapters; give one per adapter")
     return list(spec.weights)
@@ -120,7 +150,7 @@ def resolved_weights(spec: MergeSpec, n: int) -> list[float]:
 def target_rank(spec: MergeSpec, ranks: Sequence[int]) -> int:
     """The rank k of an SVD-based merge of adapters of ``ranks``."""
     k = spec.k or max(ranks)
-    if spec.method == MergeMethod.SVD and k > sum(ranks):
+    if MERGES[spec.method].update == Update.SVD and k > sum(ranks):
         raise MoaError(f"svd: k={k} exceeds the sum of the adapters' ranks ({sum(ranks)}); use k <= {sum(ranks)}")
     return k
 
@@ -129,13 +159,13 @@ def merge_module(spec: MergeSpec, factors: Sequence[Factors], module_index: int)
     """Merge the adapters' factors on one module; ``module_index`` seeds DARE's random pruning."""
     if not factors:
         raise MoaError("a merge needs at least one adapter")
-    weights = resolved_weights(spec, len(factors))
-    if spec.method in EXACT_MERGES:
+    weights, update = resolved_weights(spec, len(factors)), MERGES[spec.method].update
+    if update == Update.EXACT:
         return _concat(factors, weights)
-    if spec.method in _LINEAR:
+    if update == Update.FACTORS:
         return _linear(spec.method, factors, weights)
     k = target_rank(spec, [f.A.shape[0] for f in factors])
-    if spec.method == MergeMethod.SVD:
+    if update == Update.SVD:
         return _svd(factors, weights, k)
     updates = [delta_weight(f) for f in factors]
     return _truncate_dense(dense_merge(spec, updates, weights, module_index), _weighted_sum(updates, weights), k)
@@ -147,22 +177,22 @@ def delta_weight(f: Factors) -> Tensor:
 
 
 def dense_merge(spec: MergeSpec, updates: Sequence[Tensor], weights: Sequence[float], module_index: int) -> Tensor:
-    """PEFT's ties / dare_linear / dare_ties / magnitude_prune of dense updates, op for op.
+    """An element-wise merge of dense updates: each pruned by its method's primitive, then their weighted sum or,
+    with sign election, their mean over the entries that agree. ties / dare_linear / dare_ties / magnitude_prune
+    are PEFT's, op for op.
 
     DARE draws one Bernoulli mask per update, in order, from a generator seeded with seed + module_index
     (PEFT uses the global generator, so ``torch.manual_seed(seed + module_index)`` reproduces it there).
     """
-    if spec.method in (MergeMethod.TIES, MergeMethod.MAGNITUDE_PRUNE):
-        pruned = [_magnitude_prune(t, spec.density) for t in updates]
-    elif spec.method in (MergeMethod.DARE_LINEAR, MergeMethod.DARE_TIES):
-        gen = torch.Generator().manual_seed(spec.seed + module_index)
-        pruned = [_random_prune(t, spec.density, gen) for t in updates]
-    else:
-        raise MoaError(f"{spec.method} is not an element-wise merge; use one of: {', '.join(_DENSE)}")
-    stacked = torch.stack(pruned, dim=0)
+    merge = MERGES[spec.method]
+    if merge.prune is None:
+        dense = ", ".join(m for m, row in MERGES.items() if row.prune is not None)
+        raise MoaError(f"{spec.method} is not an element-wise merge; use one of: {dense}")
+    gen = torch.Generator().manual_seed(spec.seed + module_index)
+    stacked = torch.stack([merge.prune(t, spec, gen) for t in updates], dim=0)
     w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
     weighted = stacked * w.view(w.shape + (1,) * (stacked.dim() - 1))
-    if spec.method in (MergeMethod.MAGNITUDE_PRUNE, MergeMethod.DARE_LINEAR):
+    if not merge.elect:
         return weighted.sum(dim=0)
     # Sign election on the unweighted pruned updates, then the mean of the weighted entries that agree.
     mask = _majority_sign_mask(stacked, spec.majority_sign_method)
@@ -265,10 +295,12 @@ def _rank_k(u: Tensor, s: Tensor, vh: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return F.pad(B, (0, pad)).float().contiguous(), F.pad(A, (0, 0, 0, pad)).float().contiguous()
 
 
-# -- PEFT's element-wise primitives (peft.utils.merge_utils) ------------------------------------------
+# -- the element-wise primitives: PEFT's (peft.utils.merge_utils) and mergekit's magnitude_outliers ----------
 
 
-def _magnitude_prune(t: Tensor, density: float) -> Tensor:
+def _magnitude_prune(t: Tensor, spec: MergeSpec, gen: torch.Generator) -> Tensor:
+    """The `density` fraction of largest magnitudes kept."""
+    density = spec.density
     if density >= 1:  # PEFT returns the tensor unchanged
         return t
     k = int(density * t.numel())
@@ -281,16 +313,58 @@ def _magnitude_prune(t: Tensor, density: float) -> Tensor:
     return t * (magnitude >= threshold)
 
 
-def _random_prune(t: Tensor, density: float, gen: torch.Generator) -> Tensor:
+def _random_prune(t: Tensor, spec: MergeSpec, gen: torch.Generator) -> Tensor:
+    """DARE: each entry kept with probability `density`, rescaled by 1 / density."""
+    density = spec.density
     if density >= 1:  # PEFT returns the tensor unchanged, without a random draw
         return t
     return t * torch.bernoulli(torch.full_like(t, density), generator=gen) / density
+
+
+def _magnitude_outliers(t: Tensor, spec: MergeSpec, gen: torch.Generator) -> Tensor:
+    """Model Breadcrumbs: by magnitude, the largest `gamma` fraction dropped, then the smallest, so that the
+    `density` fraction in between is kept (fewer of the largest are dropped where density leaves no room), no
+    rescaling: mergekit's magnitude_outliers. Its slice keeps nothing when gamma * numel < 1; here no entry of
+    the top is dropped then."""
+    if spec.density >= 1:  # mergekit returns the tensor unchanged
+        return t
+    n = t.numel()
+    kept = int(spec.density * n)
+    if kept == 0:
+        return torch.zeros_like(t)
+    top = min(int(spec.gamma * n), n - kept)
+    # The magnitudes of ascending ranks n - top - kept .. n - top - 1, selected by thresholds (linear time, no
+    # sort): the entries mergekit's sort keeps, barring exact ties.
+    magnitude = t.abs()
+    flat = magnitude.reshape(-1)
+    low, high = flat.kthvalue(n - top - kept + 1).values, flat.kthvalue(n - top).values
+    return t * ((magnitude >= low) & (magnitude <= high))
 
 
 def _majority_sign_mask(stacked: Tensor, method: SignMethod) -> Tensor:
     sign = stacked.sign()
     magnitude = stacked.sum(dim=0) if method == SignMethod.TOTAL else sign.sum(dim=0)
     return sign == torch.where(magnitude >= 0, 1, -1)
+
+
+# -- the table ---------------------------------------------------------------------------------------
+
+_PRUNED = ("k", "density")
+
+MERGES: dict[MergeMethod, Merge] = {
+    MergeMethod.CONCAT: Merge(Update.EXACT),
+    MergeMethod.LINEAR: Merge(Update.FACTORS),
+    MergeMethod.AVG: Merge(Update.FACTORS, mean=True),
+    MergeMethod.TASK_ARITHMETIC: Merge(Update.EXACT, mean=True),
+    MergeMethod.SVD: Merge(Update.SVD, mean=True, params=("k",)),
+    MergeMethod.TIES: Merge(Update.DENSE, params=(*_PRUNED, "majority_sign_method"), prune=_magnitude_prune,
+                            elect=True),
+    MergeMethod.DARE_LINEAR: Merge(Update.DENSE, params=(*_PRUNED, "seed"), prune=_random_prune),
+    MergeMethod.DARE_TIES: Merge(Update.DENSE, params=(*_PRUNED, "majority_sign_method", "seed"),
+                                 prune=_random_prune, elect=True),
+    MergeMethod.MAGNITUDE_PRUNE: Merge(Update.DENSE, params=_PRUNED, prune=_magnitude_prune),
+    MergeMethod.BREADCRUMBS: Merge(Update.DENSE, params=(*_PRUNED, "gamma"), prune=_magnitude_outliers),
+}
 
 
 # -- norms and errors --------------------------------------------------------------------------------
@@ -373,9 +447,9 @@ def _check_shapes(factors: Sequence[Factors], module: str, names: Sequence[str])
 
 
 def _merged_config(spec: MergeSpec, configs: Sequence[AdapterConfig], rank: int) -> AdapterConfig:
-    """linear/avg keep the inputs' scaling; every other method writes scaling 1 (lora_alpha = r)."""
+    """A sum of factors keeps the inputs' scaling; every other method writes scaling 1 (lora_alpha = r)."""
     c0 = configs[0]
-    keep = spec.method in _LINEAR
+    keep = MERGES[spec.method].update == Update.FACTORS
     return AdapterConfig(
         r=rank,
         lora_alpha=c0.lora_alpha if keep else rank,
@@ -390,13 +464,14 @@ def _merged_config(spec: MergeSpec, configs: Sequence[AdapterConfig], rank: int)
 def _report(
     spec: MergeSpec, names: Sequence[str], configs: Sequence[AdapterConfig], results: Sequence[Merged], rank: int
 ) -> dict[str, Any]:
+    params = MERGES[spec.method].params
     absolute = [m.error * m.norm if m.norm > 0 else m.error for m in results]  # error is 0 or inf at norm 0
     energies = [m.energy for m in results if m.energy is not None]
     report: dict[str, Any] = {
         "method": spec.method,
         "adapters": list(names),
         "weights": resolved_weights(spec, len(configs)),
-        "k": rank if spec.method in _SVD_BASED else None,
+        "k": rank if "k" in params else None,
         "rank": rank,
         "input_ranks": [c.r for c in configs],
         "relative_error": _relative(math.sqrt(sum(a**2 for a in absolute)), math.sqrt(sum(m.norm**2 for m in results))),
@@ -404,10 +479,4 @@ def _report(
         "retained_energy": sum(energies) / len(energies) if energies else None,
         "modules": len(results),
     }
-    if spec.method in _DENSE:
-        report["density"] = spec.density
-    if spec.method in (MergeMethod.TIES, MergeMethod.DARE_TIES):
-        report["majority_sign_method"] = spec.majority_sign_method
-    if spec.method in (MergeMethod.DARE_LINEAR, MergeMethod.DARE_TIES):
-        report["seed"] = spec.seed
-    return report
+    return report | {name: getattr(spec, name) for name in params if name != "k"}

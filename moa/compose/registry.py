@@ -1,6 +1,8 @@
-"""Every composition method in one table: its kind, the parameters a `methods` entry may set, what it is
-built from (so the DAG trains only that), how `moa compose` builds it and how it is applied to the base
-model. Adding a method is one entry plus its functions.
+"""Every composition method in one table: its kind, the parameters a `methods` entry may set with their
+defaults, what it is built from (so the DAG trains only that), how `moa compose` builds it, how it is applied
+to the base model, whether the task-count sweep builds it again on a subset, and what evaluation measures of it
+besides its scores. Adding a method is one entry plus its functions; a merge is a row of moa.compose.merge's
+MERGES, from which its entry here is made.
 
 A build function writes the composition's own files into its (scratch) folder and returns what the
 manifest, compositions/{name}/composition.json, records about it; a load function applies the built
@@ -11,8 +13,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,14 @@ from typing import Any
 import pandas as pd
 from safetensors.torch import load_file
 
-from moa.compose.merge import MergeMethod, MergeSpec, merge_adapters
+from moa.compose.merge import MERGES, MergeMethod, MergeSpec, Update, merge_adapters, merge_parameters, resolved_weights
 from moa.config import Config
 from moa.data.batching import encode_prompts
-from moa.data.prepare import read_split
+from moa.data.splits import read_split
+from moa.data.tasks import Task
 from moa.errors import MoaError
+from moa.generate import Generation
+from moa.implicit import implicit_routing
 from moa.io import write_safetensors
 from moa.layout import (
     ADAPTER_CONFIG,
@@ -35,11 +40,13 @@ from moa.layout import (
     MIXED,
     ROUTER_WEIGHTS,
     ExperimentPaths,
+    trained_task_adapters,
 )
 from moa.lora import Arrow, activate, attach_experts, load_adapter, merge_and_unload, write_adapter
 from moa.model import DTYPES
 from moa.model.llama import Transformer
-from moa.model.prepare import base_model, device
+from moa.model.prepared import base_model, device
+from moa.roles import BASE, MOA, ORACLE
 from moa.routing import CentroidRouter, LearnedRouter, SequenceRouter, Strategy, fit_centroids, load_routers
 
 
@@ -69,30 +76,23 @@ class Applied:
     router: SequenceRouter | None = None
 
 
-CENTROID_SAMPLES = 64  # training prompts per task that make its centroid
-
 Build = Callable[[Config, str, dict[str, Any], Path], dict[str, Any]]  # (config, name, params, folder) -> entries
 Load = Callable[[Config, Mapping[str, Any], Transformer, bool], Applied]  # (config, manifest, model, fold)
+# (config, params, tasks, test rows, generations per task) -> eval/{method}/{task}/implicit_routing.parquet per task
+ImplicitRouting = Callable[[Config, Mapping[str, Any], Sequence[Task], Mapping[str, pd.DataFrame],
+                            Mapping[str, Sequence[Generation]]], dict[str, pd.DataFrame]]
 
 
 @dataclass(frozen=True)
 class Method:
     kind: Kind
-    build: Build
+    build: Build  # called with the entry's parameters, its defaults filled in (see `settings`)
     load: Load
     needs: frozenset[Need] = frozenset()
-    params: frozenset[str] = frozenset()  # the keys a `methods` entry may set besides `method`
-
-
-def task_adapters(config: Config) -> list[Path]:
-    """The task LoRAs (experts 0..N-1 in config task order); each must exist."""
-    paths = ExperimentPaths.of(config)
-    dirs = [paths.adapter(task) for task in config["tasks"]]
-    for path in dirs:
-        if not (path / ADAPTER_WEIGHTS).is_file():
-            raise MoaError(f"{path}: no trained adapter for task {path.name!r}; "
-                           f"run `moa train-lora --config ... --task {path.name}` first")
-    return dirs
+    # The keys a `methods` entry may set besides `method`, each with its default (None: decided when built).
+    params: Mapping[str, Any] = field(default_factory=dict)
+    recomposed: bool = False  # the sweep builds it again on each subset of the tasks
+    implicit_routing: ImplicitRouting | None = None  # evaluation also measures its components' responses
 
 
 def attach(model: Transformer, dirs: list[Path]) -> None:
@@ -126,22 +126,30 @@ def _build_mixed(config: Config, name: str, params: dict[str, Any], out: Path) -
 
 
 def merge_spec(config: Config, params: Mapping[str, Any]) -> MergeSpec:
-    """The merge of a `methods` entry; weights given per task are put in task order."""
-    weights = params.get("weights")
+    """The merge of a `methods` entry: what it sets, else MergeSpec's defaults; weights given per task are put
+    in task order, and the seed is the config's unless set."""
+    given = {key: value for key, value in params.items() if key != "method" and value is not None}
+    weights = given.pop("weights", None)
     if isinstance(weights, dict):
         weights = [weights[task] for task in config["tasks"]]
-    return MergeSpec(params["method"], tuple(weights) if weights else None, params.get("k"),
-                     params.get("density", 0.5), params.get("majority_sign_method", "total"),
-                     params.get("seed", config["seed"]))
+    return MergeSpec(params["method"], tuple(weights) if weights else None, **({"seed": config["seed"]} | given))
 
 
 def _build_merge(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
-    dirs = task_adapters(config)
+    dirs = trained_task_adapters(config)
     adapter_config, state, report = merge_adapters(merge_spec(config, params), [load_adapter(d) for d in dirs],
                                                    [d.name for d in dirs])
     write_adapter(out, adapter_config, state)
     (out / MERGE_REPORT).write_text(json.dumps({"name": name} | report, indent=2) + "\n")
     return {"adapter": ".", "rank": report["rank"]}
+
+
+def _implicit_routing(config: Config, params: Mapping[str, Any], tasks: Sequence[Task],
+                      frames: Mapping[str, pd.DataFrame],
+                      generated: Mapping[str, Sequence[Generation]]) -> dict[str, pd.DataFrame]:
+    """An exact merge is the sum of its task components: how much each moves every evaluated sequence."""
+    weights = resolved_weights(merge_spec(config, params), len(config["tasks"]))
+    return implicit_routing(config, trained_task_adapters(config), weights, tasks, frames, generated)
 
 
 def _load_folded(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
@@ -156,7 +164,7 @@ def _load_folded(config: Config, manifest: Mapping[str, Any], model: Transformer
 
 def _build_oracle(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
     root = ExperimentPaths.of(config).root
-    return {"adapters": [str(d.relative_to(root)) for d in task_adapters(config)]}
+    return {"adapters": [str(d.relative_to(root)) for d in trained_task_adapters(config)]}
 
 
 def _load_oracle(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
@@ -169,7 +177,7 @@ def _build_moa(config: Config, name: str, params: dict[str, Any], out: Path) -> 
     paths = ExperimentPaths.of(config)
     if not (paths.moa / ROUTER_WEIGHTS).is_file():
         raise MoaError(f"{paths.moa}: no trained MoA routers; run `moa train-router --config ...` first")
-    return {"strategy": params.get("strategy", Strategy.LAST), "router": str(paths.moa.relative_to(paths.root)),
+    return {"strategy": params["strategy"], "router": str(paths.moa.relative_to(paths.root)),
             "adapters": [str(paths.expert(task).relative_to(paths.root)) for task in config["tasks"]]}
 
 
@@ -184,7 +192,7 @@ def _build_centroid(config: Config, name: str, params: dict[str, Any], out: Path
     """Each task's centroid of the base model's mean-pooled block inputs over (up to `samples` of) its
     training prompts, at every layer; the layer used is `layer`, else the earliest with the best
     nearest-centroid accuracy on the validation prompts."""
-    root, dirs = ExperimentPaths.of(config).root, task_adapters(config)
+    root, dirs = ExperimentPaths.of(config).root, trained_task_adapters(config)
     model, tokenizer = base_model(config)
     model.to(device(), DTYPES[config["evaluation"]["dtype"]]).eval()  # the dtype it routes in at inference
 
@@ -192,9 +200,8 @@ def _build_centroid(config: Config, name: str, params: dict[str, Any], out: Path
         return [encode_prompts(read_split(config, task, split).prompt.tolist()[:limit], tokenizer,
                                config["data"]["chat_template"]) for task in config["tasks"]]
 
-    samples = params.get("samples", CENTROID_SAMPLES)
+    samples, layer = params["samples"], params["layer"]
     centroids, accuracy = fit_centroids(model, prompts("train", samples), prompts("validation", None))
-    layer = params.get("layer")
     if layer is None:
         layer = int(accuracy.argmax())  # the first of the best: the cheapest routing pass
     elif layer >= len(accuracy):
@@ -214,12 +221,10 @@ def _load_centroid(config: Config, manifest: Mapping[str, Any], model: Transform
 
 
 def _build_arrow(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Arrow is training-free: the task adapters and the routing settings (PEFT's defaults; top_k capped at
-    the number of tasks, so the default serves two tasks too)."""
-    default = Arrow()
-    top_k = min(params.get("top_k", default.top_k), len(config["tasks"]))
-    return _build_oracle(config, name, params, out) | {"top_k": top_k,
-                                                       "temperature": params.get("temperature", default.temperature)}
+    """Arrow is training-free: the task adapters and the routing settings (top_k capped at the number of tasks,
+    so the default serves two tasks too)."""
+    top_k = min(params["top_k"], len(config["tasks"]))
+    return _build_oracle(config, name, params, out) | {"top_k": top_k, "temperature": params["temperature"]}
 
 
 def _load_arrow(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
@@ -233,32 +238,40 @@ def _load_arrow(config: Config, manifest: Mapping[str, Any], model: Transformer,
 
 # --- the table ----------------------------------------------------------------------------------------
 
-_MERGE = frozenset({Need.TASK_ADAPTERS})
-_WEIGHTS = frozenset({"weights"})
-_SVD = _WEIGHTS | {"k"}
-_PRUNED = _SVD | {"density"}
+_TASK_ADAPTERS = frozenset({Need.TASK_ADAPTERS})
 
+
+def _merge(method: MergeMethod) -> Method:
+    """A merge's entry, from its row of MERGES: the sweep merges a subset's adapters again, and evaluation measures
+    an exact merge's implicit routing."""
+    params = merge_parameters(method)
+    if "seed" in params:
+        params["seed"] = None  # the config's (merge_spec)
+    implicit = _implicit_routing if MERGES[method].update == Update.EXACT else None
+    return Method(Kind.MERGE, _build_merge, _load_folded, _TASK_ADAPTERS, params, recomposed=True,
+                  implicit_routing=implicit)
+
+
+# Not recomposed by the sweep: base, the oracle (each task served by its own LoRA alone, whatever else is composed)
+# and the mixed-data LoRA (trained on every task; a LoRA is never retrained).
 METHODS: dict[str, Method] = {
-    "base": Method(Kind.BASE, _build_nothing, _load_nothing),
-    "oracle": Method(Kind.ROUTE, _build_oracle, _load_oracle, _MERGE),
+    BASE: Method(Kind.BASE, _build_nothing, _load_nothing),
+    ORACLE: Method(Kind.ROUTE, _build_oracle, _load_oracle, _TASK_ADAPTERS),
     "mixed": Method(Kind.ADAPTER, _build_mixed, _load_folded, frozenset({Need.MIXED_ADAPTER})),
-    "moa": Method(Kind.ROUTE, _build_moa, _load_moa, frozenset({Need.ROUTERS}), frozenset({"strategy"})),
-    "centroid": Method(Kind.ROUTE, _build_centroid, _load_centroid, _MERGE | {Need.TASK_PROMPTS},
-                       frozenset({"layer", "samples"})),
-    "arrow": Method(Kind.ROUTE, _build_arrow, _load_arrow, _MERGE, frozenset({"top_k", "temperature"})),
-    MergeMethod.CONCAT: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
-    MergeMethod.LINEAR: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
-    MergeMethod.AVG: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
-    MergeMethod.TASK_ARITHMETIC: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _WEIGHTS),
-    MergeMethod.SVD: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _SVD),
-    MergeMethod.TIES: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _PRUNED | {"majority_sign_method"}),
-    MergeMethod.DARE_LINEAR: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _PRUNED | {"seed"}),
-    MergeMethod.DARE_TIES: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE,
-                                  _PRUNED | {"majority_sign_method", "seed"}),
-    MergeMethod.MAGNITUDE_PRUNE: Method(Kind.MERGE, _build_merge, _load_folded, _MERGE, _PRUNED),
-}
+    MOA: Method(Kind.ROUTE, _build_moa, _load_moa, frozenset({Need.ROUTERS}), {"strategy": Strategy.LAST},
+                  recomposed=True),
+    "centroid": Method(Kind.ROUTE, _build_centroid, _load_centroid, _TASK_ADAPTERS | {Need.TASK_PROMPTS},
+                       {"layer": None, "samples": 64}, recomposed=True),  # layer None: the best on validation
+    "arrow": Method(Kind.ROUTE, _build_arrow, _load_arrow, _TASK_ADAPTERS,
+                    {"top_k": Arrow().top_k, "temperature": Arrow().temperature}, recomposed=True),  # PEFT's
+} | {method: _merge(method) for method in MERGES}
 
 
 def method_of(params: Mapping[str, Any]) -> Method:
     """The registry entry of a `methods` entry's parameters (see moa.config.method_params)."""
     return METHODS[params["method"]]
+
+
+def settings(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A `methods` entry's parameters with its method's defaults filled in."""
+    return dict(method_of(params).params) | dict(params)
