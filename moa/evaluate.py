@@ -17,17 +17,14 @@ import numpy as np
 import pandas as pd
 
 from moa.compose.composition import Composed, load_composition, read_manifest
-from moa.compose.merge import EXACT_MERGES, resolved_weights
-from moa.compose.registry import Kind, merge_spec, method_of, task_adapters
+from moa.compose.registry import Kind, method_of
 from moa.config import Config, method_params
 from moa.data.batching import encode_examples, encode_prompts
-from moa.data.prepare import read_split
+from moa.data.splits import read_split
 from moa.data.tasks import LABELS, Task, get_task
 from moa.generate import Generation, Request, Sampling, Served, score, serve
-from moa.implicit import component_responses, responses_table
 from moa.io import atomic_dir
 from moa.layout import ExperimentPaths
-from moa.lora import attach_experts, lora_layers
 from moa.metrics import (
     FORMAT_ADHERENCE,
     ROUTER_ACCURACY,
@@ -38,9 +35,7 @@ from moa.metrics import (
     score_task,
     statistics_columns,
 )
-from moa.model import DTYPES
-from moa.model.prepare import base_model, device
-from moa.tracking import StepResult
+from moa.step_result import StepResult
 
 DEFAULT_MAX_NEW_TOKENS = 128  # `moa generate` without a task
 
@@ -61,22 +56,14 @@ def sampling_settings(config: Config, task: Task | None = None, max_new_tokens: 
                     evaluation["top_p"] if top_p is None else top_p, config["seed"], task.stop if task else ())
 
 
-def generates(task: Task) -> bool:
-    """Whether a task's metrics read generated text (all but perplexity do)."""
-    return any(m != "perplexity" for m in task.metrics)
-
-
-# What the whole mixed-task stream cost: each task's metrics carry the same values, with the stream's n.
-STREAM_COSTS = ("new_tokens_per_s", "decode_tokens_per_s", "prompt_tokens_per_s", "shared_prefix_pct")
-
-
-def cost_scores(served: Served) -> list[Score]:
-    """What serving the stream cost: generated tokens per second of its wall time and of decoding alone,
-    prompt tokens per second of prefill, and the share of prompt tokens read from a shared prefix."""
-    values = (served.new_tokens / max(served.seconds, 1e-9), served.new_tokens / max(served.decode_s, 1e-9),
-              served.prompt_tokens / max(served.prefill_s, 1e-9),
-              100 * served.reused_tokens / max(served.prompt_tokens, 1))
-    return [Score(name, value, len(served.generations)) for name, value in zip(STREAM_COSTS, values, strict=True)]
+def stream_costs(served: Served) -> dict[str, float]:
+    """What serving the whole mixed-task stream cost (moa.metrics.STREAM_COSTS; every task carries the same
+    values): generated tokens per second of its wall time and of decoding alone, prompt tokens per second of
+    prefill, and the share of prompt tokens read from a shared prefix."""
+    return {"new_tokens_per_s": served.new_tokens / max(served.seconds, 1e-9),
+            "decode_tokens_per_s": served.new_tokens / max(served.decode_s, 1e-9),
+            "prompt_tokens_per_s": served.prompt_tokens / max(served.prefill_s, 1e-9),
+            "shared_prefix_pct": 100 * served.reused_tokens / max(served.prompt_tokens, 1)}
 
 
 def run_generation(config: Config, composed: Composed, tasks: Sequence[Task], frames: dict[str, pd.DataFrame],
@@ -134,7 +121,8 @@ def task_scores(task: Task, predictions: pd.DataFrame, metas: list[dict], compos
         results.append(Score(FORMAT_ADHERENCE, float(aggregate(FORMAT_ADHERENCE, stats, np.ones((1, n)))[0]), n))
     predictions = predictions.assign(**statistics_columns(stats))
     if served is not None:
-        results += [*cost_scores(served), Score("latency_s", float(predictions["latency_s"].mean()), n)]
+        results += [Score(name, value, len(served.generations)) for name, value in stream_costs(served).items()]
+        results.append(Score("latency_s", float(predictions["latency_s"].mean()), n))
         if composed.router is not None and predictions["expert"].notna().all():
             results.append(Score(ROUTER_ACCURACY, router_accuracy(predictions["expert"].tolist(), [task.name] * n), n))
     results += [Score(k, float(v), n) for k, v in extra.items() if isinstance(v, (int, float))]
@@ -151,28 +139,6 @@ def precision(config: Config, params: dict) -> dict[str, str]:
     return record
 
 
-def implicit_routing(config: Config, params: dict, tasks: Sequence[Task], frames: dict[str, pd.DataFrame],
-                     generated: dict[str, list[Generation]]) -> dict[str, pd.DataFrame]:
-    """An exact merge's component responses on every evaluated sequence, per task (see moa.implicit): the
-    merge's task components as experts of an unfolded copy of the base model, weighted as merged."""
-    model, tokenizer = base_model(config)
-    attach_experts(model, task_adapters(config))
-    model.to(device(), DTYPES[config["evaluation"]["dtype"]]).eval()
-    weights = resolved_weights(merge_spec(config, params), len(config["tasks"]))
-    chat, tables = config["data"]["chat_template"], {}
-    for task in tasks:
-        frame = frames[task.name]
-        if task.name in generated:
-            prompts = encode_prompts(frame.prompt.tolist(), tokenizer, chat)
-            sequences = [(p, g.tokens) for p, g in zip(prompts, generated[task.name])]
-        else:  # scored: the reference target
-            examples = encode_examples(frame.prompt.tolist(), frame.target.tolist(), tokenizer, chat)
-            sequences = [(e.prompt_ids, e.target_ids) for e in examples]
-        responses = component_responses(model, weights, sequences)
-        tables[task.name] = responses_table(frame["id"].tolist(), list(lora_layers(model)), responses)
-    return tables
-
-
 def evaluate(config: Config, method: str, task: str | None = None) -> StepResult:
     """Evaluate composition `method` on every task (or only `task`); writes eval/{method}/{task}/
     atomically, one folder per task."""
@@ -181,13 +147,13 @@ def evaluate(config: Config, method: str, task: str | None = None) -> StepResult
     tasks = [get_task(config, name) for name in ([task] if task else config["tasks"])]
     frames = {t.name: test_rows(config, t.name) for t in tasks}
     composed = load_composition(config, method, fold=config["evaluation"]["fold"])
-    generated, served = run_generation(config, composed, [t for t in tasks if generates(t)], frames,
+    generated, served = run_generation(config, composed, [t for t in tasks if not t.scored], frames,
                                        f"evaluate {method}")
     scored = {t.name: run_scoring(config, composed, t, frames[t.name]) for t in tasks if t.scored}
-    implicit = {}
-    if params["method"] in EXACT_MERGES:  # its own model: the served one is released first (one 7B at a time)
+    implicit, hook = {}, method_of(params).implicit_routing
+    if hook is not None:  # its own model: the served one is released first (one 7B at a time)
         composed.model.to("meta")
-        implicit = implicit_routing(config, params, tasks, frames, generated)
+        implicit = hook(config, params, tasks, frames, generated)
     paths, metrics, artifacts, lines = ExperimentPaths.of(config), {}, [], []
     for spec in tasks:
         scores = scored.get(spec.name)

@@ -1,7 +1,9 @@
 """Evaluation metrics for moa tasks, each matching its reference implementation.
 
 ROUGE is rouge-score's, BLEU and chrF are sacrebleu's, SQuAD EM/F1 follow the official evaluate-v1.1.py.
-Every metric is computed from per-example statistics (`example_statistics`): the example's own value for
+`METRICS` holds one record per metric name an evaluation writes (label, direction, digits, statistics,
+aggregation, cost): adding a metric is one record plus the function computing its per-example statistics.
+Every task metric is computed from per-example statistics (`example_statistics`): the example's own value for
 metrics that are a mean over examples, sacrebleu's sufficient statistics for corpus BLEU and chrF, the
 summed nll and token count for perplexity, 0 or 100 per output for format adherence. `aggregate` turns them
 into the metric of any weighting of the examples, so a bootstrap resample's corpus BLEU is recomputed exactly
@@ -26,13 +28,9 @@ from sacrebleu.metrics import BLEU, CHRF
 from moa.errors import MoaError
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-MEAN_METRICS = (*ROUGE_TYPES, "f1", "exact_match", "accuracy")  # the mean of a per-example value
-KNOWN_METRICS = (*MEAN_METRICS, "bleu", "chrf", "perplexity")
 # The share of outputs that follow their task's format (its check: moa.data.tasks), the mean of a 0/100 statistic
 FORMAT_ADHERENCE = "format_adherence"
-# metric -> the per-example statistics it is computed from: columns of predictions.parquet
-STATISTICS: dict[str, tuple[str, ...]] = {m: (m,) for m in MEAN_METRICS} | {
-    "bleu": ("bleu_stats",), "chrf": ("chrf_stats",), "perplexity": ("nll", "n_tokens"), FORMAT_ADHERENCE: ("format",)}
+ROUTER_ACCURACY = "router_accuracy"  # evaluate's metric where a router chose one expert per sequence
 Statistics = dict[str, np.ndarray]  # column -> [n] or [n, k], one row per example
 
 
@@ -43,9 +41,38 @@ class Score:
     n: int  # examples scored
 
 
-def higher_is_better(metric: str) -> bool:
-    """Whether a larger value of `metric` is better (False only for perplexity)."""
-    return metric != "perplexity"
+@dataclass(frozen=True)
+class Outputs:
+    """What a task's metrics are computed from: each example's prediction and references (for a scored task, the
+    nll and token count of its reference), the task's kind and the labels accuracy looks for."""
+
+    kind: str
+    predictions: Sequence[str]
+    references: Sequence[Sequence[str]]
+    labels: Sequence[str] | None = None
+    nll: Sequence[float] | None = None
+    n_tokens: Sequence[int] | None = None
+
+
+Compute = Callable[[Outputs], tuple[Statistics, dict]]  # -> per-example statistics and extras (signatures, counts)
+Aggregate = Callable[..., np.ndarray]  # (weights [R, n], each of the metric's statistics) -> its value [R]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric name of an evaluation's metrics.parquet: everything evaluate, stats, the report and plots know
+    about it (the table: METRICS)."""
+
+    name: str
+    label: str  # its name in the report's tables and plots
+    higher_is_better: bool
+    digits: int  # decimals the report shows
+    statistics: tuple[str, ...] = ()  # its per-example statistics: columns of predictions.parquet
+    aggregate: Aggregate | None = None  # its value under any weighting of the examples; None: not resampled
+    cost: bool = False  # a serving figure (speed, latency, routing), not the task's quality: the report's cost table
+    compute: Compute | None = None  # a task metric's per-example statistics; None: evaluate measures it otherwise
+    scored: bool = False  # read from the likelihood of the references: nothing is generated
+    per_stream: bool = False  # a figure of the whole mixed-task stream: each task carries it, with the stream's n
 
 
 def _check_pairs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
@@ -232,9 +259,6 @@ def _accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]], l
     return 100 * np.array(correct, dtype=float), parsed.count(None)
 
 
-ROUTER_ACCURACY = "router_accuracy"  # evaluate's metric where a router chose one expert per sequence
-
-
 def router_accuracy(chosen: Sequence[str], truth: Sequence[str]) -> float:
     """Percentage of examples whose chosen adapter is the task the example came from."""
     if not truth or len(chosen) != len(truth):
@@ -244,65 +268,126 @@ def router_accuracy(chosen: Sequence[str], truth: Sequence[str]) -> float:
 
 # --- perplexity ------------------------------------------------------------------------------------
 
-def _likelihoods(nll: Sequence[float], n_tokens: Sequence[int]) -> Statistics:
+def _likelihoods(outputs: Outputs) -> tuple[Statistics, dict]:
     """Each example's summed negative log-likelihood (nats) and token count: corpus perplexity is
     exp(sum nll / sum n_tokens), so every token weighs the same."""
+    nll, n_tokens = outputs.nll, outputs.n_tokens
+    if nll is None or n_tokens is None:
+        raise MoaError("perplexity needs the per-example nll and n_tokens of the references")
     if not len(nll) or len(nll) != len(n_tokens):
         raise MoaError(f"perplexity needs equal, non-empty nll and n_tokens lists (got {len(nll)}, {len(n_tokens)})")
     counts = np.asarray(n_tokens, dtype=np.int64)
     if (counts < 0).any() or counts.sum() == 0:
         raise MoaError("perplexity needs non-negative token counts with a positive total")
-    return {"nll": np.asarray(nll, dtype=float), "n_tokens": counts}
+    losses = np.asarray(nll, dtype=float)
+    return {"nll": losses, "n_tokens": counts}, {"nll_per_token": losses.sum() / counts.sum()}
+
+
+def _perplexity(weights: np.ndarray, nll: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # inf, or NaN for 0 tokens drawn
+        return np.exp((weights @ nll) / (weights @ n_tokens))
+
+
+# --- the metric table ------------------------------------------------------------------------------
+
+def _per_example(fn: Callable[[str, Sequence[str]], float], outputs: Outputs) -> np.ndarray:
+    return 100 * np.array([fn(p, refs) for p, refs in zip(outputs.predictions, outputs.references)], dtype=float)
+
+
+def _rouge(outputs: Outputs) -> tuple[Statistics, dict]:
+    return rouge(outputs.predictions, outputs.references), {}
+
+
+def _bleu(outputs: Outputs) -> tuple[Statistics, dict]:
+    stats, signature = bleu_statistics(outputs.predictions, outputs.references)
+    return {"bleu_stats": stats}, {"bleu_signature": signature}
+
+
+def _chrf(outputs: Outputs) -> tuple[Statistics, dict]:
+    stats, signature = chrf_statistics(outputs.predictions, outputs.references)
+    return {"chrf_stats": stats}, {"chrf_signature": signature}
+
+
+def _f1(outputs: Outputs) -> tuple[Statistics, dict]:
+    return {"f1": _per_example(squad_f1, outputs)}, {}
+
+
+def _exact_match(outputs: Outputs) -> tuple[Statistics, dict]:
+    """GSM8K final-number match for kind "math", SQuAD EM otherwise."""
+    return {"exact_match": _per_example(math_exact_match if outputs.kind == "math" else squad_exact_match, outputs)}, {}
+
+
+def _label_accuracy(outputs: Outputs) -> tuple[Statistics, dict]:
+    values, unparseable = _accuracy(outputs.predictions, outputs.references, outputs.labels)
+    return {"accuracy": values}, {"unparseable": unparseable}
+
+
+def _mean(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
+    return (weights @ values) / weights.sum(axis=1)
+
+
+def _corpus_bleu(weights: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    return bleu_score(weights @ stats)
+
+
+def _corpus_chrf(weights: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    return chrf_score(weights @ stats)
+
+
+def _mean_of(name: str, label: str, compute: Compute) -> Metric:
+    """A task metric that is the mean of its own per-example value (0-100), shown with 2 decimals."""
+    return Metric(name, label, True, 2, (name,), _mean, compute=compute)
+
+
+# One record per metric name evaluate writes; the report's tables list them in this order.
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    *(_mean_of(name, label, _rouge)
+      for name, label in zip(ROUGE_TYPES, ("ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum"), strict=True)),
+    Metric("bleu", "BLEU", True, 2, ("bleu_stats",), _corpus_bleu, compute=_bleu),
+    Metric("chrf", "chrF", True, 2, ("chrf_stats",), _corpus_chrf, compute=_chrf),
+    _mean_of("f1", "F1", _f1),
+    _mean_of("exact_match", "EM", _exact_match),
+    _mean_of("accuracy", "accuracy", _label_accuracy),
+    Metric("perplexity", "perplexity", False, 2, ("nll", "n_tokens"), _perplexity, compute=_likelihoods, scored=True),
+    Metric(FORMAT_ADHERENCE, "format adherence (%)", True, 1, ("format",), _mean),  # statistics: format_statistics
+    # extras of the task metrics above
+    Metric("unparseable", "predictions without a label", False, 0),
+    Metric("nll_per_token", "nll per token (nats)", False, 3),
+    # what serving cost (evaluate: stream_costs, latency), and how well a router chose
+    Metric("new_tokens_per_s", "generated tokens/s", True, 1, cost=True, per_stream=True),
+    Metric("decode_tokens_per_s", "decoding tokens/s", True, 1, cost=True, per_stream=True),
+    Metric("prompt_tokens_per_s", "prefill tokens/s", True, 0, cost=True, per_stream=True),
+    Metric("shared_prefix_pct", "prompt tokens from a shared prefix (%)", True, 1, cost=True, per_stream=True),
+    Metric("latency_s", "latency per sequence (s)", False, 2, cost=True),
+    Metric(ROUTER_ACCURACY, "router accuracy (%)", True, 2, cost=True),
+)}
+TASK_METRICS = tuple(name for name, m in METRICS.items() if m.compute)  # what a task can be scored by
+COST_METRICS = tuple(m for m in METRICS.values() if m.cost)
+STREAM_COSTS = tuple(m.name for m in COST_METRICS if m.per_stream)
 
 
 # --- a task's metrics ------------------------------------------------------------------------------
-
-def _per_example(fn: Callable[[str, Sequence[str]], float], predictions: Sequence[str],
-                 references: Sequence[Sequence[str]]) -> np.ndarray:
-    return 100 * np.array([fn(p, refs) for p, refs in zip(predictions, references)], dtype=float)
-
-
-def _text_statistics(kind: str, metrics: Sequence[str], predictions: Sequence[str],
-                     references: Sequence[Sequence[str]], labels: Sequence[str] | None) -> tuple[Statistics, dict]:
-    stats: Statistics = {}
-    extra: dict = {}
-    if any(m in ROUGE_TYPES for m in metrics):
-        stats |= {k: v for k, v in rouge(predictions, references).items() if k in metrics}
-    for name, fn in (("bleu", bleu_statistics), ("chrf", chrf_statistics)):
-        if name in metrics:
-            stats[f"{name}_stats"], extra[f"{name}_signature"] = fn(predictions, references)
-    if "f1" in metrics:
-        stats["f1"] = _per_example(squad_f1, predictions, references)
-    if "exact_match" in metrics:
-        stats["exact_match"] = _per_example(math_exact_match if kind == "math" else squad_exact_match,
-                                            predictions, references)
-    if "accuracy" in metrics:
-        stats["accuracy"], extra["unparseable"] = _accuracy(predictions, references, labels)
-    return stats, extra
-
 
 def example_statistics(kind: str, metrics: Sequence[str], predictions: Sequence[str],
                        references: Sequence[Sequence[str]], nll: Sequence[float] | None = None,
                        n_tokens: Sequence[int] | None = None, labels: Sequence[str] | None = None,
                        ) -> tuple[Statistics, dict]:
-    """The per-example statistics of the named metrics (`STATISTICS` says which columns each has) and
-    extras: bleu/chrf signatures, the count of unparseable predictions for accuracy, nll_per_token for
-    perplexity. "exact_match" is GSM8K final-number match for kind "math", SQuAD EM otherwise;
-    "accuracy" looks for `labels` (default: the distinct references); "perplexity" needs per-example nll
-    and n_tokens instead of predictions."""
-    unknown = [m for m in metrics if m not in KNOWN_METRICS]
+    """The per-example statistics of the named task metrics (each Metric's `statistics` columns) and extras:
+    bleu/chrf signatures, the count of unparseable predictions for accuracy, nll_per_token for perplexity.
+    "accuracy" looks for `labels` (default: the distinct references); "perplexity" needs per-example nll and
+    n_tokens instead of predictions."""
+    unknown = [m for m in metrics if m not in TASK_METRICS]
     if unknown or not metrics:
-        raise MoaError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}: known are {', '.join(KNOWN_METRICS)}")
-    text_metrics = [m for m in metrics if m != "perplexity"]
-    stats, extra = {}, {}
-    if text_metrics:
+        raise MoaError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}: known are {', '.join(TASK_METRICS)}")
+    if not all(METRICS[m].scored for m in metrics):
         _check_pairs(predictions, references)
-        stats, extra = _text_statistics(kind, text_metrics, predictions, references, labels)
-    if "perplexity" in metrics:
-        if nll is None or n_tokens is None:
-            raise MoaError("perplexity needs the per-example nll and n_tokens of the references")
-        stats |= _likelihoods(nll, n_tokens)
-        extra["nll_per_token"] = stats["nll"].sum() / stats["n_tokens"].sum()
+    outputs = Outputs(kind, predictions, references, labels, nll, n_tokens)
+    wanted = {column for m in metrics for column in METRICS[m].statistics}
+    stats, extra = {}, {}
+    for compute in dict.fromkeys(METRICS[m].compute for m in metrics):  # once each: ROUGE's one pass gives all four
+        computed, more = compute(outputs)
+        stats |= {column: values for column, values in computed.items() if column in wanted}
+        extra |= more
     return stats, extra
 
 
@@ -311,14 +396,8 @@ def aggregate(metric: str, stats: Mapping[str, np.ndarray], weights: np.ndarray)
     counts (a bootstrap resample's draw counts; a row of ones is the test set itself) -> [R]. Corpus
     metrics sum their statistics first, exactly as sacrebleu's corpus_score does; perplexity is inf
     where it overflows."""
-    if metric == "perplexity":
-        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # inf, or NaN for 0 tokens drawn
-            return np.exp((weights @ stats["nll"]) / (weights @ stats["n_tokens"]))
-    if metric == "bleu":
-        return bleu_score(weights @ stats["bleu_stats"])
-    if metric == "chrf":
-        return chrf_score(weights @ stats["chrf_stats"])
-    return (weights @ stats[STATISTICS[metric][0]]) / weights.sum(axis=1)
+    record = METRICS[metric]
+    return record.aggregate(weights, *(stats[column] for column in record.statistics))
 
 
 def score_task(kind: str, metrics: Sequence[str], predictions: Sequence[str], references: Sequence[Sequence[str]],
@@ -334,7 +413,7 @@ def score_task(kind: str, metrics: Sequence[str], predictions: Sequence[str], re
 
 def format_statistics(follows: Sequence[bool]) -> Statistics:
     """Each output's format statistic: 100 if it follows its task's format, else 0 (format_adherence is its mean)."""
-    return {STATISTICS[FORMAT_ADHERENCE][0]: 100 * np.array(follows, dtype=float)}
+    return {METRICS[FORMAT_ADHERENCE].statistics[0]: 100 * np.array(follows, dtype=float)}
 
 
 def statistics_columns(stats: Statistics) -> dict[str, np.ndarray | list[np.ndarray]]:
@@ -344,7 +423,7 @@ def statistics_columns(stats: Statistics) -> dict[str, np.ndarray | list[np.ndar
 
 def read_statistics(frame: pd.DataFrame, metrics: Sequence[str], where: str) -> Statistics:
     """The per-example statistics of `metrics` from a predictions table (`where` names it in errors)."""
-    columns = list(dict.fromkeys(c for m in metrics for c in STATISTICS[m]))
+    columns = list(dict.fromkeys(c for m in metrics for c in METRICS[m].statistics))
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise MoaError(f"{where}: no per-example statistics {', '.join(missing)} (written by an older moa?); "

@@ -12,15 +12,11 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter
 
 from moa.compose.registry import Kind
+from moa.metrics import METRICS
+from moa.roles import FLOOR, ORACLE
 
-LABELS = {"rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeLsum": "ROUGE-Lsum",
-          "bleu": "BLEU", "chrf": "chrF", "f1": "F1", "exact_match": "EM"}
 KIND_COLORS = {Kind.BASE: "tab:red", Kind.ADAPTER: "tab:purple", Kind.ROUTE: "tab:orange", Kind.MERGE: "tab:blue"}
 ORACLE_COLOR = "tab:green"
-
-
-def label(metric: str) -> str:
-    return LABELS.get(metric, metric)
 
 
 def placeholder(name: str, reason: str) -> Figure:
@@ -53,10 +49,11 @@ def plot_scores(normalized: pd.DataFrame, representative: Mapping[str, str], exc
     fig = Figure(figsize=(1.4 * normalized.shape[1] + 3, 0.5 * len(normalized) + 2))
     ax = fig.subplots()
     top = max(1.0, float(np.nanmax(normalized.to_numpy())))
-    columns = [f"{task}\n{label(metric)}" + ("\n(no signal)" if task in excluded else "")
+    columns = [f"{task}\n{METRICS[metric].label}" + ("\n(no signal)" if task in excluded else "")
                for task, metric in representative.items()]
     _heatmap(ax, normalized.to_numpy(), list(normalized.index), columns, ".2f", "RdYlGn", 0.0, top)
-    ax.set_title("Score relative to oracle (representative metric; perplexity inverted)")
+    inverted = [METRICS[m].label for m in dict.fromkeys(representative.values()) if not METRICS[m].higher_is_better]
+    ax.set_title("Score relative to oracle (representative metric" + "".join(f"; {m} inverted" for m in inverted) + ")")
     ax.set_xlabel("task")
     ax.set_ylabel("method")
     return fig
@@ -154,7 +151,7 @@ def plot_train_loss(logs: Mapping[str, pd.DataFrame]) -> Figure:
 
 
 def _color(method: str, kind: Kind) -> str:
-    return ORACLE_COLOR if method == "oracle" else KIND_COLORS[kind]
+    return ORACLE_COLOR if method == ORACLE else KIND_COLORS[kind]
 
 
 def _kind_legend(ax: Axes, kinds: Collection[Kind], **kwargs: object) -> None:
@@ -176,8 +173,8 @@ def plot_multitask(scores: pd.DataFrame, kinds: Mapping[str, Kind], confidence: 
         ax.annotate(f"{scores['value'].iloc[i]:.3f}", (scores["hi"].iloc[i], yi), xytext=(6, 0),
                     textcoords="offset points", va="center", fontsize=8)
     ax.axvline(1.0, color=ORACLE_COLOR, linestyle="--", linewidth=1)
-    if "base" in scores.index:
-        ax.axvline(scores.loc["base", "value"], color=KIND_COLORS[Kind.BASE], linestyle=":", linewidth=1)
+    if FLOOR in scores.index:
+        ax.axvline(scores.loc[FLOOR, "value"], color=KIND_COLORS[Kind.BASE], linestyle=":", linewidth=1)
     ax.set_yticks(y, list(scores.index))
     ax.set_xlim(min(0.0, float(scores["lo"].min())) - 0.02, max(1.1, float(scores["hi"].max()) + 0.12))
     ax.set_xlabel(f"multitask score (oracle = 1, dashed; base dotted), {confidence:.0%} bootstrap interval")
@@ -255,12 +252,12 @@ def plot_sweep(sweep: pd.DataFrame, kinds: Mapping[str, Kind], confidence: float
     width = 0.3 * min(np.diff(sizes), default=1)  # of the methods side by side at one size
     fig = Figure(figsize=(9, 5.5), layout="constrained")
     ax = fig.subplots()
-    others = [m for m in methods if m != "base"]
+    others = [m for m in methods if m != FLOOR]
     for i, method in enumerate(methods):
         rows = sweep[sweep["method"] == method]
         offset = width * ((i + 0.5) / len(methods) - 0.5)
         j = others.index(method) if method in others else 0
-        color = KIND_COLORS[Kind.BASE] if method == "base" else SWEEP_COLORS[j % len(SWEEP_COLORS)]
+        color = KIND_COLORS[Kind.BASE] if method == FLOOR else SWEEP_COLORS[j % len(SWEEP_COLORS)]
         marker = SWEEP_MARKERS[j // len(SWEEP_COLORS) % len(SWEEP_MARKERS)]
         score = rows["multitask_score"]
         ax.errorbar(rows["n_tasks"] + offset, score, yerr=[score - rows["lo"], rows["hi"] - score], fmt=marker,

@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 from moa.errors import MoaError
-from moa.metrics import Statistics, aggregate, higher_is_better
+from moa.metrics import METRICS, Statistics, aggregate
+from moa.roles import FLOOR, ORACLE
 
-ORACLE, BASE = "oracle", "base"  # the methods a normalized score is relative to, and the floor
 ALL_TASKS = "all"  # the `task` of the multitask score's rows
 MULTITASK, NORMALIZED = "multitask_score", "normalized"  # `metric` of the multitask and normalized rows
 POWER = 0.8  # of the smallest detectable difference
@@ -133,7 +133,7 @@ def _ratio(values: np.ndarray, oracle: np.ndarray, metric: str) -> np.ndarray:
     """The method's metric relative to the oracle's (inverted where lower is better); NaN where the
     ratio is undefined (an oracle at 0)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = values / oracle if higher_is_better(metric) else oracle / values
+        ratio = values / oracle if METRICS[metric].higher_is_better else oracle / values
     return np.where(np.isfinite(ratio), ratio, np.nan)
 
 
@@ -145,8 +145,8 @@ def no_signal(metrics: Mapping[tuple[str, str, str], np.ndarray], task: str, met
     oracle = metrics.get((ORACLE, task, metric))
     if oracle is None:
         return "the oracle was not evaluated on it"
-    sign = 1 if higher_is_better(metric) else -1
-    base = metrics.get((BASE, task, metric))
+    sign = 1 if METRICS[metric].higher_is_better else -1
+    base = metrics.get((FLOOR, task, metric))
     if base is None:
         lo, hi = interval(sign * oracle[1:], alpha) if sign > 0 else (np.inf, np.inf)  # a perplexity is > 0
         return None if lo > 0 else f"base was not evaluated and the oracle's interval reaches 0 [{lo:.4g}, {hi:.4g}]"

@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from moa.compose.composition import compose
-from moa.config import load_config, method_params
+from moa.config import method_params
 from moa.data.prepare import prepare_task
 from moa.evaluate import evaluate, precision
+from moa.experiment import load_config
 from moa.layout import MIXED, ExperimentPaths
 from moa.lora import inject_lora, save_adapter
 from moa.model import load_pretrained

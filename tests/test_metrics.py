@@ -12,20 +12,20 @@ import sacrebleu
 import yaml
 from rouge_score import rouge_scorer
 
-from moa import metrics
-from moa.config import SCHEMA_PATH, validate
+from moa.config import SCHEMA_PATH
 from moa.data.sources import load_split
 from moa.data.tasks import BUILTIN, get_task, is_german
 from moa.errors import MoaError
+from moa.experiment import validate
 from moa.metrics import (
     FORMAT_ADHERENCE,
-    STATISTICS,
+    METRICS,
+    TASK_METRICS,
     Score,
     aggregate,
     example_statistics,
     final_number,
     format_statistics,
-    higher_is_better,
     marked_number,
     math_exact_match,
     normalize_answer,
@@ -307,17 +307,30 @@ def test_score_task_errors(kwargs: dict, message: str) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_higher_is_better() -> None:
-    assert not higher_is_better("perplexity")
-    assert all(higher_is_better(m) for m in metrics.KNOWN_METRICS if m != "perplexity")
+def test_metric_records_are_consistent() -> None:
+    """A metric is resampled exactly when it has per-example statistics; costs and extras have none; only a task
+    metric (one with a compute) can be scored from likelihoods; perplexity alone of them is lower-better."""
+    assert all(name == m.name for name, m in METRICS.items())
+    for m in METRICS.values():
+        assert bool(m.statistics) == (m.aggregate is not None), m.name
+        assert not (m.cost and m.statistics) and (m.cost or not m.per_stream), m.name
+        assert bool(m.compute) >= m.scored and m.digits >= 0 and m.label, m.name
+    assert [m for m in TASK_METRICS if not METRICS[m].higher_is_better] == ["perplexity"]
+    assert METRICS[FORMAT_ADHERENCE].statistics and not METRICS[FORMAT_ADHERENCE].compute
 
 
 def test_task_metric_names_are_known() -> None:
+    """The schema's custom-task metrics and every built-in task's metrics are task metrics of the table; a task is
+    scored (nothing generated) exactly when its metric is perplexity."""
     config = {"tasks": dict.fromkeys(BUILTIN)}
     used = {m for name in BUILTIN for m in get_task(config, name).metrics}
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    custom = set(schema["$defs"]["task"]["properties"]["metric"]["enum"])
-    assert used | custom <= set(metrics.KNOWN_METRICS)
+    custom = schema["$defs"]["task"]["properties"]["metric"]["enum"]
+    assert used | set(custom) <= set(TASK_METRICS)
+    for metric in custom:
+        spec = {"source": {"type": "local", "path": "x.jsonl"}, "template": "{q}", "target": "{a}", "metric": metric}
+        assert get_task({"tasks": {"mine": spec}}, "mine").scored == (metric == "perplexity")
+    assert [name for name in BUILTIN if get_task(config, name).scored] == ["dialogue"]
 
 
 def test_statistics_round_trip_through_parquet(tmp_path) -> None:
@@ -334,7 +347,7 @@ def test_statistics_round_trip_through_parquet(tmp_path) -> None:
         assert back[name].shape == values.shape
     with pytest.raises(MoaError, match=r"predictions.parquet: no per-example statistics f1 .*rerun `moa evaluate`"):
         read_statistics(pd.read_parquet(path), ["f1"], str(path))
-    assert set(STATISTICS) == {*metrics.KNOWN_METRICS, FORMAT_ADHERENCE}
+    assert {m for m, record in METRICS.items() if record.statistics} == {*TASK_METRICS, FORMAT_ADHERENCE}
 
 
 # --- format adherence ------------------------------------------------------------------------------

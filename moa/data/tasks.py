@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moa.errors import MoaError
-from moa.metrics import FORMAT_ADHERENCE, marked_number, normalize_answer, parse_label, split_sentences
+from moa.metrics import FORMAT_ADHERENCE, METRICS, marked_number, normalize_answer, parse_label, split_sentences
 
 Row = Mapping[str, Any]
 Meta = Mapping[str, Any]  # a prepared example's `meta` (what its row adds to prompt, target and references)
@@ -52,13 +52,17 @@ class Task:
     stop: tuple[str, ...] = ("\n\n",)
     truncate: str | None = None  # the long column cut to make the prompt fit
     check: Callable[[Row], None] = lambda row: None  # raises DropRow for unusable rows
-    scored: bool = False  # evaluated by likelihood of the target (perplexity), not generation
     meta: Callable[[Row], dict[str, Any]] = field(default=lambda row: {})
     format: FormatCheck | None = None  # None: nothing generated to check (perplexity), or a custom task without one
 
     @property
     def metric(self) -> str:
         return self.metrics[0]
+
+    @property
+    def scored(self) -> bool:
+        """Evaluated by the likelihood of its target (perplexity), nothing generated: what its metrics are read from."""
+        return all(METRICS[m].scored for m in self.metrics)
 
     @property
     def evaluated_metrics(self) -> tuple[str, ...]:
@@ -255,7 +259,7 @@ def _builtin(name: str, kind: str, source: dict[str, Any], template: str | None)
                     metrics=("accuracy",), max_new_tokens=4, meta=lambda r: {"label": int(r["label"])},
                     format=SENTIMENT_FORMAT)
     if kind == "dialogue":
-        return _DialogueTask(**common, columns=("question", "response"), truncate="question", scored=True,
+        return _DialogueTask(**common, columns=("question", "response"), truncate="question",
                              template=template or "{system}User: {question}\nAssistant:",
                              target=lambda r: _text(r["response"], "target"),
                              references=lambda r: [_text(r["response"], "target")],
@@ -323,8 +327,7 @@ def _custom(name: str, spec: Mapping[str, Any]) -> Task:
                        references=lambda r: [_render(t, named(labels, r)).strip() for t in references],
                        check=lambda r: named(labels, r) and None,
                        metrics=(spec["metric"],), max_new_tokens=spec.get("max_new_tokens", 64),
-                       stop=tuple(spec.get("stop", ("\n\n",))), truncate=spec.get("truncate"),
-                       scored=spec["metric"] == "perplexity")
+                       stop=tuple(spec.get("stop", ("\n\n",))), truncate=spec.get("truncate"))
 
 
 def get_task(config: Mapping[str, Any], name: str) -> Task:
