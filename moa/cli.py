@@ -67,7 +67,7 @@ def step_command(name: str) -> Callable[[argparse.Namespace], None]:
     """`moa <name>`: run the step on the loaded config in the job's threads; print what it wrote."""
 
     def run(args: argparse.Namespace) -> None:
-        from moa.config import load_config
+        from moa.experiment import load_config
 
         set_threads(args.threads)
         step = STEPS[name]
@@ -92,10 +92,10 @@ def read_prompts(source: TextIO) -> Iterator[str]:
 
 def generate(args: argparse.Namespace) -> None:
     from moa.compose.composition import load_composition
-    from moa.config import load_config
     from moa.data.batching import encode_prompts
     from moa.data.tasks import get_task
     from moa.evaluate import sampling_settings
+    from moa.experiment import load_config
     from moa.generate import Request, generate
 
     set_threads(args.threads)
@@ -158,7 +158,7 @@ def add_model_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def plan(args: argparse.Namespace) -> None:
-    from moa.config import load_config
+    from moa.experiment import load_config
     from moa.plan import DEVICE_MARGIN, Setting, gib, model_config_of, parse_bytes, plan_config, shapes_of, table
 
     config = load_config(args.config, args.set)

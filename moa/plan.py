@@ -11,8 +11,8 @@ measured on CPU with torch's MemTracker (tests/test_plan.py: within 15%).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
@@ -244,9 +244,10 @@ def model_config_of(source: str) -> ModelConfig:
     """A model's shapes without its weights: a preset name, random:PRESET, an HF directory or config.json, a
     .gguf file (its metadata), or a hub id (its config.json alone is fetched)."""
     from moa.model.checkpoint import read_config
-    from moa.model.gguf_file import open_gguf, read_config as gguf_config
-    from moa.model.load import DEFAULT_MODEL, RANDOM_PREFIX, default_gguf
     from moa.model.config import PRESETS
+    from moa.model.gguf_file import open_gguf
+    from moa.model.gguf_file import read_config as gguf_config
+    from moa.model.load import DEFAULT_MODEL, RANDOM_PREFIX, default_gguf
 
     if source in PRESETS or source.startswith(RANDOM_PREFIX):
         return preset(source.removeprefix(RANDOM_PREFIX))
@@ -291,7 +292,7 @@ class Setting:
 
     @classmethod
     def here(cls) -> Setting:
-        from moa.model.prepare import device
+        from moa.model.prepared import device
 
         dev = device()
         return cls(device_limit(dev) if dev.type == "cuda" else None, host_limit())
@@ -374,6 +375,7 @@ def training_fit(config: dict, shapes: ModelConfig, step: str, where: Setting) -
 def evaluation_plan(config: dict, shapes: ModelConfig, method: str, on_device: bool) -> JobPlan:
     from moa.config import method_params
     from moa.data.tasks import get_task
+    from moa.roles import BASE
 
     tasks = [get_task(config, name) for name in config["tasks"]]
     data, evaluation = config["data"], config["evaluation"]
@@ -381,7 +383,7 @@ def evaluation_plan(config: dict, shapes: ModelConfig, method: str, on_device: b
     scored = any(t.scored for t in tasks)
     reach = data["max_prompt_tokens"] + max(new, data["max_target_tokens"] + 1 if scored else 0)
     slots = evaluation["batch_size"]
-    experts = 0 if method_params(config, method)["method"] == "base" else len(tasks)
+    experts = 0 if method_params(config, method)["method"] == BASE else len(tasks)
     memory = inference_memory(shapes, _lora(config, experts) if experts else None, DTYPES[evaluation["dtype"]],
                               max(PREFILL_TOKENS, data["max_prompt_tokens"]), slots, reach,
                               PREFILL_TOKENS if scored else slots)
@@ -436,7 +438,7 @@ def job_plan(config: dict, shapes: ModelConfig, step: str, where: Setting, metho
 def preflight(config: dict, step: str, method: str | None = None) -> JobPlan | None:
     """Before a step loads anything: its plan against the device and host it got, or one line naming what fits."""
     from moa.layout import ExperimentPaths
-    from moa.model.prepare import loads_offline
+    from moa.model.prepared import loads_offline
 
     prepared = ExperimentPaths.of(config).model / "config.json"
     if not prepared.is_file() and not loads_offline(config["model"]["source"]):

@@ -19,8 +19,9 @@ from moa.evaluate import evaluate
 from moa.model.prepare import prepare_model
 from moa.plan import preflight
 from moa.report import build_report
+from moa.step_result import StepResult
 from moa.sweep import on_subset, sweep_rule
-from moa.tracking import StepResult, log_step
+from moa.tracking import log_step
 from moa.train.lora import train_lora, train_mixed
 from moa.train.router import train_router
 

@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from moa.compose.registry import Kind, Need, method_of
+from moa.compose.registry import method_of
 from moa.config import Config, method_params
 from moa.errors import MoaError
 from moa.io import atomic_file
 from moa.layout import SUBSET
-from moa.stats import ORACLE
 
 
 @dataclass(frozen=True)
@@ -74,12 +73,9 @@ def proper_subsets(config: Config) -> list[Subset]:
 
 
 def recomposed(params: dict[str, Any]) -> bool:
-    """Whether the sweep builds a method (a `methods` entry's parameters) again on each subset: a merge or a router
-    over the task LoRAs. Not base, nor the oracle (each task served by its own LoRA alone, whatever else is
-    composed), nor what serves the mixed-data LoRA (trained on every task; a LoRA is never retrained)."""
-    method = method_of(params)
-    return (method.kind in (Kind.MERGE, Kind.ROUTE) and params["method"] != ORACLE
-            and Need.MIXED_ADAPTER not in method.needs)
+    """Whether the sweep builds a method (a `methods` entry's parameters) again on each subset: its registry entry
+    says (merges and routers over the task LoRAs do)."""
+    return method_of(params).recomposed
 
 
 def recomposable(config: Config) -> list[str]:

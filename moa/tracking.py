@@ -20,7 +20,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
@@ -41,18 +40,6 @@ MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 COMPARISON_TABLE = "comparison.json"  # the report run's table (mlflow.log_table): one row per method
 STARTED_MS = int(time.time() * 1000)  # a step imports this module as it starts: its run's start time
-
-
-@dataclass
-class StepResult:
-    """What a pipeline step wrote (`path`) and what of it its MLflow run logs."""
-
-    path: Path
-    metrics: Mapping[str, float] = field(default_factory=dict)
-    artifacts: Sequence[Path] = ()
-    curves: pd.DataFrame | None = None  # per-step metrics (a `step` column), e.g. a training log
-    summary: str | None = None  # a line for the CLI to print after "wrote {path}"
-    tables: Mapping[str, pd.DataFrame] = field(default_factory=dict)  # artifact file -> MLflow's table view
 
 
 def tracking_uri(config: Config) -> str:

@@ -12,8 +12,8 @@ import transformers
 import yaml
 from safetensors.torch import load_file, save_file
 
-from moa.config import load_config
 from moa.errors import MoaError
+from moa.experiment import load_config
 from moa.model import checkpoint, load_hf_dir, load_pretrained, random_model, save_hf_dir
 from moa.model.tokenizer import byte_tokenizer
 
@@ -168,14 +168,14 @@ def test_gguf_device_and_dtype_are_honoured(smollm2_gguf: Path) -> None:
 
 
 def test_base_model_loads_onto_the_jobs_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from moa.model import prepare
+    from moa.model import prepared
 
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"experiment": "t", "results_dir": str(tmp_path / "results"),
                                     "model": {"source": "random:tiny"},
                                     "tasks": {"math": {"source": {"type": "synthetic"}}}}))
-    monkeypatch.setattr(prepare, "device", lambda: torch.device("meta"))
-    model, _ = prepare.base_model(load_config(path))
+    monkeypatch.setattr(prepared, "device", lambda: torch.device("meta"))
+    model, _ = prepared.base_model(load_config(path))
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from moa.config import load_config
 from moa.data.prepare import prepare_task
+from moa.experiment import load_config
 from moa.lora import Arrow, ExpertSpec, LoRALinear, inject_lora, save_adapter
 from moa.model import save_hf_dir
 from moa.model.tokenizer import byte_tokenizer

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from moa.cli import main
-from moa.config import load_config
 from moa.data.batching import Example, lm_loss, pack
 from moa.errors import MoaError
+from moa.experiment import load_config
 from moa.lora import inject_lora, mark_only_lora_as_trainable
 from moa.lora.inject import DEFAULT_TARGETS
 from moa.memory import PeakMemory

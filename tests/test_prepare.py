@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 from moa.cli import main
-from moa.config import load_config, method_params
+from moa.config import method_params
 from moa.data.batching import encode_examples, pack, padding_fraction
-from moa.data.prepare import COLUMNS, prepare_task
+from moa.data.prepare import prepare_task
+from moa.data.splits import COLUMNS
 from moa.data.tasks import DropRow, get_task
+from moa.experiment import load_config
 from moa.layout import SPLITS
 from moa.metrics import example_statistics
 from moa.model import load_tokenizer

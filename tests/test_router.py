@@ -16,10 +16,10 @@ import yaml
 from safetensors.torch import load_file
 
 from moa.cli import main
-from moa.config import load_config
 from moa.data.batching import Example, pack
 from moa.data.prepare import prepare_task
 from moa.errors import MoaError
+from moa.experiment import load_config
 from moa.lora import ExpertSpec, activated, inject_lora
 from moa.model import random_model
 from moa.model.tokenizer import byte_tokenizer

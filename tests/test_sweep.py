@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from moa.compose.registry import METHODS, Kind, Method, Need
-from moa.config import Config, validate
+from moa.config import Config
 from moa.errors import MoaError
+from moa.experiment import validate
 from moa.layout import ExperimentPaths
 from moa.lora import AdapterConfig, load_adapter, write_adapter
 from moa.steps import run_step
@@ -88,12 +89,12 @@ def test_a_sweep_needs_the_oracle_and_a_method_to_recompose(methods: dict, messa
 
 def test_the_registry_decides_what_a_sweep_recomposes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Merges and routers over the task LoRAs, with their own names; not base, the oracle or the mixed LoRA. A router
-    that joins the registry joins the sweep."""
+    that joins the registry recomposed joins the sweep."""
     methods = {"base": None, "oracle": None, "mixed": None, "moa": None,
                "moa_vote": {"method": "moa", "strategy": "vote"}, "svd_r4": {"method": "svd", "k": 4}, "ties": None}
     assert swept_methods(make_config(tmp_path, methods=methods)) == ["moa", "moa_vote", "svd_r4", "ties"]
     oracle = METHODS["oracle"]
-    router = Method(Kind.ROUTE, oracle.build, oracle.load, frozenset({Need.TASK_ADAPTERS}))
+    router = Method(Kind.ROUTE, oracle.build, oracle.load, frozenset({Need.TASK_ADAPTERS}), recomposed=True)
     monkeypatch.setitem(METHODS, "nearest", router)
     assert swept_methods(make_config(tmp_path, methods=methods | {"nearest": None}))[-1] == "nearest"
 

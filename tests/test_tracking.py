@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from moa.config import load_config
 from moa.data.prepare import prepare_task
+from moa.experiment import load_config
 from moa.model.tokenizer import byte_tokenizer
 from moa.steps import STEPS, run_step
 from moa.tracking import SPOOL_ENV, Spool, browse_hint, flatten, tracking_uri
@@ -79,7 +79,7 @@ def test_a_spooling_step_never_imports_mlflow(smoke: Path, tmp_path: Path) -> No
 
     assert (tracking.MLFLOW_RUN_NAME, tracking.MLFLOW_PARENT_RUN_ID, tracking.MLFLOW_GIT_COMMIT) == (
         mlflow_tags.MLFLOW_RUN_NAME, mlflow_tags.MLFLOW_PARENT_RUN_ID, mlflow_tags.MLFLOW_GIT_COMMIT)
-    step = ("import sys; from moa.config import load_config; from moa.tracking import log_step; "
+    step = ("import sys; from moa.experiment import load_config; from moa.tracking import log_step; "
             f"log_step(load_config({str(smoke)!r}), 'report', {{'moa.step': 'report'}}, {{'tasks': ['qa']}}); "
             "assert 'mlflow' not in sys.modules, 'mlflow was imported'")
     subprocess.run([sys.executable, "-c", step], check=True, env=os.environ | {SPOOL_ENV: str(tmp_path)})

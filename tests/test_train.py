@@ -16,9 +16,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from moa.config import load_config
 from moa.data.prepare import prepare_task
 from moa.errors import MoaError
+from moa.experiment import load_config
 from moa.layout import ExperimentPaths
 from moa.lora import attach_adapter
 from moa.model import load_pretrained, save_hf_dir

@@ -25,15 +25,15 @@ import pandas as pd
 
 from moa.config import Config
 from moa.data.sources import check_columns, load_split
+from moa.data.splits import COLUMNS
 from moa.data.tasks import DropRow, Task, get_task
 from moa.errors import MoaError
 from moa.io import atomic_dir
 from moa.layout import SPLITS, ExperimentPaths
 from moa.model.load import load_tokenizer
 from moa.model.tokenizer import Tokenizer
-from moa.tracking import StepResult
+from moa.step_result import StepResult
 
-COLUMNS = ["id", "task", "prompt", "target", "references", "meta"]
 MARGIN = 1.2  # read/carve a little more than a split needs: some rows may be dropped
 
 
@@ -181,16 +181,3 @@ def prepare_data(config: Config, task: str) -> StepResult:
                                     for key in ("rows_out", "truncated")},
                       artifacts=[stats_file], summary=", ".join(f"{split} {s['rows_out']} rows"
                                                                 for split, s in stats.items()))
-
-
-def read_split(config: Mapping[str, Any], name: str, split: str) -> pd.DataFrame:
-    """A prepared split, with a clear error when prepare-data has not run or the file is not ours."""
-    path = ExperimentPaths.of(config).split(name, split)
-    if not path.is_file():
-        raise MoaError(f"{path}: not found; run `moa prepare-data --config ... --task {name}` first")
-    frame = pd.read_parquet(path)
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise MoaError(f"{path}: missing column {missing[0]!r} (columns present: {', '.join(frame.columns)}); "
-                       "re-run prepare-data")
-    return frame

@@ -8,14 +8,14 @@ import torch
 
 from moa.config import Config
 from moa.data.batching import Example, encode_examples
-from moa.data.prepare import read_split
+from moa.data.splits import read_split
 from moa.io import atomic_dir
 from moa.layout import ADAPTER_CONFIG, MIXED, TRAIN_LOG, ExperimentPaths
 from moa.lora import inject_lora, mark_only_lora_as_trainable, save_adapter
 from moa.model import Tokenizer, Transformer
-from moa.model.prepare import base_model, device
+from moa.model.prepared import base_model, device
 from moa.plan import with_checkpointing
-from moa.tracking import StepResult
+from moa.step_result import StepResult
 from moa.train.trainer import Trainer, TrainSettings
 
 

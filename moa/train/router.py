@@ -27,15 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from moa.compose.registry import task_adapters
 from moa.config import Config
 from moa.data.batching import Batch, Example, bucket, lm_loss, pack
 from moa.errors import MoaError
 from moa.io import atomic_dir
-from moa.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAIN_LOG, ExperimentPaths
+from moa.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAIN_LOG, ExperimentPaths, trained_task_adapters
 from moa.lora import activate, activated, attach_experts, save_adapter
 from moa.model import Tokenizer, Transformer
-from moa.model.prepare import base_model, device
+from moa.model.prepared import base_model, device
+from moa.plan import with_checkpointing
 from moa.routing import (
     SEQUENCE_STRATEGIES,
     LayerRouters,
@@ -50,9 +50,8 @@ from moa.routing import (
     router_logits,
     save_routers,
 )
-from moa.tracking import StepResult
+from moa.step_result import StepResult
 from moa.train.lora import all_task_examples, task_examples, train_lora_factors_in_fp32
-from moa.plan import with_checkpointing
 from moa.train.trainer import Trainer, TrainSettings, clip_and_step, optimizer_for
 
 
@@ -145,7 +144,7 @@ def router_settings(config: Config) -> TrainSettings:
 
 def expert_model(config: Config, joint: bool) -> tuple[Transformer, Tokenizer]:
     """The base model with the N task LoRAs; in joint mode their factors train, in fp32 (as in train-lora)."""
-    dirs = task_adapters(config)  # before the (slow) model load
+    dirs = trained_task_adapters(config)  # before the (slow) model load
     model, tokenizer = base_model(config)
     attach_experts(model, dirs)
     if joint:
@@ -255,7 +254,7 @@ def save_experts(config: Config, bundle: Path, model: Transformer, joint: bool) 
     else copies of the inputs, which stay bitwise identical even where the model holds them in a lower
     precision."""
     paths = ExperimentPaths.of(config)
-    for expert, (task, source) in enumerate(zip(config["tasks"], task_adapters(config))):
+    for expert, (task, source) in enumerate(zip(config["tasks"], paths.task_adapters(config["tasks"]))):
         target = bundle / paths.expert(task).relative_to(paths.moa)  # the bundle: moa/'s scratch copy
         if joint:
             save_adapter(target, model, expert, base_model_name_or_path=config["model"]["source"],
