@@ -278,7 +278,7 @@ def bench_generation(repeat: int, per_task: int, dtype: torch.dtype) -> list[tup
     from moa.generate import Request, Sampling, generate
     from moa.lora import Active, Arrow, activate
     from moa.model import load_pretrained
-    from moa.model.prepare import device
+    from moa.model.prepared import device
     from moa.routing import LayerRouters, LearnedRouter, RouterSpec
 
     base, tokenizer = load_pretrained()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moa.report import markdown_table
+from moa.report.markdown import markdown_table
 
 KEYS = ["method", "task", "metric"]
 

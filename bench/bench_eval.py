@@ -44,11 +44,12 @@ RANK = 8
 def workload(directory: Path, method: str) -> Path:
     """The default config's test prompts tokenized (and for the oracle, one random LoRA per task), with
     the base model as an HF directory: what every side reads."""
-    from moa.config import load_config
     from moa.data.batching import encode_examples, encode_prompts
-    from moa.data.prepare import prepare_task, read_split
+    from moa.data.prepare import prepare_task
+    from moa.data.splits import read_split
     from moa.data.tasks import get_task
-    from moa.evaluate import generates, sampling_settings
+    from moa.evaluate import sampling_settings
+    from moa.experiment import load_config
     from moa.model import load_pretrained, save_hf_dir
 
     config = load_config(ROOT / "config/config.yaml", [f"results_dir={directory / 'results'}"])
@@ -60,7 +61,7 @@ def workload(directory: Path, method: str) -> Path:
         task, frame = get_task(config, name), read_split(config, name, "test")
         chat = config["data"]["chat_template"]
         entry: dict = {"name": name}
-        if generates(task):
+        if not task.scored:
             sampling = sampling_settings(config, task)
             entry |= {"prompts": encode_prompts(frame.prompt.tolist(), tokenizer, chat),
                       "budget": sampling.max_new_tokens, "stop": list(sampling.stop)}
@@ -257,7 +258,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "WORK", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dtype is None:
-        from moa.config import load_config
+        from moa.experiment import load_config
 
         args.dtype = load_config(ROOT / "config/config.yaml")["evaluation"]["dtype"]
     dtype = getattr(torch, args.dtype)

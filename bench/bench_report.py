@@ -4,7 +4,7 @@ The default run's shape: 15 methods x 6 tasks (16 test items per task, 64 for se
 results tree is simulated (each method's per-item outcomes drawn around a quality per task, shared item
 difficulty so that methods are correlated as real ones are); translation's BLEU and chrF statistics are
 sacrebleu's own, from hypotheses that copy each reference word with the method's quality.
-moa: the whole bootstrap of the report (`moa.report.Uncertainty`: every metric of every method on every task,
+moa: the whole bootstrap of the report (`moa.report.uncertainty.Uncertainty`: every metric of every method on every task,
 the normalized and multitask scores inside each resample, the intervals, the paired comparisons with moa and
 the oracle and Holm's correction), vectorized over the per-example statistics.
 sacrebleu: `PairedTest(test_type="bs", n_samples=1000)` of the 14 other methods against moa on translation
@@ -24,11 +24,14 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
 from bench.common import device_label, side_by_side
-from moa.config import Config, validate
+from moa.config import Config
 from moa.data.tasks import get_task
+from moa.experiment import validate
 from moa.layout import ExperimentPaths
-from moa.metrics import STATISTICS, aggregate, example_statistics, format_statistics, statistics_columns
-from moa.report import Uncertainty, build_report, read_evaluations
+from moa.metrics import METRICS, aggregate, example_statistics, format_statistics, statistics_columns
+from moa.report import build_report
+from moa.report.inputs import read_evaluations
+from moa.report.uncertainty import Uncertainty
 
 TASKS = {"summarization": 16, "translation": 16, "qa": 16, "sentiment": 64, "dialogue": 16, "math": 16}
 # quality per task (a success rate; for dialogue 1 - a perplexity gap), loosely the README's default run
@@ -89,7 +92,7 @@ def simulate(config: Config, seed: int = 0) -> tuple[list[str], list[tuple[str, 
             stats = _statistics(rng, task, difficulty, quality[i], hypotheses, references)
             if get_task(config, task).format:  # in format more often the better the method does the task
                 stats |= format_statistics(rng.random(n) < 0.5 + 0.5 * quality[i])
-            metrics = [m for m in STATISTICS if set(STATISTICS[m]) <= stats.keys()]
+            metrics = [m for m, r in METRICS.items() if r.statistics and set(r.statistics) <= stats.keys()]
             rows = [{"method": method, "task": task, "metric": m, "value": float(aggregate(m, stats, np.ones((1, n)))[0]),
                      "n": n} for m in metrics]
             paths.evaluation(method, task).mkdir(parents=True)

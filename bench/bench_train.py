@@ -27,8 +27,8 @@ RANK, ALPHA, STEPS, ROWS, SEQ_LEN, PEER_BATCH = 8, 16, 3, 4, 512, 8
 
 
 def examples(results: Path) -> list:
-    from moa.config import load_config
     from moa.data.prepare import prepare_task
+    from moa.experiment import load_config
     from moa.model import load_tokenizer
     from moa.train.lora import task_examples
 

@@ -11,8 +11,8 @@
     eval/{method}/{task}/       predictions.parquet, metrics.parquet, info.json
     sweep/{subset}/             a task subset of the sweep (moa.sweep): tasks.json, and its own moa/,
                                 compositions/, eval/ and checkpoints/ (model/, data/, adapters/ are shared)
-    report/                     metrics.parquet, intervals.parquet, comparisons.parquet, routing.parquet,
-                                implicit_routing.parquet, summary.md, {plot}.png (+ sweep.parquet with a sweep)
+    report/                     summary.md, and each report section's {table}.parquet and {plot}.png
+                                (moa.report.sections names them)
     logs/, benchmarks/          every job's log and Snakemake benchmark
     mlflow-spool/               run records waiting for the workflow to log them
     .config/                    the validated config each workflow hands its jobs
@@ -20,11 +20,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from moa.errors import MoaError
 
 # File names fixed by formats that tools outside moa read: PEFT adapters and moa's router bundle.
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,24 +46,15 @@ CENTROID_EVAL = "centroid_eval.parquet"  # in compositions/centroid/: each layer
 SUBSET = "subset"
 
 
-class Plot(StrEnum):
-    """The report's plots, report/{name}.png; each has a caption workflow/report/{name}.rst."""
-
-    SCORES_HEATMAP = "scores_heatmap"
-    MULTITASK_SCORE = "multitask_score"
-    DIFFERENCES = "differences"
-    FORMAT_ADHERENCE = "format_adherence"
-    ROUTER_CONFUSION = "router_confusion"
-    ROUTER_LAYER_ACCURACY = "router_layer_accuracy"
-    IMPLICIT_ROUTING = "implicit_routing"
-    ADAPTER_COSINE = "adapter_cosine"
-    TRAIN_LOSS = "train_loss"
-    SWEEP = "sweep"  # only with a sweep configured
-
-
-def report_plots(sweep: bool) -> list[Plot]:
-    """The plots a report draws: all of them, the sweep's only where a sweep is configured."""
-    return [plot for plot in Plot if sweep or plot != Plot.SWEEP]
+def trained_task_adapters(config: Mapping[str, Any]) -> list[Path]:
+    """The task LoRAs, experts 0..N-1 in the config's task order, each checked to be trained (before any slow
+    model load): what a composition over them and the MoA router training start from."""
+    dirs = ExperimentPaths.of(config).task_adapters(config["tasks"])
+    for path in dirs:
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise MoaError(f"{path}: no trained adapter for task {path.name!r}; "
+                           f"run `moa train-lora --config ... --task {path.name}` first")
+    return dirs
 
 
 @dataclass(frozen=True)
@@ -122,6 +114,10 @@ class ExperimentPaths:
     def adapter(self, name: str) -> Path:
         """adapters/{name}/: a task's LoRA, or MIXED."""
         return self.root / "adapters" / name
+
+    def task_adapters(self, tasks: Iterable[str]) -> list[Path]:
+        """adapters/{task}/ of each task, in order: the experts 0..N-1 of a composition over the task LoRAs."""
+        return [self.adapter(task) for task in tasks]
 
     def adapter_files(self, name: str, train_log: bool = True) -> list[Path]:
         files = [self.adapter(name) / ADAPTER_WEIGHTS, self.adapter(name) / ADAPTER_CONFIG]
@@ -196,43 +192,15 @@ class ExperimentPaths:
     def report(self) -> Path:
         return self.root / "report"
 
-    @property
-    def report_metrics(self) -> Path:
-        return self.report / "metrics.parquet"
-
-    @property
-    def report_intervals(self) -> Path:
-        return self.report / "intervals.parquet"
-
-    @property
-    def report_comparisons(self) -> Path:
-        return self.report / "comparisons.parquet"
-
-    @property
-    def report_implicit_routing(self) -> Path:
-        return self.report / "implicit_routing.parquet"
-
-    @property
-    def report_routing(self) -> Path:
-        """Which expert each routed composition chose for each task's evaluated test prompts."""
-        return self.report / "routing.parquet"
-
-    @property
-    def report_sweep(self) -> Path:
-        return self.report / "sweep.parquet"
+    def report_table(self, name: str) -> Path:
+        return self.report / f"{name}.parquet"
 
     @property
     def summary(self) -> Path:
         return self.report / "summary.md"
 
-    def plot(self, plot: Plot) -> Path:
-        return self.report / f"{plot}.png"
-
-    def report_files(self, sweep: bool) -> list[Path]:
-        """Everything report/ holds (the sweep's files only with a sweep), for MLflow and for Snakemake's outputs."""
-        return [self.report_metrics, self.report_intervals, self.report_comparisons, self.report_routing,
-                self.report_implicit_routing, self.summary, *([self.report_sweep] if sweep else []),
-                *(self.plot(plot) for plot in report_plots(sweep))]
+    def plot(self, name: str) -> Path:
+        return self.report / f"{name}.png"
 
     # --- bookkeeping ---------------------------------------------------------------------------------
 

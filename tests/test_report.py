@@ -14,21 +14,23 @@ import pandas as pd
 import pytest
 import torch
 
-from moa.config import Config, validate
+from moa.config import Config
 from moa.data.tasks import get_task
 from moa.errors import MoaError
-from moa.layout import MIXED, ExperimentPaths, Plot, report_plots
+from moa.experiment import validate
+from moa.layout import MIXED, ExperimentPaths
 from moa.lora import AdapterConfig, write_adapter
 from moa.metrics import (
     FORMAT_ADHERENCE,
+    METRICS,
     ROUTER_ACCURACY,
-    STATISTICS,
     aggregate,
     format_statistics,
     router_accuracy,
     statistics_columns,
 )
-from moa.report import adapter_cosine, build_report
+from moa.report import build_report, report_files, report_plots, report_tables
+from moa.report.cosine import adapter_cosine
 from moa.routing import Upstream
 from moa.stats import ALL_TASKS, MULTITASK
 from moa.sweep import proper_subsets, restrict
@@ -57,7 +59,8 @@ def example_stats(task: str, values: dict[str, float], n: int = N) -> dict[str, 
     perplexity of p from n_tokens 10 and nll 10 ln p per item."""
     if task == "dialogue":
         return {"nll": np.full(n, 10 * np.log(values["perplexity"])), "n_tokens": np.full(n, 10)}
-    return {STATISTICS[m][0]: np.where(np.arange(n) < round(v * n / 100), 100.0, 0.0) for m, v in values.items()}
+    return {METRICS[m].statistics[0]: np.where(np.arange(n) < round(v * n / 100), 100.0, 0.0)
+            for m, v in values.items()}
 
 
 def experts(chosen: dict[str, int]) -> list[str]:
@@ -75,7 +78,7 @@ def write_evaluation(config: Config, method: str, task: str, stats: dict[str, np
         stats = format_statistics([True] * n) | stats
     paths = ExperimentPaths.of(config)
     paths.evaluation(method, task).mkdir(parents=True)
-    metrics = [m for m in STATISTICS if set(STATISTICS[m]) <= stats.keys()]
+    metrics = [m for m, record in METRICS.items() if record.statistics and set(record.statistics) <= stats.keys()]
     values = {m: float(aggregate(m, stats, np.ones((1, n)))[0]) for m in metrics} | (extra or {})
     if routed:
         values[ROUTER_ACCURACY] = router_accuracy(expert, [task] * n)
@@ -227,7 +230,7 @@ def test_build_report(full: Config) -> None:
     # the only plot without data: no exact merge was evaluated (test_implicit_routing_section has one)
     assert [line for line in text.splitlines() if "skipped" in line] == [
         "- implicit_routing.png skipped (it says why): no exact merge (concat, task_arithmetic) was evaluated"]
-    for name in (p for p in report_plots(sweep=False) if p != Plot.IMPLICIT_ROUTING):
+    for name in (p for p in report_plots(full) if p != "implicit_routing"):
         assert f"![{name}]({name}.png)" in text
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, name
@@ -245,7 +248,7 @@ def test_build_report(full: Config) -> None:
     np.testing.assert_allclose(merged["value_bootstrap"], merged["value"], rtol=1e-12)
     assert {p.name for p in out.iterdir()} == {"metrics.parquet", "intervals.parquet", "comparisons.parquet",
                                                "routing.parquet", "implicit_routing.parquet", "summary.md",
-                                               *(f"{n}.png" for n in report_plots(sweep=False))}
+                                               *(f"{n}.png" for n in report_plots(full))}
     comparisons = pd.read_parquet(out / "comparisons.parquet")
     assert set(comparisons["reference"]) == {"moa", "oracle"}
     assert list(comparisons.columns) == ["method", "reference", "task", "metric", "difference", "lo", "hi", "p",
@@ -392,10 +395,10 @@ def test_build_report_with_missing_inputs(tmp_path: Path) -> None:
     assert "| base | 20.00 [" in text and "| – | – | – |" in text.split("| base |")[1].split("\n")[0]
     assert "No router evaluation" in text
     assert "No composition's evaluation was routed one expert per sequence by a router." in text
-    assert pd.read_parquet(ExperimentPaths.of(config).report_routing).empty
+    assert pd.read_parquet(ExperimentPaths.of(config).report_table("routing")).empty
     assert "| base | – | – | – |" in text.split("## Cost")[1]  # no decoding cost measured here
     assert "| base | 40.0 [" in text.split("## Format adherence")[1] and "![format_adherence]" in text
-    for name in set(report_plots(sweep=False)) - {Plot.FORMAT_ADHERENCE}:
+    for name in set(report_plots(config)) - {"format_adherence"}:
         assert f"{name}.png skipped" in text and f"![{name}]" not in text
         assert ExperimentPaths.of(config).plot(name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "`oracle` has no evaluation on qa, sentiment, dialogue" in text
@@ -436,7 +439,7 @@ def test_implicit_routing_section(full: Config, tmp_path: Path) -> None:
     assert "## Does a merged model route itself?" in text and "| `concat` | prompt |" in text
     assert "| `moa` (router) | prompt | 100.0 | 90.0 | – | 95.0 |" in text
     assert "| `moa` (router) | prompt |" in text  # MoA's accuracy on the same test prompts beside it
-    implicit = pd.read_parquet(paths.report_implicit_routing)
+    implicit = pd.read_parquet(paths.report_table("implicit_routing"))
     assert set(implicit.method) == {"concat"} and set(implicit.task) == set(TASKS)
     overall = implicit[(implicit.layer == -1) & (implicit.module == "all")]
     assert len(overall) == len(TASKS) * 2 and (overall.top_task == overall.task).all() and (overall.n == 10).all()
@@ -444,7 +447,7 @@ def test_implicit_routing_section(full: Config, tmp_path: Path) -> None:
     for task in TASKS:
         share = layers[layers.task == task].sort_values("layer").share_true.to_numpy()
         assert (np.diff(share) > 0).all()
-    assert paths.plot(Plot.IMPLICIT_ROUTING).stat().st_size > 10_000 and "implicit_routing.png skipped" not in text
+    assert paths.plot("implicit_routing").stat().st_size > 10_000 and "implicit_routing.png skipped" not in text
 
 
 # the sweep: concat stays with moa on every subset; svd is near moa on two tasks, far below it on all three
@@ -480,7 +483,7 @@ def test_sweep_report(swept: Config) -> None:
     method stays indistinguishable from moa; the plot is drawn."""
     out = build_report(swept).path
     paths = ExperimentPaths.of(swept)
-    table = pd.read_parquet(paths.report_sweep)
+    table = pd.read_parquet(paths.report_table("sweep"))
     assert list(table.columns) == ["method", "n_tasks", "subset", "tasks", "multitask_score", "lo", "hi", "reference",
                                    "difference", "difference_lo", "difference_hi", "p", "p_holm", "significant"]
     assert table[["subset", "tasks"]].drop_duplicates().values.tolist() == [
@@ -493,7 +496,7 @@ def test_sweep_report(swept: Config) -> None:
     assert rows.loc[("n2-s2", "base"), "multitask_score"] == pytest.approx((20 / 80 + 5 / 20) / 2)
     assert (table["lo"] <= table["multitask_score"]).all() and (table["multitask_score"] <= table["hi"]).all()
     # the subset of every task is the main experiment, scored as the main report scores it
-    intervals = pd.read_parquet(paths.report_intervals).set_index(["method", "task", "metric"])
+    intervals = pd.read_parquet(paths.report_table("intervals")).set_index(["method", "task", "metric"])
     main = intervals.loc[("svd", ALL_TASKS, MULTITASK)]
     assert rows.loc[("n3-s1", "svd"), ["multitask_score", "lo", "hi"]].tolist() == main[["value", "lo", "hi"]].tolist()
     assert rows.loc[("n3-s1", "svd"), "significant"] and not rows.loc[("n2-s1", "svd"), "significant"]
@@ -512,7 +515,7 @@ def test_sweep_report(swept: Config) -> None:
     assert f"| `concat` | {np.mean(concat):.3f} ({min(concat):.3f}–{max(concat):.3f}) |" in section
     assert "![sweep](sweep.png)" in text and "sweep.png skipped" not in text
     assert {p.name for p in out.iterdir()} >= {"sweep.parquet", "sweep.png"}
-    assert len(paths.plot(Plot.SWEEP).read_bytes()) > 20_000
+    assert len(paths.plot("sweep").read_bytes()) > 20_000
 
 
 def test_sweep_report_with_missing_subsets(swept: Config) -> None:
@@ -524,3 +527,15 @@ def test_sweep_report_with_missing_subsets(swept: Config) -> None:
     out = build_report(unswept).path
     assert not (out / "sweep.parquet").exists() and not (out / "sweep.png").exists()
     assert "Task-count sweep" not in (out / "summary.md").read_text()
+
+
+def test_report_files_come_from_the_sections(swept: Config) -> None:
+    """What the workflow declares and MLflow logs is what the sections write: the sweep's files only with a sweep,
+    and every plot has its caption for `snakemake --report`."""
+    unswept = {k: v for k, v in swept.items() if k != "sweep"}
+    assert set(report_tables(swept)) - set(report_tables(unswept)) == {"sweep"}
+    assert set(report_plots(swept)) - set(report_plots(unswept)) == {"sweep"}
+    captions = Path(__file__).parents[1] / "workflow" / "report"
+    assert all((captions / f"{plot}.rst").is_file() for plot in report_plots(swept))
+    out = build_report(swept).path
+    assert {p.name for p in out.iterdir()} == {p.name for p in report_files(swept)}

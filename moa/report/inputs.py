@@ -1,0 +1,105 @@
+"""What the report reads from results/{experiment}/: the evaluations, the router's, the adapters' and the training
+logs. Any of them may be missing: a reader returns what there is (and notes on what is not)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moa.config import Config
+from moa.data.tasks import get_task
+from moa.implicit import summarize
+from moa.io import read_json
+from moa.layout import ADAPTER_WEIGHTS, MIXED, ROUTER_CONFIG, TRAIN_LOG, ExperimentPaths
+from moa.lora.peft_io import load_adapter
+from moa.metrics import ROUTER_ACCURACY, read_statistics
+from moa.report.cosine import adapter_cosine
+from moa.stats import Evaluated
+
+COLUMNS = ["method", "task", "metric", "value", "n"]
+ROUTING_COLUMNS = ["method", "task", "chosen", "count"]
+IMPLICIT_COLUMNS = ["method", "task", "layer", "module", "segment", "share_true", "accuracy", "top_task", "n"]
+
+
+def read_metrics(config: Config) -> tuple[pd.DataFrame, list[str]]:
+    """All eval/{method}/{task}/metrics.parquet of the config's methods and tasks, and notes on the missing."""
+    layout, frames, notes = ExperimentPaths.of(config), [], []
+    for method in config["methods"]:
+        paths = {task: layout.metrics(method, task) for task in config["tasks"]}
+        frames += [pd.read_parquet(path, columns=COLUMNS) for path in paths.values() if path.is_file()]
+        missing = [task for task, path in paths.items() if not path.is_file()]
+        if missing:
+            where = layout.metrics(method, "TASK").relative_to(layout.root)
+            notes.append(f"`{method}` has no evaluation on {', '.join(missing)} ({where})")
+    empty = pd.DataFrame({c: pd.Series(dtype=float if c == "value" else int if c == "n" else str) for c in COLUMNS})
+    return pd.concat([empty, *frames], ignore_index=True).astype({"value": float}), notes
+
+
+def read_evaluations(config: Config) -> dict[tuple[str, str], Evaluated]:
+    """Every evaluation's test-row ids and per-example statistics (eval/{method}/{task}/predictions.parquet)."""
+    layout, evaluations = ExperimentPaths.of(config), {}
+    for task in config["tasks"]:
+        metrics = get_task(config, task).evaluated_metrics
+        for method in config["methods"]:
+            path = layout.predictions(method, task)
+            if path.is_file():
+                frame = pd.read_parquet(path)
+                evaluations[method, task] = Evaluated(frame["id"].to_numpy(), read_statistics(frame, metrics, str(path)))
+    return evaluations
+
+
+def evaluated_routing(config: Config, metrics: pd.DataFrame) -> pd.DataFrame:
+    """report/routing.parquet (method, task, chosen, count): how many of a task's evaluated test prompts each expert
+    served, for every evaluation in which a router chose one expert per sequence (evaluate reports its
+    router_accuracy there: not for the oracle, whose expert is the task itself, nor for per-layer routing), read
+    from the predictions' `expert` column; every expert has a row, unchosen ones with count 0."""
+    layout = ExperimentPaths.of(config)
+    routed = metrics.loc[metrics["metric"] == ROUTER_ACCURACY, ["method", "task"]].drop_duplicates()
+    rows = []
+    for method, task in routed.itertuples(index=False):
+        chosen = pd.read_parquet(layout.predictions(method, task), columns=["expert"])["expert"].value_counts()
+        rows += [{"method": method, "task": task, "chosen": expert, "count": int(chosen.get(expert, 0))}
+                 for expert in dict.fromkeys([*config["tasks"], *chosen.index])]
+    return pd.DataFrame(rows, columns=ROUTING_COLUMNS).astype({"method": str, "task": str, "chosen": str,
+                                                               "count": "int64"})
+
+
+def read_implicit(config: Config) -> pd.DataFrame:
+    """Every exact merge's implicit routing (moa.implicit.summarize of its evaluations' component responses)."""
+    paths, frames = ExperimentPaths.of(config), []
+    for method in config["methods"]:
+        for task in config["tasks"]:
+            path = paths.implicit_routing(method, task)
+            if path.is_file():
+                frames.append(summarize(pd.read_parquet(path), method, task, list(config["tasks"])))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=IMPLICIT_COLUMNS)
+
+
+def parquet(path: Path) -> pd.DataFrame | None:
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def router_config(config: Config) -> Mapping[str, object]:
+    """moa/router_config.json, or nothing before the router is trained."""
+    path = ExperimentPaths.of(config).moa / ROUTER_CONFIG
+    return read_json(path, "rerun `moa train-router`") if path.is_file() else {}
+
+
+def task_adapter_cosine(config: Config) -> tuple[list[str], np.ndarray] | None:
+    """The trained task adapters (at least two) and their cosine matrix."""
+    dirs = ExperimentPaths.of(config).task_adapters(config["tasks"])
+    adapters = [(d.name, *load_adapter(d)) for d in dirs if (d / ADAPTER_WEIGHTS).is_file()]
+    if len(adapters) < 2:
+        return None
+    cosine = adapter_cosine([state for *_, state in adapters], [cfg.spec.scaling for _, cfg, _ in adapters])
+    return [name for name, *_ in adapters], cosine
+
+
+def train_logs(config: Config) -> dict[str, pd.DataFrame]:
+    layout = ExperimentPaths.of(config)
+    paths = {task: layout.adapter(task) for task in config["tasks"]}
+    paths |= {"mixed (all tasks)": layout.adapter(MIXED), "router": layout.moa}
+    return {name: pd.read_parquet(p / TRAIN_LOG) for name, p in paths.items() if (p / TRAIN_LOG).is_file()}

@@ -1,0 +1,128 @@
+"""The verdict: the answer in words, first in the summary; the sweep adds its own lines (sweep_verdict)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from moa.compose.registry import Kind
+from moa.report.evidence import Evidence
+from moa.report.markdown import difference, fmt, names, with_interval
+from moa.report.uncertainty import Uncertainty
+from moa.roles import FLOOR
+from moa.stats import ALL_TASKS, MULTITASK, NORMALIZED, POWER
+
+
+def verdict(evidence: Evidence) -> list[str]:
+    """Which merges are indistinguishable from each reference (alpha, after Holm), the best merge and its gap,
+    where the first reference matters per task, and what the test sizes can detect."""
+    uncertainty = evidence.uncertainty
+    result, alpha = uncertainty.result, uncertainty.alpha
+    if not uncertainty.signal:
+        return [("No task carries signal (on none does the oracle beat base beyond the interval of their difference; "
+                 "each task's reason is under Multitask score), so there is no multitask score and nothing to decide.")]
+    if not result.multitask:
+        return [(f"No method was evaluated on every task with signal ({', '.join(uncertainty.signal)}): nothing to "
+                 "decide.")]
+    merges = [m for m in uncertainty.multitask().index if evidence.kinds[m] == Kind.MERGE]
+    sizes = sorted({result.items[t] for t in uncertainty.signal})
+    span = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+    first = (f"- Multitask score {uncertainty.tasks_used()} ({span} test items per task, {uncertainty.resamples} "
+             f"paired resamples); alpha {alpha:g}, Holm-corrected over the methods compared with each reference.")
+    if not merges:
+        return [first, "- No merge was evaluated on every task with signal."]
+    best = merges[0]
+    return [first, *_merges_vs_references(uncertainty, merges),
+            f"- **Best merge**: `{best}`, {with_interval(uncertainty.figure(best, ALL_TASKS, MULTITASK), 3)}"
+            + "".join(f"; minus `{r}`: {difference(uncertainty.compared(best, r))}"
+                      for r in uncertainty.references if uncertainty.compared(best, r) is not None) + ".",
+            *_per_task_verdict(uncertainty, merges), *_detectable_verdict(uncertainty, merges)]
+
+
+def _merges_vs_references(uncertainty: Uncertainty, merges: Sequence[str]) -> list[str]:
+    lines = []
+    for reference in uncertainty.references:
+        rows = {m: uncertainty.compared(m, reference) for m in merges}
+        rows = {m: row for m, row in rows.items() if row is not None}
+        if not rows:
+            lines.append(f"- `{reference}` has no multitask score: no comparison with it.")
+            continue
+        same = [m for m, row in rows.items() if not row["significant"]]
+        worse = [f"`{m}` ({with_interval(row, 3, True, 'difference')})" for m, row in rows.items()
+                 if row["significant"] and row["difference"] < 0]
+        better = [f"`{m}` ({with_interval(row, 3, True, 'difference')})" for m, row in rows.items()
+                  if row["significant"] and row["difference"] > 0]
+        lines.append(f"- **Merges vs `{reference}`**: indistinguishable: {names(same)}; worse: "
+                     f"{', '.join(worse) or 'none'}; better: {', '.join(better) or 'none'}.")
+    return lines
+
+
+def _per_task_verdict(uncertainty: Uncertainty, merges: Sequence[str]) -> list[str]:
+    if not uncertainty.references:
+        return []
+    reference, parts = uncertainty.references[0], []
+    for task in uncertainty.signal:
+        rows = {m: uncertainty.compared(m, reference, task, NORMALIZED) for m in merges}
+        rows = {m: r for m, r in rows.items() if r is not None}
+        if not rows:
+            continue
+        below = [m for m, r in rows.items() if r["significant"] and r["difference"] < 0]
+        above = [m for m, r in rows.items() if r["significant"] and r["difference"] > 0]
+        if below or above:
+            worst = min(rows, key=lambda m: rows[m]["difference"])
+            parts.append(f"{task}: {len(below)} of {len(rows)} merges below, {len(above)} above (largest gap "
+                         f"`{worst}` {fmt(rows[worst]['difference'], 2, True)})")
+        else:
+            detectable = np.nanmedian([r["detectable"] for r in rows.values()])
+            parts.append(f"{task}: no merge differs (detectable: about {fmt(detectable, 2)})")
+    return [f"- **Per task, merges vs `{reference}`** (normalized score): {'; '.join(parts)}."] if parts else []
+
+
+def _detectable_verdict(uncertainty: Uncertainty, merges: Sequence[str]) -> list[str]:
+    sizes = []
+    for reference in uncertainty.references:
+        detectable = [row["detectable"] for m in merges if (row := uncertainty.compared(m, reference)) is not None]
+        if detectable:
+            sizes.append(f"{fmt(np.nanmedian(detectable), 3)} to `{reference}`")
+    if not sizes:
+        return []
+    text = (f"- **What these test sizes can decide**: a multitask difference smaller than about {', '.join(sizes)} "
+            f"(median over the merges of (z_{{1-alpha/2}} + z_{POWER:g}) x the bootstrap standard error of the "
+            f"difference: {POWER:.0%} power, before Holm) is likely to be missed, so \"indistinguishable\" means "
+            "that no difference of about that size was shown, not that the methods are equal.")
+    return [text]
+
+
+def _held(rows: pd.DataFrame) -> str:
+    """Up to how many tasks one method stays indistinguishable from the reference (its rows of sweep.parquet): the
+    largest size at and below which no subset differs significantly; then the largest difference at the next size."""
+    sizes = sorted(rows["n_tasks"].unique())
+    for i, n in enumerate(sizes):
+        differing = rows[(rows["n_tasks"] == n) & rows["significant"].fillna(False)]
+        if len(differing):
+            row = differing.loc[differing["difference"].abs().idxmax()]
+            held = f"up to {sizes[i - 1]} tasks" if i else "at no size swept"
+            return (f"{held}; at {n}, {row['subset']} is {'worse' if row['difference'] < 0 else 'better'}: "
+                    f"{fmt(row['difference'], 3, True)} [{fmt(row['difference_lo'], 3, True)}, "
+                    f"{fmt(row['difference_hi'], 3, True)}], p {fmt(row['p_holm'], 3)}")
+    return f"at every size swept (up to {sizes[-1]} tasks)"
+
+
+def sweep_verdict(evidence: Evidence) -> list[str]:
+    """Per recomposed method, up to how many tasks it stays indistinguishable from the reference on the same
+    subsets."""
+    assert evidence.sweep is not None, "the sweep section is configured only with a sweep"
+    sweep, reference = evidence.sweep.table, evidence.sweep.reference
+    if reference is None:
+        return [("- **Task-count sweep**: the sweep recomposes no reference (report.compare_to, by default `moa`): "
+                 "nothing to compare with.")]
+    compared = sweep[sweep["difference"].notna() & (sweep["method"] != FLOOR)]
+    if not len(compared):
+        return [f"- **Task-count sweep**: no subset has multitask scores of `{reference}` and another method."]
+    sizes = ", ".join(str(n) for n in sorted(sweep["n_tasks"].unique()))
+    head = (f"- **Task-count sweep, each method vs `{reference}` on the same subsets** (sizes {sizes}): a method stays "
+            f"indistinguishable up to the largest size at and below which no subset differs significantly (alpha "
+            f"{evidence.uncertainty.alpha:g}, Holm over the methods of each subset):")
+    return [head] + [f"  - `{method}`: {_held(rows)}" for method, rows in compared.groupby("method", sort=False)]
