@@ -14,11 +14,13 @@ import yaml
 
 import moa.model.load
 import moa.model.prepare
-from moa.config import Config, load_config
+from moa.config import Config
 from moa.errors import MoaError
+from moa.experiment import load_config
 from moa.layout import ExperimentPaths
 from moa.model import random_model
-from moa.model.prepare import base_model, prepare_model
+from moa.model.prepare import prepare_model
+from moa.model.prepared import base_model
 from tests.test_workflow import REPO, SMOKE, environment
 
 HUB_ID = "Qwen/Qwen2-1.5B"

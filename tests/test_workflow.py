@@ -19,12 +19,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from moa.compose.registry import METHODS as REGISTRY, Need, method_of
-from moa.config import load_config, method_params, schema
-from moa.evaluate import STREAM_COSTS
-from moa.layout import MIXED, ExperimentPaths, Plot, report_plots
+from moa.compose.registry import METHODS as REGISTRY
+from moa.compose.registry import Need, method_of
+from moa.config import method_params, schema
+from moa.experiment import load_config
+from moa.layout import MIXED, ExperimentPaths
 from moa.lora import load_adapter
-from moa.metrics import FORMAT_ADHERENCE
+from moa.metrics import FORMAT_ADHERENCE, STREAM_COSTS
+from moa.report import report_plots
 from moa.routing import load_routers
 from moa.steps import STEPS
 from moa.sweep import proper_subsets, sweep_rule
@@ -38,7 +40,8 @@ RULES = {rule: step for step in STEPS for rule in ([step, sweep_rule(step)] if "
                                                     else [step])}
 SWEEP_METHODS = ["moa", "moa_vote", "moa_per_layer", "centroid", "arrow",
                  "concat", "linear", "avg", "task_arithmetic", "svd", "ties",
-                 "dare_linear", "dare_ties", "magnitude_prune"]  # of METHODS: the ones a sweep recomposes
+                 "dare_linear", "dare_ties", "magnitude_prune",
+                 "breadcrumbs"]  # of METHODS: the ones a sweep recomposes
 # Pinned so that the rerun checks see only what each test changes (test_code_change_reruns_everything
 # covers the real code version, moa's version).
 CODE_VERSION = "test-pinned"
@@ -171,6 +174,9 @@ def test_dry_run_plans_the_sweep(tmp_path: Path) -> None:
                                                                                  "subset=n2-s3"]
     assert planned(out, "sweep_compose") == sorted(f"subset=n2-s{k}, method={m}" for k in (1, 2, 3)
                                                    for m in SWEEP_METHODS)
+    for step in ("train_router", "compose", "evaluate"):  # a sweep rule is a variant of its step's rule
+        for field in ("threads", "resources"):
+            assert set(planned(out, sweep_rule(step), field)) <= set(planned(out, step, field)), (step, field)
 
 
 @pytest.mark.parametrize(("methods", "trained"), [
@@ -319,29 +325,29 @@ def test_smoke_run_wrote_every_artifact(built: Path) -> None:
             per_stream = metrics.metric.isin(STREAM_COSTS)  # the n of the whole mixed-task stream
             assert set(metrics.n[~per_stream]) == {limit} and set(metrics.n[per_stream]) <= {limit * 2, limit * 3}
             assert len(pd.read_parquet(paths.predictions(method, task))) == limit
-    table = pd.read_parquet(paths.report_metrics)
+    table = pd.read_parquet(paths.report_table("metrics"))
     assert set(zip(table.method, table.task)) == {(m, t) for m in METHODS for t in SMOKE_TASKS}
     summary = paths.summary.read_text()
     assert all(f"| {method} |" in summary for method in METHODS)
     assert "## Verdict" in summary and "paired bootstrap percentile intervals" in summary
-    intervals = pd.read_parquet(paths.report_intervals)  # every metric of every evaluation has an interval
+    intervals = pd.read_parquet(paths.report_table("intervals"))  # every metric of every evaluation has an interval
     assert set(zip(intervals.method, intervals.task)) >= {(m, t) for m in METHODS for t in SMOKE_TASKS}
     bounded = intervals.dropna(subset=["lo", "hi"])
     assert len(bounded) and (bounded.lo <= bounded.hi).all() and set(intervals.n) >= {limit}
-    comparisons = pd.read_parquet(paths.report_comparisons)
+    comparisons = pd.read_parquet(paths.report_table("comparisons"))
     assert set(comparisons.reference) <= {"moa", "oracle"} and comparisons.p.between(0, 1).all()
     formats = intervals[intervals.metric == FORMAT_ADHERENCE]  # every smoke task generates and has a format check
     assert set(zip(formats.method, formats.task)) == {(m, t) for m in METHODS for t in SMOKE_TASKS}
     assert "## Format adherence" in summary and "| routing accuracy (%) |" in summary
-    routing = pd.read_parquet(paths.report_routing)  # one expert per prompt chosen by a router: not the oracle's
+    # one expert per prompt chosen by a router: not the oracle's
+    routing = pd.read_parquet(paths.report_table("routing"))
     assert set(routing.method) == {"moa", "moa_vote", "centroid"} and set(routing.task) == set(SMOKE_TASKS)
     assert (routing.groupby(["method", "task"])["count"].sum() == limit).all()
-    for plot in report_plots(sweep=False):
+    for plot in report_plots(config):
         assert paths.plot(plot).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), plot
     # the tiny random model's oracle may score 0 on 4 rows, leaving the score plots without data; the rest
     # always have theirs
-    for plot in (Plot.FORMAT_ADHERENCE, Plot.ROUTER_CONFUSION, Plot.ROUTER_LAYER_ACCURACY, Plot.ADAPTER_COSINE,
-                 Plot.TRAIN_LOSS):
+    for plot in ("format_adherence", "router_confusion", "router_layer_accuracy", "adapter_cosine", "train_loss"):
         assert f"{plot}.png skipped" not in summary and len(paths.plot(plot).read_bytes()) > 10_000, plot
     for rule, wildcards in (("prepare_model", ()), ("train_mixed", ()), ("report", ()), ("evaluate", ("svd",))):
         assert "wrote " in paths.log(rule, *wildcards).read_text()
@@ -412,7 +418,7 @@ def test_report_html(built: Path, tmp_path: Path) -> None:
     result = snakemake(built, "--report", str(html), configfile=smoke_config(built))
     assert result.returncode == 0, result.stdout + result.stderr
     text = html.read_text()
-    plots = [results(built).plot(plot).name for plot in report_plots(sweep=False)]
+    plots = [results(built).plot(plot).name for plot in report_plots({})]  # no sweep
     assert plots and all(name in text for name in plots), plots
 
 
@@ -495,10 +501,10 @@ def test_a_sweep_writes_each_subset_and_the_report(swept: Path) -> None:
             assert evaluated == set(subset.tasks)
             assert all(len(pd.read_parquet(scoped.predictions(method, task))) == 4 for task in subset.tasks)
         assert not scoped.composition("base").exists() and not scoped.composition("oracle").exists()
-    table = pd.read_parquet(paths.report_sweep)
+    table = pd.read_parquet(paths.report_table("sweep"))
     assert list(table.columns)[:7] == ["method", "n_tasks", "subset", "tasks", "multitask_score", "lo", "hi"]
     assert set(table["subset"]) <= {"n2-s1", "n2-s2", "n3-s1"} and set(table["method"]) <= {"base", "moa", "svd", "ties"}
-    assert paths.plot(Plot.SWEEP).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert paths.plot("sweep").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert "Task-count sweep" in paths.summary.read_text()
     with sqlite3.connect(swept / "mlflow.db") as db:
         runs = dict(db.execute("SELECT r.name, t.value FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid "

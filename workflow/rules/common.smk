@@ -17,18 +17,21 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 import moa
 from moa.compose.registry import Need, method_of
-from moa.config import schema_node, apply_overrides, method_params, validate
+from moa.config import schema_node, apply_overrides, method_params
 from moa.data.tasks import get_task
 from moa.errors import MoaError
+from moa.experiment import validate
 from moa.io import atomic_file
-from moa.layout import MIXED, SPLITS, ExperimentPaths, report_plots
+from moa.layout import MIXED, SPLITS, ExperimentPaths
 from moa.slurm import check_jobs
 from moa.steps import STEPS, step_hash
 from moa.sweep import proper_subsets, sweep_rule, swept_methods, write_tasks
@@ -148,19 +151,32 @@ def rule_wildcards(name, sweep):
     return ("subset", *STEPS[name].wildcards) if sweep else STEPS[name].wildcards
 
 
-def step_params(name, sweep=False):
-    """The params every rule has (see the top of this file), for the step of the rule's name; with sweep=True for
-    its sweep rule, whose config_hash is of what the step reads of the subset's config."""
-    wildcards = rule_wildcards(name, sweep)
+def subset_option(wildcards, input):
+    """` --subset S` in a sweep rule's command, nothing in the main rule's (the sweep rule is a variant of it,
+    workflow/rules/sweep.smk); a function of `input`, so a derived param that never triggers a rerun."""
+    subset = getattr(wildcards, "subset", None)
+    return f" --subset {subset}" if subset else ""
+
+
+def sweeps(name):
+    """Whether the step has a sweep rule: it takes --subset."""
+    return "subset" in STEPS[name].options
+
+
+def step_params(name):
+    """The params every rule has (see the top of this file), for the step of the rule's name; its sweep rule inherits
+    them: a job's config_hash is of what the step reads of its subset's config, where it has a subset."""
     return dict(config_file=moa_config, code_version=CODE_VERSION,
-                config_hash=lambda w: step_hash(name, config, **{k: w[k] for k in wildcards}))
+                config_hash=lambda w: step_hash(name, config, **dict(w.items())),
+                **({"subset": subset_option} if sweeps(name) else {}))
 
 
-def step_shell(name, sweep=False):
-    """The rule's command: `moa <step>` on the job's config, wildcards (sweep: and --subset) and threads, logged
-    to {log}."""
-    args = "".join(f" --{w} {{wildcards.{w}}}" for w in rule_wildcards(name, sweep))
-    return (f"moa {name.replace('_', '-')} --config {{params.config_file}}{args} --threads {{threads}} "
+def step_shell(name):
+    """The rule's command (its sweep rule's too): `moa <step>` on the job's config, subset, wildcards and threads,
+    logged to {log}."""
+    args = "".join(f" --{w} {{wildcards.{w}}}" for w in STEPS[name].wildcards)
+    subset = "{params.subset}" if sweeps(name) else ""
+    return (f"moa {name.replace('_', '-')} --config {{params.config_file}}{subset}{args} --threads {{threads}} "
             "> {log} 2>&1")
 
 
@@ -190,12 +206,22 @@ def executor():
     return workflow.executor_plugin.name if workflow.executor_plugin is not None else None
 
 
+def reads_model(wildcards):
+    """Whether the job's composition reads the tasks' prompts through the model (centroid)."""
+    return Need.TASK_PROMPTS in method_of(method_params(config, wildcards.method)).needs
+
+
+def composition_threads(wildcards):
+    """Merges are small matrix work (compositions run side by side); reading prompts through the model
+    takes the cores."""
+    return 2 if reads_model(wildcards) else 1
+
+
 def composition_gpus(wildcards):
     """A composition that reads prompts through the model (centroid) runs it on a GPU: where this host has
     one, and on SLURM (whose profile gives the other model-reading rules theirs; a cluster without GPUs takes
     it back with --set-resources compose:gpu=0). Merges are matrix work on the host."""
-    reads_model = Need.TASK_PROMPTS in method_of(method_params(config, wildcards.method)).needs
-    return int(reads_model and (GPU_JOB or executor() == "slurm"))
+    return int(reads_model(wildcards) and (GPU_JOB or executor() == "slurm"))
 
 
 @functools.cache
@@ -229,6 +255,45 @@ def planned_mem_mb(step, unplanned):
         return 1024 * -(-int(1.25 * host) // 2**30)
 
     return mem_mb
+
+
+@dataclass(frozen=True)
+class StepJob:
+    """What a step's job asks for: threads (its cores and torch's thread pool; --cpus-per-task on SLURM), host
+    memory in MB (sbatch --mem; planned: from the job's plan, planned_mem_mb, and this only where there is none),
+    wall time in minutes (sbatch -t) and "gpu" tokens (None: the job declares none)."""
+
+    threads: int | Callable
+    mem_mb: int
+    runtime: int
+    gpu: int | Callable | None = None
+    planned: bool = False
+
+
+# Every step's job; its sweep rule's jobs ask for the same. The profiles' set-threads and set-resources override
+# them by rule name.
+STEP_JOBS = {
+    "prepare_model": StepJob(threads=2, mem_mb=16000, runtime=60),
+    "prepare_data": StepJob(threads=1, mem_mb=8000, runtime=120),
+    "train_lora": StepJob(threads=8, mem_mb=16000, runtime=360, gpu=GPU_JOB, planned=True),
+    "train_mixed": StepJob(threads=8, mem_mb=16000, runtime=480, gpu=GPU_JOB, planned=True),
+    "train_router": StepJob(threads=8, mem_mb=16000, runtime=480, gpu=GPU_JOB, planned=True),
+    "compose": StepJob(threads=composition_threads, mem_mb=8000, runtime=60, gpu=composition_gpus, planned=True),
+    # Decoding with large batches is compute-bound: the job takes the cores, one composition at a time.
+    "evaluate": StepJob(threads=2, mem_mb=8000, runtime=120, gpu=GPU_JOB, planned=True),
+    "report": StepJob(threads=1, mem_mb=4000, runtime=30),
+}
+
+
+def step_threads(name):
+    return STEP_JOBS[name].threads
+
+
+def step_resources(name):
+    """The `resources:` of the step's rule (STEP_JOBS)."""
+    job = STEP_JOBS[name]
+    mem_mb = planned_mem_mb(name, job.mem_mb) if job.planned else job.mem_mb
+    return dict(mem_mb=mem_mb, runtime=job.runtime, **({} if job.gpu is None else {"gpu": job.gpu}))
 
 
 def check_slurm_jobs():
@@ -284,12 +349,6 @@ def inputs_of(needs, tasks=TASKS, paths=PATHS):
         *(files(paths.routers) if Need.ROUTERS in needs else []),
         *([*MODEL_FILES, *data_files(tasks)] if Need.TASK_PROMPTS in needs else []),
     ]
-
-
-def composition_threads(wildcards):
-    """Merges are small matrix work (compositions run side by side); reading prompts through the model
-    takes the cores."""
-    return 2 if Need.TASK_PROMPTS in method_of(method_params(config, wildcards.method)).needs else 1
 
 
 def composition_inputs(wildcards):

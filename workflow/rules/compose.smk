@@ -13,10 +13,8 @@ rule compose:
         step_log("compose"),
     benchmark:
         step_benchmark("compose")
-    threads: composition_threads
+    threads: step_threads("compose")
     resources:
-        mem_mb=planned_mem_mb("compose", 8000),
-        runtime=60,
-        gpu=composition_gpus,
+        **step_resources("compose"),
     shell:
         step_shell("compose")

@@ -15,9 +15,8 @@ rule prepare_data:
         step_log("prepare_data"),
     benchmark:
         step_benchmark("prepare_data")
-    threads: 1
+    threads: step_threads("prepare_data")
     resources:
-        mem_mb=8000,
-        runtime=120,
+        **step_resources("prepare_data"),
     shell:
         step_shell("prepare_data")

@@ -16,11 +16,8 @@ rule evaluate:
         step_log("evaluate"),
     benchmark:
         step_benchmark("evaluate")
-    # Decoding with large batches is compute-bound: the job takes the cores, one composition at a time.
-    threads: 2
+    threads: step_threads("evaluate")
     resources:
-        mem_mb=planned_mem_mb("evaluate", 8000),
-        runtime=120,
-        gpu=GPU_JOB,
+        **step_resources("evaluate"),
     shell:
         step_shell("evaluate")

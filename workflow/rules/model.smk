@@ -12,9 +12,8 @@ rule prepare_model:
         step_log("prepare_model"),
     benchmark:
         step_benchmark("prepare_model")
-    threads: 2
+    threads: step_threads("prepare_model")
     resources:
-        mem_mb=16000,
-        runtime=60,
+        **step_resources("prepare_model"),
     shell:
         step_shell("prepare_model")

@@ -2,6 +2,8 @@
 # summary.md with the verdict, and the plots (also in `snakemake --report report.html`); with a sweep, every
 # subset's evaluations too, and sweep.parquet.
 
+from moa.report import report_plots, report_tables
+
 
 rule report:
     input:
@@ -11,16 +13,12 @@ rule report:
         [str(PATHS.train_log(MIXED))] if Need.MIXED_ADAPTER in NEEDS else [],
         [str(PATHS.of_subset(subset).evaluations(method)) for subset in SUBSETS for method in SWEPT],
     output:
-        metrics=str(PATHS.report_metrics),
-        intervals=str(PATHS.report_intervals),
-        comparisons=str(PATHS.report_comparisons),
-        routing=str(PATHS.report_routing),
-        implicit_routing=str(PATHS.report_implicit_routing),
+        # every section's files (moa.report.sections), each plot with its caption workflow/report/{plot}.rst
+        **{table: str(PATHS.report_table(table)) for table in report_tables(config)},
         summary=report(str(PATHS.summary), category="Summary", caption="../report/summary.rst"),
-        **({"sweep": str(PATHS.report_sweep)} if SWEEP else {}),
         plots=[
             report(str(PATHS.plot(plot)), category="Plots", caption=f"../report/{plot}.rst")
-            for plot in report_plots(SWEEP)
+            for plot in report_plots(config)
         ],
     params:
         **step_params("report"),
@@ -28,9 +26,8 @@ rule report:
         step_log("report"),
     benchmark:
         step_benchmark("report")
-    threads: 1
+    threads: step_threads("report")
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **step_resources("report"),
     shell:
         step_shell("report")

@@ -1,8 +1,9 @@
 # The task-count sweep (config `sweep`, moa/sweep.py): on each seeded subset of the tasks, the routers retrained on
 # its tasks and every merge and router over the task LoRAs recomposed from the trained LoRAs, then evaluated on its
-# tasks, under sweep/{subset}/. Each rule runs a step with --subset: sweep_compose runs `moa compose`. Its
-# config_hash is of what the step reads of the subset's config, so a change to a task outside the subset reruns
-# nothing here. The subset of every task is the main experiment: no rule here runs it. Without a sweep, no job.
+# tasks, under sweep/{subset}/. Each rule is a variant of a step's rule that runs it with --subset: sweep_compose runs
+# `moa compose`. Its config_hash is of what the step reads of the subset's config, so a change to a task outside the
+# subset reruns nothing here. The subset of every task is the main experiment: no rule here runs it. Without a sweep,
+# no job.
 
 
 rule sweep_tasks:
@@ -18,7 +19,9 @@ rule sweep_tasks:
         Path(log[0]).write_text(f"wrote {output[0]}\n")
 
 
-rule sweep_train_router:
+# The step's rule on a subset: its command (with --subset, params.subset), params and resources; its own inputs,
+# outputs, log and benchmark.
+use rule train_router as sweep_train_router with:
     input:
         MODEL_FILES,
         str(SUBSET_PATHS.subset_tasks),
@@ -26,44 +29,27 @@ rule sweep_train_router:
         lambda w: task_adapters(tasks=SUBSETS[w.subset].tasks),
     output:
         files(SUBSET_PATHS.router_files),
-    params:
-        **step_params("train_router", sweep=True),
     log:
         step_log("train_router", sweep=True),
     benchmark:
         step_benchmark("train_router", sweep=True)
-    threads: 8
-    resources:
-        mem_mb=16000,
-        runtime=480,
-        gpu=GPU_JOB,
-    shell:
-        step_shell("train_router", sweep=True)
 
 
-rule sweep_compose:
+use rule compose as sweep_compose with:
     wildcard_constraints:
         method=one_of(SWEPT),
     input:
         sweep_composition_inputs,
     output:
         str(SUBSET_PATHS.manifest("{method}")),
-    params:
-        **step_params("compose", sweep=True),
     log:
         step_log("compose", sweep=True),
     benchmark:
         step_benchmark("compose", sweep=True)
-    threads: composition_threads
-    resources:
-        mem_mb=8000,
-        runtime=60,
-    shell:
-        step_shell("compose", sweep=True)
 
 
 # One job per subset and composition; the subset's tasks vary, so its eval/{method}/ is one directory output.
-rule sweep_evaluate:
+use rule evaluate as sweep_evaluate with:
     wildcard_constraints:
         method=one_of(SWEPT),
     input:
@@ -72,16 +58,7 @@ rule sweep_evaluate:
         tests=lambda w: [str(PATHS.split(task, "test")) for task in SUBSETS[w.subset].tasks],
     output:
         directory(str(SUBSET_PATHS.evaluations("{method}"))),
-    params:
-        **step_params("evaluate", sweep=True),
     log:
         step_log("evaluate", sweep=True),
     benchmark:
         step_benchmark("evaluate", sweep=True)
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=GPU_JOB,
-    shell:
-        step_shell("evaluate", sweep=True)

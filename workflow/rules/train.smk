@@ -15,11 +15,9 @@ rule train_lora:
         step_log("train_lora"),
     benchmark:
         step_benchmark("train_lora")
-    threads: 8
+    threads: step_threads("train_lora")
     resources:
-        mem_mb=planned_mem_mb("train_lora", 16000),
-        runtime=360,
-        gpu=GPU_JOB,
+        **step_resources("train_lora"),
     shell:
         step_shell("train_lora")
 
@@ -36,11 +34,9 @@ rule train_mixed:
         step_log("train_mixed"),
     benchmark:
         step_benchmark("train_mixed")
-    threads: 8
+    threads: step_threads("train_mixed")
     resources:
-        mem_mb=planned_mem_mb("train_mixed", 16000),
-        runtime=480,
-        gpu=GPU_JOB,
+        **step_resources("train_mixed"),
     shell:
         step_shell("train_mixed")
 
@@ -58,10 +54,8 @@ rule train_router:
         step_log("train_router"),
     benchmark:
         step_benchmark("train_router")
-    threads: 8
+    threads: step_threads("train_router")
     resources:
-        mem_mb=planned_mem_mb("train_router", 16000),
-        runtime=480,
-        gpu=GPU_JOB,
+        **step_resources("train_router"),
     shell:
         step_shell("train_router")
