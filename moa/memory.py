@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch import Tensor
 
 
 class PeakMemory(TorchDispatchMode):
