@@ -13,6 +13,7 @@ no metric library runs per resample.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,17 @@ def resample_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndar
     """[resamples, n]: how often each of n items is drawn in each resample of n draws with replacement."""
     draws = rng.integers(0, n, size=(resamples, n)) + n * np.arange(resamples)[:, None]
     return np.bincount(draws.ravel(), minlength=resamples * n).reshape(resamples, n).astype(float)
+
+
+MIN_RESAMPLES = 1000
+P_FLOOR_SHARE = 10  # the smallest attainable Holm-adjusted p is at most alpha / P_FLOOR_SHARE
+
+
+def resamples_for(compared: int, alpha: float) -> int:
+    """Resamples B for `compared` methods tested against one reference at `alpha`: no p-value is below
+    2 / (B + 1) and Holm multiplies the smallest by `compared`, so B + 1 >= 2 * compared * P_FLOOR_SHARE / alpha
+    keeps that floor at alpha / P_FLOOR_SHARE, far from the threshold; at least MIN_RESAMPLES."""
+    return max(MIN_RESAMPLES, math.ceil(2 * max(compared, 1) * P_FLOOR_SHARE / alpha) - 1)
 
 
 def interval(samples: np.ndarray, alpha: float) -> tuple[float, float]:

@@ -25,6 +25,7 @@ from moa.stats import (
     intervals,
     p_value,
     resample_counts,
+    resamples_for,
 )
 
 ALPHA = 0.05
@@ -234,3 +235,14 @@ def test_corpus_metrics_inside_the_bootstrap() -> None:
     streams = [list(s) for s in zip_longest(*refs)]
     assert table.loc["bleu", "value"] == pytest.approx(BLEU().corpus_score(preds, streams).score, rel=1e-13)
     assert table.loc["bleu", "lo"] <= table.loc["bleu", "value"] <= table.loc["bleu", "hi"]
+
+
+@pytest.mark.parametrize("compared", [1, 16, 30, 200])
+def test_default_resamples_leave_room_for_every_comparison(compared: int) -> None:
+    """The smallest p-value the bootstrap can give (every resample on one side), Holm-multiplied by the methods
+    compared, stays at most alpha / 10; and never fewer than 1000 resamples."""
+    resamples = resamples_for(compared, ALPHA)
+    differences = np.ones(resamples)  # every resample favours one side: the smallest p there is
+    smallest = holm([p_value(differences)] * compared).min()
+    assert smallest <= ALPHA / 10 and resamples >= 1000
+    assert resamples == 1000 or holm([p_value(np.ones(resamples - 50))] * compared).min() > ALPHA / 10  # not more

@@ -11,7 +11,17 @@ from moa.config import Config
 from moa.data.tasks import get_task
 from moa.metrics import FORMAT_ADHERENCE
 from moa.roles import REFERENCES
-from moa.stats import ALL_TASKS, MULTITASK, NORMALIZED, Bootstrap, Evaluated, bootstrap, comparisons, intervals
+from moa.stats import (
+    ALL_TASKS,
+    MULTITASK,
+    NORMALIZED,
+    Bootstrap,
+    Evaluated,
+    bootstrap,
+    comparisons,
+    intervals,
+    resamples_for,
+)
 
 
 def references(config: Config) -> list[str]:
@@ -29,9 +39,9 @@ class Uncertainty:
         specs = [get_task(config, task) for task in config["tasks"]]
         self.tasks = {task.name: task.metrics for task in specs}
         self.formats = {task.name: task.format.rule for task in specs if task.format}  # the tasks with a check
-        self.resamples = settings["bootstrap"]["resamples"]
         self.seed = config["seed"]
         self.references = references(config)
+        self.resamples = settings["bootstrap"]["resamples"] or resamples_for(len(self.methods) - 1, self.alpha)
         self.result: Bootstrap = bootstrap(evaluations, self.methods, {t.name: t.evaluated_metrics for t in specs},
                                            self.resamples, self.seed, self.alpha)
         self.intervals = intervals(self.result, self.alpha)
@@ -94,7 +104,7 @@ class Uncertainty:
         needed = int(np.ceil(2 * family / self.alpha))
         return (f"with {self.resamples} resamples no p-value is below {2 / (self.resamples + 1):.4f}, so after Holm "
                 f"over {family} methods no difference can be significant at alpha {self.alpha:g}: raise "
-                f"report.bootstrap.resamples to at least {needed}")
+                f"report.bootstrap.resamples to at least {needed}, or leave it null to size it for the comparisons")
 
     def tasks_used(self) -> str:
         """Which tasks the multitask score averages, in words."""
