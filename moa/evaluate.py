@@ -153,7 +153,7 @@ def evaluate(config: Config, method: str, task: str | None = None) -> StepResult
     implicit, hook = {}, method_of(params).implicit_routing
     if hook is not None:  # its own model: the served one is released first (one 7B at a time)
         composed.model.to("meta")
-        implicit = hook(config, params, tasks, frames, generated)
+        implicit = hook(config, params | composed.manifest.get("tuned", {}), tasks, frames, generated)
     paths, metrics, artifacts, lines = ExperimentPaths.of(config), {}, [], []
     for spec in tasks:
         scores = scored.get(spec.name)

@@ -7,9 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from moa.compose.registry import METHODS
-from moa.config import Config, method_params, read_config, validate_schema
+from moa.compose.merge import tunable
+from moa.compose.registry import LEARNED, METHODS
+from moa.config import Config, method_params, read_config, schema, validate_schema
 from moa.data.batching import Batching
+from moa.data.prepare import split_sizes
 from moa.data.tasks import get_task
 from moa.errors import MoaError
 from moa.roles import ORACLE
@@ -49,11 +51,29 @@ def _check_method(config: Config, name: str, source: str) -> None:
     extra = sorted(params.keys() - {"method"} - METHODS[method].params.keys())
     if extra:
         raise MoaError(f"{where}: {', '.join(extra)} does not apply to method {method!r}; remove it")
+    untunable = sorted((params.get("tune") or {}).keys() - set(tunable(method))) if params.get("tune") else []
+    if untunable:
+        raise MoaError(f"{where}.tune.{untunable[0]}: {method} has no such parameter to tune; tune "
+                       f"{', '.join(tunable(method))}")
+    listed = config["methods"] != schema()["properties"]["methods"]["default"]  # the default runs it anyway
+    if method in LEARNED and len(config["tasks"]) < 2 and listed:
+        raise MoaError(f"{where}: {method} learns how to combine task LoRAs, and there is one task; add tasks or "
+                       "remove it")
+    shots, rows = params.get("shots", METHODS[method].params.get("shots")), validation_rows(config)
+    if shots and shots > min(rows.values()):
+        task = min(rows, key=rows.get)
+        raise MoaError(f"{where}.shots: {shots} is more than task {task}'s {rows[task]} validation rows; use at most "
+                       f"{rows[task]} or raise data.sizes.validation")
     weights, tasks = params.get("weights"), list(config["tasks"])
     if isinstance(weights, list) and len(weights) != len(tasks):
         raise MoaError(f"{where}.weights: {len(weights)} weights for {len(tasks)} tasks; give one per task")
     if isinstance(weights, dict) and weights.keys() != set(tasks):
         raise MoaError(f"{where}.weights: keys must be exactly the tasks ({', '.join(tasks)})")
+
+
+def validation_rows(config: Config) -> dict[str, int]:
+    """Each task's configured validation rows (prepare-data may drop a few too long to train on)."""
+    return {task: split_sizes(config, task)["validation"] for task in config["tasks"]}
 
 
 def _check_lengths(config: Config, source: str) -> None:

@@ -39,6 +39,9 @@ MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 TRAIN_LOG = "train_log.parquet"
 MANIFEST = "composition.json"  # in compositions/{method}/
 MERGE_REPORT = "merge_report.json"  # in compositions/{merge}/
+LEARNED_COEFFICIENTS = "coefficients.safetensors"  # in learned/{merge}/: [modules, tasks] or [tasks]
+LEARNED_INFO = "learned.json"  # in learned/{merge}/: the merge they combine by, the data used, the time taken
+TUNE = "tune.parquet"  # in compositions/{tuned merge}/: every candidate of its grid on validation
 CENTROIDS = "centroids.safetensors"  # in compositions/centroid/: [layers, tasks, hidden]
 CENTROID_EVAL = "centroid_eval.parquet"  # in compositions/centroid/: each layer's validation accuracy
 # The key under which a sweep subset's config (moa.sweep.restrict) names its subset; no config file can set it (the
@@ -155,6 +158,15 @@ class ExperimentPaths:
         """moa/experts/{task}/: the expert MoA serves for a task (the task LoRA, or its joint fine-tune)."""
         return self.moa / "experts" / task
 
+    def learned(self, method: str) -> Path:
+        """learned/{method}/: what `moa learn-merge` found for a learned merge (its coefficients)."""
+        return self.scope / "learned" / method
+
+    def learned_files(self, method: str) -> list[Path]:
+        """The coefficients, what they were learned from (learned.json) and the learning's log."""
+        folder = self.learned(method)
+        return [folder / LEARNED_COEFFICIENTS, folder / LEARNED_INFO, folder / TRAIN_LOG]
+
     # --- compositions and evaluations ----------------------------------------------------------------
 
     def composition(self, method: str) -> Path:
@@ -165,6 +177,9 @@ class ExperimentPaths:
 
     def merge_report(self, method: str) -> Path:
         return self.composition(method) / MERGE_REPORT
+
+    def tune(self, method: str) -> Path:
+        return self.composition(method) / TUNE
 
     def evaluations(self, method: str) -> Path:
         """eval/{method}/: one composition's evaluation, a folder per task."""

@@ -270,7 +270,7 @@ def model_config_of(source: str) -> ModelConfig:
 
 # --- the jobs of a config ----------------------------------------------------------------------------
 
-TRAINING_STEPS = ("train_lora", "train_mixed", "train_router")
+TRAINING_STEPS = ("train_lora", "train_mixed", "train_router", "learn_merge")
 
 
 @dataclass(frozen=True)
@@ -334,8 +334,10 @@ def training_plan(config: dict, shapes: ModelConfig, step: str, micro_rows: int,
                   on_device: bool) -> JobPlan:
     settings = TrainSettings.from_config(config["training"])
     n_tasks = len(config["tasks"])
-    experts, trainable = (n_tasks, n_tasks if config["router"]["mode"] == "joint" else 0) \
-        if step == "train_router" else (1, 1)
+    # learn_merge: every task LoRA attached, gradients through them (counted as trainable: a bound for cat's few
+    # scalars and for lorahub, which runs without gradients).
+    experts, trainable = {"train_router": (n_tasks, n_tasks if config["router"]["mode"] == "joint" else 0),
+                          "learn_merge": (n_tasks, n_tasks)}.get(step, (1, 1))
     dtype = DTYPES[config["model"]["dtype"]]
     autocast = torch.bfloat16 if settings.precision == "bf16" or (settings.precision == "auto" and on_device) \
         else None
@@ -396,11 +398,10 @@ def evaluation_plan(config: dict, shapes: ModelConfig, method: str, on_device: b
 def composition_plan(config: dict, shapes: ModelConfig, method: str, on_device: bool) -> JobPlan:
     """A composition that reads prompts through the model (centroid) runs it like routers mode; a merge is
     matrix work over the adapters on the host: all tasks' factors and a few dense [out, in] fp32 deltas."""
-    from moa.compose.registry import METHODS, Need
+    from moa.compose.registry import Need, needs_of
     from moa.config import method_params
 
-    kind = METHODS[method_params(config, method)["method"]]
-    if Need.TASK_PROMPTS in kind.needs:  # moa.routing.pooled_features
+    if Need.TASK_PROMPTS in needs_of(method_params(config, method)):  # pooled features, or tuning's scoring
         memory = inference_memory(shapes, None, DTYPES[config["evaluation"]["dtype"]], POOL_TOKENS)
         memory = replace(memory, host=_host(config, memory.weights, on_device, memory.device))
         return JobPlan(f"compose:{method}", memory, on_device, f"rows of {POOL_TOKENS} prompt tokens")
@@ -417,7 +418,11 @@ def plan_config(config: dict, shapes: ModelConfig, where: Setting) -> list[JobPl
     dtype = DTYPES[config["model"]["dtype"]]
     weights = weight_bytes(shapes, dtype)
     prepare = JobPlan("prepare_model", Memory(host=HOST_BASELINE + 2 * weights), False)
-    steps = ["train_lora", "train_mixed", "train_router"]
+    from moa.compose.registry import LEARNED
+    from moa.config import method_params
+
+    learned = any(method_params(config, m)["method"] in LEARNED for m in config["methods"])
+    steps = ["train_lora", "train_mixed", "train_router", *(["learn_merge"] if learned else [])]
     return [prepare, *(training_choice(config, shapes, s, where) for s in steps),
             *(composition_plan(config, shapes, m, on_device) for m in config["methods"]),
             *(evaluation_plan(config, shapes, m, on_device) for m in config["methods"])]

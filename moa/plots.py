@@ -276,3 +276,27 @@ def plot_sweep(sweep: pd.DataFrame, kinds: Mapping[str, Kind], confidence: float
                  f"{confidence:.0%} paired bootstrap interval", fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="method")
     return fig
+
+
+def plot_tuning(tuning: pd.DataFrame) -> Figure:
+    """Each tuned composition's criterion over its scale, a line per setting of its other parameters; the chosen
+    candidate starred."""
+    compositions = list(dict.fromkeys(tuning["composition"]))
+    fig = Figure(figsize=(5 * len(compositions), 4))
+    for ax, name in zip(np.atleast_1d(fig.subplots(1, len(compositions), squeeze=False)[0]), compositions):
+        rows = tuning[tuning["composition"] == name].groupby("candidate").first()
+        others = [c for c in ("density", "k") if c in rows and rows[c].notna().any()]
+        for setting, line in (rows.groupby(others) if others else [((), rows)]):
+            values = setting if isinstance(setting, tuple) else (setting,)
+            label = ", ".join(f"{c} {v:g}" for c, v in zip(others, values)) or None
+            line = line.sort_values("scale")
+            ax.plot(line["scale"], line["criterion"], marker="o", markersize=3, label=label)
+        chosen = rows[rows["chosen"]]
+        ax.plot(chosen["scale"], chosen["criterion"], "*", color="black", markersize=12, label="chosen")
+        ax.axhline(1.0, color=ORACLE_COLOR, linestyle=":", label="oracle")
+        ax.set_title(name)
+        ax.set_xlabel("scale (every task weight times)")
+        ax.set_ylabel("validation loss / oracle's (mean over tasks)")
+        ax.legend(fontsize=8)
+    fig.suptitle("Tuning on the validation split (lower is better)")
+    return fig

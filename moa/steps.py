@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moa.compose.composition import compose
-from moa.compose.registry import METHODS, Need
+from moa.compose.registry import LEARNED, METHODS, Need, needs_of
 from moa.config import Config, config_hash, method_params
 from moa.data.prepare import prepare_data
 from moa.evaluate import evaluate
@@ -23,6 +23,7 @@ from moa.step_result import StepResult
 from moa.sweep import on_subset, sweep_rule
 from moa.tracking import log_step
 from moa.train.lora import train_lora, train_mixed
+from moa.train.merge import learn_merge
 from moa.train.router import train_router
 
 
@@ -45,7 +46,7 @@ def _composition(config: Config, method: str) -> dict[str, Any]:
     the tasks' prompts through the base model (centroid), the model, the data and the dtype it runs in."""
     params = method_params(config, method)
     reads = {"method": params, "lora": config["lora"], "tasks": list(config["tasks"]), "seed": config["seed"]}
-    if Need.TASK_PROMPTS in METHODS[params["method"]].needs:
+    if Need.TASK_PROMPTS in needs_of(params):
         reads |= {"model": config["model"], "data": config["data"], "dtype": config["evaluation"]["dtype"]}
     return reads
 
@@ -77,6 +78,14 @@ STEPS: dict[str, Step] = {
         "MoA stage 2: train a router before every block on the task LoRAs (teacher forcing) -> moa/ (routers, "
         "experts, router accuracy, confusion matrix); joint mode is resumable (--subset: on that sweep subset's tasks -> "
         "sweep/{subset}/moa/)", options=("subset",)),
+    "learn_merge": Step(
+        learn_merge, ("method",),
+        lambda c, method: _trainer(c) | _all_tasks(c) | {"method": method_params(c, method),
+                                                         "prompts_per_task": c["router"]["prompts_per_task"],
+                                                         "dtype": c["evaluation"]["dtype"]},
+        "a learned merge's coefficients over the frozen task LoRAs (cat: by gradient on training rows; lorahub: "
+        f"gradient-free on validation rows) -> learned/{{method}}/ (--subset: on that sweep subset's tasks -> "
+        f"sweep/{{subset}}/learned/{{method}}/). Methods: {', '.join(sorted(LEARNED))}", options=("subset",)),
     "compose": Step(
         compose, ("method",), lambda c, method: _composition(c, method),
         "build one composition from the trained adapters -> compositions/{method}/ (a PEFT adapter + "

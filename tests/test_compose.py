@@ -12,16 +12,17 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from moa.cli import main
 from moa.compose.composition import compose, load_composition
-from moa.compose.merge import merge_adapters
-from moa.compose.registry import METHODS, Kind, merge_spec
+from moa.compose.merge import MergeSpec, default_grid, merge_adapters
+from moa.compose.registry import LEARNED, METHODS, Kind, merge_spec
 from moa.config import method_params, schema
 from moa.data.prepare import prepare_task
 from moa.data.splits import read_split
 from moa.data.tasks import get_task
-from moa.evaluate import evaluate
+from moa.evaluate import evaluate, run_scoring
 from moa.experiment import load_config
 from moa.generate import Request, Sampling, generate
 from moa.layout import MIXED, ExperimentPaths
@@ -31,6 +32,7 @@ from moa.model.prepared import base_model
 from moa.model.tokenizer import byte_tokenizer
 from moa.routing import activate_experts
 from moa.train.lora import train_lora, train_mixed
+from moa.train.merge import CatTraining, learn_merge
 from moa.train.router import train_router
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +57,8 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
         train_lora(loaded, task)
     train_mixed(loaded)
     train_router(loaded)
+    for learned in sorted(LEARNED):
+        learn_merge(loaded, learned)
     return path
 
 
@@ -108,10 +112,12 @@ def test_every_method_composes_into_what_it_defines(experiment: Path, method: st
         activate_experts(composed.model, chosen)
         expected = logits(every, ids)
     else:  # a merge: the adapter merge_adapters computes from the task LoRAs, folded into the weights
-        dirs = [paths.adapter(t) for t in TASKS]
-        _, state, _ = merge_adapters(merge_spec(config, params), [load_adapter(d) for d in dirs], TASKS)
-        written = load_adapter(out)[1]
-        assert written.keys() == state.keys() and all(torch.equal(written[k], state[k]) for k in state)
+        if params["method"] not in LEARNED:  # (learned merges: test_learned_merges_*)
+            dirs = [paths.adapter(t) for t in TASKS]
+            spec = merge_spec(config, params | manifest.get("tuned", {}))  # a tuned merge: at its chosen setting
+            _, state, _ = merge_adapters(spec, [load_adapter(d) for d in dirs], TASKS)
+            written = load_adapter(out)[1]
+            assert written.keys() == state.keys() and all(torch.equal(written[k], state[k]) for k in state)
         assert not lora_layers(composed.model)  # folded and unloaded: the base model's cost
         expected = logits(reference(config, [out]), ids)
     torch.testing.assert_close(logits(composed.model, ids), expected, atol=2e-5, rtol=1e-4)
@@ -269,6 +275,130 @@ def test_arrow_settings_are_recorded_and_top_k_capped_at_the_tasks(experiment: P
                              ("{arrow: {k: 4}}", "k does not apply to method 'arrow'"),
                              ("{svd: {top_k: 2}}", "top_k does not apply to method 'svd'")):
         one_line_error(capsys, ["compose", *args, "--set", f"methods={methods}", "--method", "arrow"], message)
+
+
+def fake_score(best: float):
+    """moa.generate.score where a model's loss on every target token is 1 + (lambda - best)^2, lambda the weight it
+    serves its one (merged) expert at, and 1 for the oracle's: the criterion is 1 + (lambda - best)^2 itself."""
+
+    def score(model, examples, experts=None, router=None):
+        active = next(iter(lora_layers(model).values())).active
+        loss = 1.0 if experts is not None else 1.0 + (float(active[0]) - best) ** 2
+        return [(loss * len(e.target_ids), len(e.target_ids)) for e in examples]
+
+    return score
+
+
+def test_tuning_picks_the_best_candidate_and_builds_it(experiment: Path, monkeypatch) -> None:
+    """A constructed case where one scale is clearly best: it is chosen, written with every candidate's
+    scores, and the merge is built at it (its weights scaled); equal criteria go to the first in grid order."""
+    monkeypatch.setattr("moa.compose.tune.score", fake_score(best=0.7))
+    grid = "{scale: [0.1, 0.7, 2.0], density: [0.3, 0.6]}"
+    config = load_config(experiment, [*FAST, f"methods={{ties_tuned: {{method: ties, tune: {grid}}}}}"])
+    result = compose(config, "ties_tuned")
+    manifest = json.loads((result.path / "composition.json").read_text())
+    assert manifest["tuned"] == {"scale": 0.7, "density": 0.3}
+    assert manifest["tuning"]["criterion"] == pytest.approx(1.0) and manifest["tuning"]["labelled"] == 3 * 16
+    table = pd.read_parquet(ExperimentPaths.of(config).tune("ties_tuned"))
+    assert len(table) == 6 * len(TASKS) and set(table["task"]) == set(TASKS)
+    by_candidate = table.groupby("candidate").first()
+    np.testing.assert_allclose(by_candidate["criterion"], 1 + (by_candidate["scale"] - 0.7) ** 2)
+    assert by_candidate.loc[by_candidate["chosen"], ["scale", "density"]].values.tolist() == [[0.7, 0.3]]
+    report = json.loads(ExperimentPaths.of(config).merge_report("ties_tuned").read_text())
+    assert (report["scale"], report["density"], report["weights"]) == (0.7, 0.3, [0.7] * 3)
+    assert result.metrics["tuned.scale"] == 0.7 and "tuning.criterion" in result.metrics
+
+
+def test_tuning_criterion_is_the_validation_loss_evaluation_measures(experiment: Path) -> None:
+    """Each candidate's criterion equals what evaluation's own scoring gives on the validation rows for the merge
+    built untuned at that scale (folded, as evaluate serves it), over the oracle's, averaged over the tasks."""
+    methods = "{ta: {method: task_arithmetic, tune: {scale: [1.5, 3.0]}}, oracle: null, " \
+              "ta_15: {method: task_arithmetic, scale: 1.5}, ta_30: {method: task_arithmetic, scale: 3.0}}"
+    config = load_config(experiment, [*FAST, f"methods={methods}", "evaluation.dtype=float32"])
+    for name in ("ta", "oracle", "ta_15", "ta_30"):
+        compose(config, name)
+
+    def losses(name: str) -> np.ndarray:
+        composed = load_composition(config, name)
+        per_task = []
+        for task in TASKS:
+            scores = run_scoring(config, composed, get_task(config, task), read_split(config, task, "validation"))
+            per_task.append(sum(nll for nll, _ in scores) / sum(n for _, n in scores))
+        return np.array(per_task)
+
+    oracle = losses("oracle")
+    expected = [float((losses(name) / oracle).mean()) for name in ("ta_15", "ta_30")]
+    table = pd.read_parquet(ExperimentPaths.of(config).tune("ta")).groupby("candidate").first()
+    np.testing.assert_allclose(table["criterion"], expected, rtol=1e-4)
+    assert table.index[table["chosen"]].tolist() == [int(np.argmin(expected))]
+
+
+def test_cat_at_fixed_scalars_is_task_arithmetic_at_those_weights(experiment: Path) -> None:
+    """CAT's training forward with every scalar w, and the merge compose folds from coefficients all w, equal task
+    arithmetic with every weight w (its weights are w * N x 1/N)."""
+    w = 0.4
+    config = load_config(experiment, [*FAST, f"methods={{cat: null, ta: {{method: task_arithmetic, scale: {w * 3}}}}}"])
+    paths = ExperimentPaths.of(config)
+    compose(config, "ta")
+    ids = torch.tensor([byte_tokenizer().encode(PROMPT)])
+    expected = logits(load_composition(config, "ta").model, ids)
+    model, _ = base_model(config)
+    attach_experts(model, [paths.adapter(t) for t in TASKS])
+    training = CatTraining(model, w)
+    training.apply_coefficients()
+    torch.testing.assert_close(logits(model.eval(), ids), expected, atol=2e-5, rtol=1e-4)
+    coefficients = paths.learned("cat") / "coefficients.safetensors"
+    learned = load_file(coefficients)["coefficients"]
+    assert learned.shape == (len(lora_layers(model)), 3) and not torch.allclose(learned, torch.full_like(learned, 1 / 3))
+    save_file({"coefficients": torch.full_like(learned, w)}, coefficients)  # the scalars fixed to w
+    compose(config, "cat")
+    torch.testing.assert_close(logits(load_composition(config, "cat").model, ids), expected, atol=2e-5, rtol=1e-4)
+    info = json.loads((paths.learned("cat") / "learned.json").read_text())
+    manifest = json.loads(paths.manifest("cat").read_text())
+    assert info["labelled"] == 3 * 16 and manifest["learned"]["labelled"] == 3 * 16  # the 16 training rows per task
+    assert manifest["learned"]["seconds"] > 0
+
+
+def test_lorahub_learns_weights_in_range_and_composes_them(experiment: Path) -> None:
+    config = load_config(experiment, FAST)
+    paths = ExperimentPaths.of(config)
+    info = json.loads((paths.learned("lorahub") / "learned.json").read_text())
+    weights = load_file(paths.learned("lorahub") / "coefficients.safetensors")["coefficients"]
+    assert info["merge"] == "linear" and info["labelled"] == 5 * 3 and weights.shape == (3,)
+    assert weights.abs().max() <= 1.5 and len(pd.read_parquet(paths.learned("lorahub") / "train_log.parquet")) == 40
+    compose(config, "lorahub")
+    report = json.loads(paths.merge_report("lorahub").read_text())
+    assert report["weights"] == pytest.approx(weights.tolist()) and report["method"] == "linear"
+
+
+def test_bad_learned_merges_are_one_line(experiment: Path, capsys) -> None:
+    args = ["--config", str(experiment), *(x for s in FAST for x in ("--set", s))]
+    one_line_error(capsys, ["compose", *args, "--set", "methods={lorahub: {shots: 17}}", "--method", "lorahub"],
+                   "methods.lorahub.shots: 17 is more than task dialogue's 16 validation rows")
+    one_line_error(capsys, ["compose", *args, "--set", "methods={lorahub: {budget: 200}}", "--method", "lorahub"],
+                   "methods.lorahub.budget")
+    one_line_error(capsys, ["compose", *args, "--set", "tasks={qa: {source: {type: synthetic}}}", "--set",
+                            "methods={cat: null}", "--method", "cat"], "methods.cat: cat learns how to combine")
+
+
+def test_bad_tune_grids_are_one_line(experiment: Path, capsys) -> None:
+    args = ["--config", str(experiment), *(x for s in FAST for x in ("--set", s))]
+    for methods, message in (("{ta: {method: task_arithmetic, tune: {density: [0.5]}}}",
+                              "methods.ta.tune.density: task_arithmetic has no such parameter to tune; tune scale"),
+                             ("{t: {method: ties, tune: {density: [1.5]}}}", "methods.t.tune.density.0"),
+                             ("{t: {method: ties, tune: {scale: [0]}}}", "methods.t.tune.scale.0"),
+                             ("{t: {method: ties, tune: {scale: []}}}", "methods.t.tune.scale"),
+                             ("{moa: {tune: {}}}", "tune does not apply to method 'moa'")):
+        one_line_error(capsys, ["compose", *args, "--set", f"methods={methods}", "--method", "oracle"], message)
+
+
+def test_default_grids_follow_the_references() -> None:
+    """Task arithmetic scans the mean task weight 0.1..1.0 whatever its default weights (1/N); TIES its disjoint
+    mean's lambda 0.8..1.8 and top-k 10-30%."""
+    ta = default_grid(MergeSpec("task_arithmetic"), 4)
+    assert ta == {"scale": tuple(round(0.4 * i, 6) for i in range(1, 11))}
+    assert default_grid(MergeSpec("task_arithmetic", weights=(0.5, 0.5)), 2)["scale"][-1] == 2.0
+    assert default_grid(MergeSpec("ties"), 3) == {"scale": (0.8, 1.0, 1.2, 1.4, 1.6, 1.8), "density": (0.1, 0.2, 0.3)}
 
 
 def one_line_error(capsys, argv: list[str], *fragments: str) -> None:

@@ -35,6 +35,7 @@ from peft.utils import merge_utils
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moa.compose.merge import (
+    MERGES,
     Factors,
     MergeMethod,
     MergeSpec,
@@ -42,6 +43,7 @@ from moa.compose.merge import (
     merge_adapters,
     merge_module,
     resolved_weights,
+    scale_linear,
 )
 from moa.errors import MoaError
 from moa.lora import AdapterConfig, load_adapter, peft_key, write_adapter
@@ -361,12 +363,12 @@ def test_written_adapter_loads_in_peft(base, ids, tmp_path, method, specs, reque
 
 
 def test_report_fields(same_dirs):
-    spec = MergeSpec("dare_ties", density=0.5, majority_sign_method="frequency", seed=3)
+    spec = MergeSpec("dare_ties", density=0.5, majority_sign_method="frequency", seed=3, scale=0.5)
     _, _, report = merge_adapters(spec, loaded(same_dirs), names(3))
     measured = [report.pop(key) for key in ("relative_error", "max_module_relative_error", "retained_energy")]
     assert report == {
-        "method": "dare_ties", "adapters": names(3), "weights": [1.0] * 3, "k": 4, "rank": 4, "input_ranks": [4] * 3,
-        "modules": 6, "density": 0.5, "majority_sign_method": "frequency", "seed": 3,
+        "method": "dare_ties", "adapters": names(3), "weights": [0.5] * 3, "scale": 0.5, "k": 4, "rank": 4,
+        "input_ranks": [4] * 3, "modules": 6, "density": 0.5, "majority_sign_method": "frequency", "seed": 3,
     }  # fmt: skip
     assert 0 < measured[0] <= measured[1] and 0 < measured[2] < 1
     assert resolved_weights(MergeSpec("svd"), 4) == [0.25] * 4 and resolved_weights(MergeSpec("concat"), 2) == [1, 1]
@@ -433,3 +435,21 @@ def test_validation_error(same_dirs, mixed_dirs, case):
     call, message = ERRORS[case]
     with pytest.raises(MoaError, match=message):
         call(loaded(same_dirs), loaded(mixed_dirs))
+
+
+@pytest.mark.parametrize("method", list(MERGES))
+def test_scale_multiplies_every_weight(same_dirs, method: str) -> None:
+    """The merge at scale lambda is lambda times the merge at scale 1 for every method linear in its weights (what
+    tuning serves unfolded instead of merging again), lambda^2 times for the factor sums."""
+    def update(scale: float) -> dict[str, torch.Tensor]:
+        config, state, _ = merge_adapters(MergeSpec(method, scale=scale), loaded(same_dirs), names(3))
+        scaling = config.lora_alpha / config.r
+        return {m: scaling * state[peft_key(m, "B")] @ state[peft_key(m, "A")]
+                for m in {k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in state}}
+
+    once, scaled = update(1.0), update(0.3)
+    factor = 0.3 if scale_linear(MergeMethod(method)) else 0.3**2
+    for module, delta in once.items():
+        torch.testing.assert_close(scaled[module], factor * delta, atol=1e-6, rtol=1e-4)
+    with pytest.raises(MoaError, match="scale=0 must be > 0"):
+        MergeSpec(method, scale=0)

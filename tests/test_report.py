@@ -396,7 +396,7 @@ def test_build_report_with_missing_inputs(tmp_path: Path) -> None:
     assert "No router evaluation" in text
     assert "No composition's evaluation was routed one expert per sequence by a router." in text
     assert pd.read_parquet(ExperimentPaths.of(config).report_table("routing")).empty
-    assert "| base | – | – | – |" in text.split("## Cost")[1]  # no decoding cost measured here
+    assert "| base | reference | – | – | – | – | – | – |" in text.split("## Cost")[1]  # no composition, no decoding
     assert "| base | 40.0 [" in text.split("## Format adherence")[1] and "![format_adherence]" in text
     for name in set(report_plots(config)) - {"format_adherence"}:
         assert f"{name}.png skipped" in text and f"![{name}]" not in text

@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from moa.compose.registry import LEARNED, Need, needs_of
 from moa.compose.registry import METHODS as REGISTRY
-from moa.compose.registry import Need, method_of
 from moa.config import method_params, schema
 from moa.experiment import load_config
 from moa.layout import MIXED, ExperimentPaths
@@ -41,7 +41,8 @@ RULES = {rule: step for step in STEPS for rule in ([step, sweep_rule(step)] if "
 SWEEP_METHODS = ["moa", "moa_vote", "moa_per_layer", "centroid", "arrow",
                  "concat", "linear", "avg", "task_arithmetic", "svd", "ties",
                  "dare_linear", "dare_ties", "magnitude_prune",
-                 "breadcrumbs"]  # of METHODS: the ones a sweep recomposes
+                 "breadcrumbs", "task_arithmetic_tuned", "ties_tuned", "cat", "lorahub"]  # of METHODS: those a sweep
+# recomposes
 # Pinned so that the rerun checks see only what each test changes (test_code_change_reruns_everything
 # covers the real code version, moa's version).
 CODE_VERSION = "test-pinned"
@@ -100,15 +101,16 @@ def results(workdir: Path) -> ExperimentPaths:
     return ExperimentPaths(workdir / "results" / "smoke")
 
 
-def smoke_jobs(n_tasks: int = 3, n_methods: int = len(METHODS)) -> Counter[str]:
+def smoke_jobs(n_tasks: int = 3, n_methods: int = len(METHODS), n_learned: int = len(LEARNED)) -> Counter[str]:
     return Counter(prepare_model=1, prepare_data=n_tasks, train_lora=n_tasks, train_mixed=1, train_router=1,
-                   compose=n_methods, evaluate=n_methods, report=1, all=1)  # one evaluation job per method
+                   learn_merge=n_learned, compose=n_methods, evaluate=n_methods, report=1, all=1)  # one per method
 
 
-def sweep_jobs(n_subsets: int, n_methods: int = len(SWEEP_METHODS)) -> Counter[str]:
-    """The jobs of a sweep's proper subsets (each with a router to train), without the report."""
-    return Counter(sweep_tasks=n_subsets, sweep_train_router=n_subsets, sweep_compose=n_subsets * n_methods,
-                   sweep_evaluate=n_subsets * n_methods)
+def sweep_jobs(n_subsets: int, n_methods: int = len(SWEEP_METHODS), n_learned: int = len(LEARNED)) -> Counter[str]:
+    """The jobs of a sweep's proper subsets (each with a router to train and learned merges to learn), without the
+    report."""
+    return Counter(sweep_tasks=n_subsets, sweep_train_router=n_subsets, sweep_learn_merge=n_subsets * n_learned,
+                   sweep_compose=n_subsets * n_methods, sweep_evaluate=n_subsets * n_methods)
 
 
 def with_sweep(directory: Path, **sweep: object) -> Path:
@@ -195,8 +197,8 @@ def test_the_dag_trains_only_what_the_methods_need(tmp_path: Path, methods: dict
 
 @pytest.mark.parametrize("gpu", [0, 1])
 def test_jobs_on_the_model_take_the_gpu_token_only_where_there_is_a_gpu(tmp_path: Path, monkeypatch, gpu: int) -> None:
-    """Training, routers, evaluations and the compositions that read the model (centroid) take a GPU token where
-    this host has an NVIDIA driver (a stand-in nvidia-smi here), merges never."""
+    """Training, routers, evaluations and the compositions that read the model (centroid, tuned merges) take a GPU
+    token where this host has an NVIDIA driver (a stand-in nvidia-smi here), other merges never."""
     if gpu:
         (tmp_path / "bin").mkdir()
         (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\n")
@@ -208,17 +210,17 @@ def test_jobs_on_the_model_take_the_gpu_token_only_where_there_is_a_gpu(tmp_path
     for rule in ("train_lora", "train_mixed", "train_router", "evaluate"):
         assert all(f"gpu={gpu}," in resources for resources in planned(out, rule, "resources")), rule
     smoke = load_config(SMOKE)
-    reading = [m for m in METHODS if Need.TASK_PROMPTS in method_of(method_params(smoke, m)).needs]
+    reading = [m for m in METHODS if Need.TASK_PROMPTS in needs_of(method_params(smoke, m))]  # centroid, tuned
     compose = planned(out, "compose", "resources")
     assert reading and sum("gpu=1," in r for r in compose) == gpu * len(reading)
     assert sum("gpu=0," in r for r in compose) == len(compose) - gpu * len(reading)
 
 
 def test_configfile_replaces_the_default_config(tmp_path: Path) -> None:
-    """--configfile smoke.yaml is the experiment; without it config/config.yaml (six tasks, all 17 methods,
+    """--configfile smoke.yaml is the experiment; without it config/config.yaml (six tasks, 13 methods, two learned,
     and a sweep of one subset of two tasks, two methods) is."""
     counts, _ = dry_run(tmp_path, configfile=None)
-    assert counts == smoke_jobs(n_tasks=6, n_methods=17) + sweep_jobs(1, n_methods=2)
+    assert counts == smoke_jobs(n_tasks=6, n_methods=13, n_learned=2) + sweep_jobs(1, n_methods=2, n_learned=0)
     assert (tmp_path / "results" / "default" / ".config").is_dir()
 
 
@@ -226,7 +228,7 @@ def test_nested_config_overrides_are_typed_by_the_schema(tmp_path: Path) -> None
     """Snakemake reads nested --config values as strings; they reach the steps typed like --set."""
     counts, _ = dry_run(tmp_path, "--config", "training={steps: 4, max_grad_norm: null}", "tracking={enabled: false}",
                         "methods={svd_r4: {method: svd, k: 4}, base: null}")
-    assert counts == smoke_jobs(n_methods=2) - Counter(train_mixed=1, train_router=1)  # neither method needs them
+    assert counts == smoke_jobs(n_methods=2, n_learned=0) - Counter(train_mixed=1, train_router=1)  # neither needs them
     written = yaml.safe_load(next(results(tmp_path).config_dir.glob("*.yaml")).read_text())
     assert written["training"]["steps"] == 4 and written["training"]["max_grad_norm"] is None
     assert written["tracking"]["enabled"] is False
@@ -347,7 +349,12 @@ def test_smoke_run_wrote_every_artifact(built: Path) -> None:
         assert paths.plot(plot).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), plot
     # the tiny random model's oracle may score 0 on 4 rows, leaving the score plots without data; the rest
     # always have theirs
-    for plot in ("format_adherence", "router_confusion", "router_layer_accuracy", "adapter_cosine", "train_loss"):
+    # the tuned merges' candidates, and every composition's tier, data and build time in the cost table
+    tuning = pd.read_parquet(paths.report_table("tuning"))
+    assert set(tuning.composition) == {"task_arithmetic_tuned", "ties_tuned"} and tuning.chosen.any()
+    assert "## Tuned merges" in summary and "| learned merge |" in summary and "| tuned merge |" in summary
+    for plot in ("format_adherence", "router_confusion", "router_layer_accuracy", "adapter_cosine", "train_loss",
+                 "tuning"):
         assert f"{plot}.png skipped" not in summary and len(paths.plot(plot).read_bytes()) > 10_000, plot
     for rule, wildcards in (("prepare_model", ()), ("train_mixed", ()), ("report", ()), ("evaluate", ("svd",))):
         assert "wrote " in paths.log(rule, *wildcards).read_text()
@@ -484,7 +491,7 @@ def test_a_sweep_on_a_built_tree_runs_only_the_sweep(built: Path) -> None:
     """The main experiment's LoRAs, compositions and evaluations are reused: only the subsets' jobs and the report
     run (the subset of all three tasks is the main experiment: nothing of it)."""
     counts, out = dry_run(built, configfile=sweep_config(built))
-    assert counts == sweep_jobs(2, n_methods=3) + Counter(report=1, all=1), out
+    assert counts == sweep_jobs(2, n_methods=3, n_learned=0) + Counter(report=1, all=1), out
     assert planned(out, "sweep_train_router") == ["subset=n2-s1", "subset=n2-s2"]
 
 
@@ -518,7 +525,7 @@ def test_a_sweep_writes_each_subset_and_the_report(swept: Path) -> None:
 
 def test_adding_a_size_or_a_subset_runs_only_what_is_new(swept: Path) -> None:
     counts, out = dry_run(swept, configfile=sweep_config(swept, n_tasks=[1, 2, 3], subsets=3))
-    assert counts == sweep_jobs(4, n_methods=3) + Counter(report=1, all=1), out
+    assert counts == sweep_jobs(4, n_methods=3, n_learned=0) + Counter(report=1, all=1), out
     assert planned(out, "sweep_tasks") == ["subset=n1-s1", "subset=n1-s2", "subset=n1-s3", "subset=n2-s3"]
 
 

@@ -9,6 +9,7 @@ base, oracle, MoA and arrow reference adapters/ and moa/ instead of copying them
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,14 +57,19 @@ def compose(config: Config, method: str) -> StepResult:
     paths = ExperimentPaths.of(config)
     manifest: dict[str, Any] = {"name": method, "method": params["method"], "params": params,
                                 "tasks": list(config["tasks"]), "moa_version": __version__}
+    start = time.perf_counter()
     with atomic_dir(paths.composition(method)) as tmp:
         manifest |= method_of(params).build(config, method, settings(params), tmp)
+        manifest["build_seconds"] = round(time.perf_counter() - start, 2)  # what `moa compose` took (tuning too)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     report = paths.merge_report(method)
     merge = read_json(report, "") if report.is_file() else {}
-    return StepResult(paths.composition(method),
-                      metrics={k: merge[k] for k in MERGE_METRICS if merge.get(k) is not None},
-                      artifacts=[p for p in (paths.manifest(method), report) if p.is_file()])
+    metrics = {k: merge[k] for k in MERGE_METRICS if merge.get(k) is not None}
+    if "tuned" in manifest:
+        metrics |= {f"tuned.{k}": v for k, v in manifest["tuned"].items()}
+        metrics |= {f"tuning.{k}": manifest["tuning"][k] for k in ("criterion", "labelled", "seconds")}
+    return StepResult(paths.composition(method), metrics=metrics,
+                      artifacts=[p for p in (paths.manifest(method), report, paths.tune(method)) if p.is_file()])
 
 
 def read_manifest(config: Config, method: str) -> dict[str, Any]:

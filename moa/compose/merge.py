@@ -24,8 +24,8 @@ MERGES is the table of the methods: how each forms the update, its default weigh
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Any
 
@@ -78,6 +78,7 @@ class MergeSpec:
     majority_sign_method: SignMethod = SignMethod.TOTAL  # ties / dare_ties
     seed: int = 0  # dare
     gamma: float = 0.01  # breadcrumbs: the fraction of each update's largest entries dropped (mergekit's default)
+    scale: float = 1.0  # lambda: every weight multiplied by it (what tuning scans)
 
     def __post_init__(self) -> None:
         if self.method not in set(MergeMethod):
@@ -90,6 +91,8 @@ class MergeSpec:
         if self.majority_sign_method not in set(SignMethod):
             raise MoaError(f"majority_sign_method={self.majority_sign_method!r} is unknown; use 'total' or 'frequency'")
         object.__setattr__(self, "majority_sign_method", SignMethod(self.majority_sign_method))
+        if not self.scale > 0:
+            raise MoaError(f"merge scale={self.scale} must be > 0; it multiplies every task's weight")
         if self.k is not None and self.k < 1:
             raise MoaError(f"merge rank k={self.k} must be at least 1")
         if self.weights is not None:
@@ -108,6 +111,10 @@ class Merge:
     params: tuple[str, ...] = ()  # the MergeSpec fields it reads besides the weights
     prune: Prune | None = None  # DENSE: how each update is sparsified
     elect: bool = False  # DENSE: TIES' sign election, then the mean of the agreeing entries (else the weighted sum)
+    # The default tuning grid (see default_grid): the mean task weight lambda it scans, and the densities where
+    # it prunes.
+    lambdas: tuple[float, ...] = ()
+    densities: tuple[float, ...] = ()
 
 
 @dataclass
@@ -135,16 +142,35 @@ def merge_parameters(method: MergeMethod) -> dict[str, Any]:
     """The keys a `methods` entry of a merge may set, each with its default (weights None: the method's; k None:
     the largest input rank)."""
     defaults = {field.name: field.default for field in fields(MergeSpec)}
-    return {"weights": None} | {name: defaults[name] for name in MERGES[method].params}
+    return {"weights": None, "scale": defaults["scale"]} | {name: defaults[name] for name in MERGES[method].params}
 
 
 def resolved_weights(spec: MergeSpec, n: int) -> list[float]:
-    """The weights of ``n`` adapters: the explicit ones, else the method's default (1/N or 1 each)."""
+    """The weights of ``n`` adapters, times `scale`: the explicit ones, else the method's default (1/N or 1 each)."""
     if spec.weights is None:
-        return [1.0 / n if MERGES[spec.method].mean else 1.0] * n
+        return [spec.scale * (1.0 / n if MERGES[spec.method].mean else 1.0)] * n
     if len(spec.weights) != n:
         raise MoaError(f"{spec.method} merge got {len(spec.weights)} weights for {n} adapters; give one per adapter")
-    return list(spec.weights)
+    return [spec.scale * w for w in spec.weights]
+
+
+def tunable(method: MergeMethod) -> tuple[str, ...]:
+    """The parameters a `tune` grid of `method` may scan: the scale of every merge; density and k where it has them."""
+    return ("scale", *(name for name in ("density", "k") if name in MERGES[method].params))
+
+
+def default_grid(spec: MergeSpec, n: int) -> dict[str, tuple[float, ...]]:
+    """The family's grid: the scales at which the mean task weight takes each of its `lambdas`, and its
+    `densities` where it prunes (k is scanned only where given)."""
+    mean_weight = sum(resolved_weights(replace(spec, scale=1.0), n)) / n
+    grid = {"scale": tuple(round(lam / mean_weight, 6) for lam in MERGES[spec.method].lambdas)}
+    return grid | ({"density": MERGES[spec.method].densities} if MERGES[spec.method].densities else {})
+
+
+def scale_linear(method: MergeMethod) -> bool:
+    """Whether the merged update is linear in the weights, so a merge at scale 1 times lambda is the merge at
+    scale lambda (every method but the factor sums, whose update is quadratic in them)."""
+    return MERGES[method].update != Update.FACTORS
 
 
 def target_rank(spec: MergeSpec, ranks: Sequence[int]) -> int:
@@ -200,9 +226,11 @@ def dense_merge(spec: MergeSpec, updates: Sequence[Tensor], weights: Sequence[fl
 
 
 def merge_adapters(
-    spec: MergeSpec, adapters: Sequence[tuple[AdapterConfig, dict[str, Tensor]]], names: Sequence[str]
+    spec: MergeSpec, adapters: Sequence[tuple[AdapterConfig, dict[str, Tensor]]], names: Sequence[str],
+    module_weights: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[AdapterConfig, dict[str, Tensor], dict[str, Any]]:
-    """Merge loaded adapters (``moa.lora.load_adapter`` results) module by module.
+    """Merge loaded adapters (``moa.lora.load_adapter`` results) module by module; `module_weights` (module name ->
+    one weight per adapter: a learned merge's) replace the spec's weights on each module.
 
     Returns the merged adapter's config and state (PEFT keys, float32) and a JSON-serializable report.
     """
@@ -216,7 +244,8 @@ def merge_adapters(
     for index, module in enumerate(_module_names(adapters[0][1])):
         factors = [_factors(config, st, module, name) for (config, st), name in zip(adapters, names)]
         _check_shapes(factors, module, names)
-        merged = merge_module(spec, factors, index)
+        merged = merge_module(spec if module_weights is None else replace(spec, weights=tuple(module_weights[module])),
+                              factors, index)
         state[peft_key(module, "A")] = merged.A.float().contiguous()
         state[peft_key(module, "B")] = merged.B.float().contiguous()
         results.append(merged)
@@ -350,20 +379,30 @@ def _majority_sign_mask(stacked: Tensor, method: SignMethod) -> Tensor:
 # -- the table ---------------------------------------------------------------------------------------
 
 _PRUNED = ("k", "density")
+# The default grids. A sum of task updates scans the task-arithmetic paper's lambda on validation (Ilharco et al.
+# 2023; FusionBench's 0.1..1.0); TIES' disjoint mean its lambda 0.8..1.8 and its top-k of 10, 20, 30% (Yadav et
+# al. 2023); DARE its drop rates 0.5..0.9 (Yu et al. 2024); Breadcrumbs mergekit's density 0.9 and below.
+_SUM = tuple(round(0.1 * i, 1) for i in range(1, 11))
+_DISJOINT_MEAN = (0.8, 1.0, 1.2, 1.4, 1.6, 1.8)
+_TOP_K = (0.1, 0.2, 0.3)
+_DARE = (0.1, 0.3, 0.5)
 
 MERGES: dict[MergeMethod, Merge] = {
-    MergeMethod.CONCAT: Merge(Update.EXACT),
-    MergeMethod.LINEAR: Merge(Update.FACTORS),
-    MergeMethod.AVG: Merge(Update.FACTORS, mean=True),
-    MergeMethod.TASK_ARITHMETIC: Merge(Update.EXACT, mean=True),
-    MergeMethod.SVD: Merge(Update.SVD, mean=True, params=("k",)),
+    MergeMethod.CONCAT: Merge(Update.EXACT, lambdas=_SUM),
+    MergeMethod.LINEAR: Merge(Update.FACTORS, lambdas=_SUM),
+    MergeMethod.AVG: Merge(Update.FACTORS, mean=True, lambdas=_SUM),
+    MergeMethod.TASK_ARITHMETIC: Merge(Update.EXACT, mean=True, lambdas=_SUM),
+    MergeMethod.SVD: Merge(Update.SVD, mean=True, params=("k",), lambdas=_SUM),
     MergeMethod.TIES: Merge(Update.DENSE, params=(*_PRUNED, "majority_sign_method"), prune=_magnitude_prune,
-                            elect=True),
-    MergeMethod.DARE_LINEAR: Merge(Update.DENSE, params=(*_PRUNED, "seed"), prune=_random_prune),
+                            elect=True, lambdas=_DISJOINT_MEAN, densities=_TOP_K),
+    MergeMethod.DARE_LINEAR: Merge(Update.DENSE, params=(*_PRUNED, "seed"), prune=_random_prune, lambdas=_SUM,
+                                   densities=_DARE),
     MergeMethod.DARE_TIES: Merge(Update.DENSE, params=(*_PRUNED, "majority_sign_method", "seed"),
-                                 prune=_random_prune, elect=True),
-    MergeMethod.MAGNITUDE_PRUNE: Merge(Update.DENSE, params=_PRUNED, prune=_magnitude_prune),
-    MergeMethod.BREADCRUMBS: Merge(Update.DENSE, params=(*_PRUNED, "gamma"), prune=_magnitude_outliers),
+                                 prune=_random_prune, elect=True, lambdas=_DISJOINT_MEAN, densities=_DARE),
+    MergeMethod.MAGNITUDE_PRUNE: Merge(Update.DENSE, params=_PRUNED, prune=_magnitude_prune, lambdas=_SUM,
+                                       densities=_TOP_K),
+    MergeMethod.BREADCRUMBS: Merge(Update.DENSE, params=(*_PRUNED, "gamma"), prune=_magnitude_outliers,
+                                   lambdas=_SUM, densities=(0.7, 0.8, 0.9)),
 }
 
 
@@ -471,6 +510,7 @@ def _report(
         "method": spec.method,
         "adapters": list(names),
         "weights": resolved_weights(spec, len(configs)),
+        "scale": spec.scale,
         "k": rank if "k" in params else None,
         "rank": rank,
         "input_ranks": [c.r for c in configs],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -22,7 +23,17 @@ from typing import Any
 import pandas as pd
 from safetensors.torch import load_file
 
-from moa.compose.merge import MERGES, MergeMethod, MergeSpec, Update, merge_adapters, merge_parameters, resolved_weights
+from moa.compose.merge import (
+    MERGES,
+    MergeMethod,
+    MergeSpec,
+    Update,
+    default_grid,
+    merge_adapters,
+    merge_parameters,
+    resolved_weights,
+)
+from moa.compose.tune import tune
 from moa.config import Config
 from moa.data.batching import encode_prompts
 from moa.data.splits import read_split
@@ -30,15 +41,18 @@ from moa.data.tasks import Task
 from moa.errors import MoaError
 from moa.generate import Generation
 from moa.implicit import implicit_routing
-from moa.io import write_safetensors
+from moa.io import read_json, write_safetensors
 from moa.layout import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CENTROID_EVAL,
     CENTROIDS,
+    LEARNED_COEFFICIENTS,
+    LEARNED_INFO,
     MERGE_REPORT,
     MIXED,
     ROUTER_WEIGHTS,
+    TUNE,
     ExperimentPaths,
     trained_task_adapters,
 )
@@ -64,6 +78,7 @@ class Need(StrEnum):
     MIXED_ADAPTER = "mixed_adapter"  # adapters/_mixed/
     ROUTERS = "routers"  # moa/ (routers and experts)
     TASK_PROMPTS = "task_prompts"  # every task's train/validation prompts, read through the base model
+    LEARNED = "learned"  # learned/{name}/: the coefficients `moa learn-merge` found
 
 
 @dataclass(frozen=True)
@@ -128,20 +143,37 @@ def _build_mixed(config: Config, name: str, params: dict[str, Any], out: Path) -
 def merge_spec(config: Config, params: Mapping[str, Any]) -> MergeSpec:
     """The merge of a `methods` entry: what it sets, else MergeSpec's defaults; weights given per task are put
     in task order, and the seed is the config's unless set."""
-    given = {key: value for key, value in params.items() if key != "method" and value is not None}
+    given = {key: value for key, value in params.items() if key not in ("method", "tune") and value is not None}
     weights = given.pop("weights", None)
     if isinstance(weights, dict):
         weights = [weights[task] for task in config["tasks"]]
     return MergeSpec(params["method"], tuple(weights) if weights else None, **({"seed": config["seed"]} | given))
 
 
+def tune_grid(config: Config, params: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
+    """A tuned merge's grid: what its `tune` sets, the family's default (moa.compose.merge.default_grid) else."""
+    default = default_grid(merge_spec(config, params), len(config["tasks"]))
+    given = {key: tuple(values) for key, values in (params["tune"] or {}).items()}
+    return given or default
+
+
 def _build_merge(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The merge of the task adapters; with `tune`, at the setting of its grid that is best on validation
+    (compositions/{name}/tune.parquet holds every candidate's scores)."""
     dirs = trained_task_adapters(config)
-    adapter_config, state, report = merge_adapters(merge_spec(config, params), [load_adapter(d) for d in dirs],
-                                                   [d.name for d in dirs])
+    tuned: dict[str, Any] = {}
+    if params["tune"] is not None:
+        start, grid = time.perf_counter(), tune_grid(config, params)
+        result = tune(config, merge_spec(config, params), grid, dirs)
+        result.table.to_parquet(out / TUNE, index=False)
+        tuned = {"tuned": result.chosen, "tuning": {"grid": {k: list(v) for k, v in grid.items()},
+                                                    "criterion": result.criterion, "labelled": result.labelled,
+                                                    "seconds": round(time.perf_counter() - start, 2)}}
+    adapter_config, state, report = merge_adapters(merge_spec(config, params | tuned.get("tuned", {})),
+                                                   [load_adapter(d) for d in dirs], [d.name for d in dirs])
     write_adapter(out, adapter_config, state)
     (out / MERGE_REPORT).write_text(json.dumps({"name": name} | report, indent=2) + "\n")
-    return {"adapter": ".", "rank": report["rank"]}
+    return {"adapter": ".", "rank": report["rank"]} | tuned
 
 
 def _implicit_routing(config: Config, params: Mapping[str, Any], tasks: Sequence[Task],
@@ -157,6 +189,28 @@ def _load_folded(config: Config, manifest: Mapping[str, Any], model: Transformer
     if fold:
         merge_and_unload(model)
     return Applied()
+
+
+def _build_learned(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A learned merge: the task adapters merged by the coefficients `moa learn-merge` found (one weight per task,
+    or per module and task), as the learner's merge (learned.json) combines them."""
+    paths = ExperimentPaths.of(config)
+    learned = read_json(paths.learned(name) / LEARNED_INFO, f"run `moa learn-merge --config ... --method {name}` first")
+    coefficients = load_file(paths.learned(name) / LEARNED_COEFFICIENTS)["coefficients"]
+    dirs = trained_task_adapters(config)
+    if learned["tasks"] != [d.name for d in dirs]:
+        raise MoaError(f"{paths.learned(name)}: learned over tasks {learned['tasks']}, not the config's; rerun "
+                       f"`moa learn-merge --method {name}`")
+    per_module = dict(zip(learned["modules"], coefficients.tolist())) if learned["modules"] else None
+    spec = MergeSpec(learned["merge"], None if per_module else tuple(coefficients.tolist()))
+    adapter_config, state, report = merge_adapters(spec, [load_adapter(d) for d in dirs], [d.name for d in dirs],
+                                                   per_module)
+    if per_module:  # each task's mean weight over the modules
+        report["weights"] = coefficients.mean(0).tolist()
+    write_adapter(out, adapter_config, state)
+    (out / MERGE_REPORT).write_text(json.dumps({"name": name} | report, indent=2) + "\n")
+    data = {key: learned[key] for key in ("labelled", "unlabelled", "objective", "seconds")}
+    return {"adapter": ".", "rank": report["rank"], "learned": data}
 
 
 # --- the task adapters as experts -------------------------------------------------------------------------
@@ -244,7 +298,7 @@ _TASK_ADAPTERS = frozenset({Need.TASK_ADAPTERS})
 def _merge(method: MergeMethod) -> Method:
     """A merge's entry, from its row of MERGES: the sweep merges a subset's adapters again, and evaluation measures
     an exact merge's implicit routing."""
-    params = merge_parameters(method)
+    params = merge_parameters(method) | {"tune": None}  # None: untuned; {}: the family's default grid
     if "seed" in params:
         params["seed"] = None  # the config's (merge_spec)
     implicit = _implicit_routing if MERGES[method].update == Update.EXACT else None
@@ -264,7 +318,40 @@ METHODS: dict[str, Method] = {
                        {"layer": None, "samples": 64}, recomposed=True),  # layer None: the best on validation
     "arrow": Method(Kind.ROUTE, _build_arrow, _load_arrow, _TASK_ADAPTERS,
                     {"top_k": Arrow().top_k, "temperature": Arrow().temperature}, recomposed=True),  # PEFT's
-} | {method: _merge(method) for method in MERGES}
+} | {method: _merge(method) for method in MERGES} | {
+    # Learned merges: coefficients found on data by `moa learn-merge` (moa.train.merge), folded like any merge; the
+    # sweep learns them again on each subset.
+    "cat": Method(Kind.MERGE, _build_learned, _load_folded, _TASK_ADAPTERS | {Need.LEARNED},
+                  {"examples": None, "steps": None, "lr": 0.05}, recomposed=True),
+    "lorahub": Method(Kind.MERGE, _build_learned, _load_folded, _TASK_ADAPTERS | {Need.LEARNED},
+                      {"shots": 5, "budget": 40, "combine": "factors", "seed": None}, recomposed=True),
+}
+LEARNED = frozenset(name for name, method in METHODS.items() if Need.LEARNED in method.needs)
+
+
+class Tier(StrEnum):
+    """Where a composition stands in the verdict's comparison: the routed ones against the best merge of each tier."""
+
+    REFERENCE = "reference"  # base, the oracle, the mixed-data LoRA
+    ROUTED = "routed"  # MoA, centroid, arrow: the task LoRAs as experts
+    TRAINING_FREE = "training-free merge"  # a merge at fixed settings, no data
+    TUNED = "tuned merge"  # a merge at the setting of its grid best on validation
+    LEARNED = "learned merge"  # coefficients learned from data (moa learn-merge)
+
+
+def tier_of(params: Mapping[str, Any]) -> Tier:
+    method = method_of(params)
+    if method.kind != Kind.MERGE:
+        return Tier.ROUTED if method.kind == Kind.ROUTE and params["method"] != ORACLE else Tier.REFERENCE
+    if Need.LEARNED in method.needs:
+        return Tier.LEARNED
+    return Tier.TUNED if params.get("tune") is not None else Tier.TRAINING_FREE
+
+
+def needs_of(params: Mapping[str, Any]) -> frozenset[Need]:
+    """What a `methods` entry is built from: its method's needs, and the tasks' prompts where it is tuned."""
+    tuned = {Need.TASK_PROMPTS} if params.get("tune") is not None else set()
+    return method_of(params).needs | tuned
 
 
 def method_of(params: Mapping[str, Any]) -> Method:

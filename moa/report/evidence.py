@@ -14,9 +14,11 @@ from moa.layout import ExperimentPaths
 from moa.report.inputs import (
     evaluated_routing,
     parquet,
+    read_budgets,
     read_evaluations,
     read_implicit,
     read_metrics,
+    read_tuning,
     router_config,
     task_adapter_cosine,
     train_logs,
@@ -38,6 +40,8 @@ class Evidence:
     router_config: Mapping[str, object]
     routing: pd.DataFrame  # the experts routers chose for the evaluated test prompts (evaluated_routing)
     implicit: pd.DataFrame  # the exact merges' implicit routing (read_implicit)
+    tuning: pd.DataFrame  # every tuned merge's candidates on validation (read_tuning)
+    budgets: pd.DataFrame  # each composition's tier, the data it was built from and the seconds (read_budgets)
     cosine: tuple[list[str], np.ndarray] | None  # the trained task adapters and their cosine matrix
     train_logs: dict[str, pd.DataFrame]
     sweep: Sweep | None  # with a sweep configured
@@ -57,5 +61,6 @@ def gather(config: Config) -> Evidence:
         kinds={m: method_of(method_params(config, m)).kind for m in config["methods"]},
         router_eval=parquet(paths.router_eval), confusion=parquet(paths.router_confusion),
         router_config=router_config(config), routing=evaluated_routing(config, metrics),
-        implicit=read_implicit(config), cosine=task_adapter_cosine(config), train_logs=train_logs(config),
+        implicit=read_implicit(config), tuning=read_tuning(config), budgets=read_budgets(config),
+        cosine=task_adapter_cosine(config), train_logs=train_logs(config),
         sweep=sweep_scores(config, evaluations) if "sweep" in config else None)

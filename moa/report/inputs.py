@@ -9,14 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moa.config import Config
+from moa.compose.registry import tier_of
+from moa.config import Config, method_params
 from moa.data.tasks import get_task
 from moa.implicit import summarize
 from moa.io import read_json
-from moa.layout import ADAPTER_WEIGHTS, MIXED, ROUTER_CONFIG, TRAIN_LOG, ExperimentPaths
+from moa.layout import ADAPTER_WEIGHTS, CENTROID_EVAL, MIXED, ROUTER_CONFIG, TRAIN_LOG, ExperimentPaths
 from moa.lora.peft_io import load_adapter
 from moa.metrics import ROUTER_ACCURACY, read_statistics
 from moa.report.cosine import adapter_cosine
+from moa.roles import MOA
 from moa.stats import Evaluated
 
 COLUMNS = ["method", "task", "metric", "value", "n"]
@@ -76,6 +78,55 @@ def read_implicit(config: Config) -> pd.DataFrame:
             if path.is_file():
                 frames.append(summarize(pd.read_parquet(path), method, task, list(config["tasks"])))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=IMPLICIT_COLUMNS)
+
+
+def read_tuning(config: Config) -> pd.DataFrame:
+    """Every tuned composition's candidates (its tune.parquet), named by `composition`, with the validation rows
+    they were scored on (`labelled`)."""
+    paths = ExperimentPaths.of(config)
+    frames = [pd.read_parquet(paths.tune(name)).assign(
+                  composition=name, labelled=read_json(paths.manifest(name), "rerun compose")["tuning"]["labelled"])
+              for name in config["methods"] if paths.tune(name).is_file()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["composition", "candidate"])
+
+
+BUDGET_COLUMNS = ["method", "tier", "labelled", "unlabelled", "seconds"]
+
+
+def read_budgets(config: Config) -> pd.DataFrame:
+    """What each composition was built from beyond the task LoRAs, and how long building it took: its tier, the
+    labelled rows (task-labelled prompts for the routers; prompt and target for tuning and learning) and unlabelled
+    prompts it used, and the seconds of compose plus what it was learned by (train-router, learn-merge). NaN where
+    its composition is not there (and labelled for `mixed`, which trains its own LoRA on every training row)."""
+    paths, rows = ExperimentPaths.of(config), []
+    for name in config["methods"]:
+        params = method_params(config, name)
+        manifest = read_json(paths.manifest(name), "rerun compose") if paths.manifest(name).is_file() else None
+        row = {"method": name, "tier": str(tier_of(params)), "labelled": np.nan, "unlabelled": np.nan, "seconds": np.nan}
+        if manifest is not None:
+            row |= {"unlabelled": 0.0} | _budget(config, params, manifest) | {"seconds": _seconds(config, manifest)}
+        rows.append(row)
+    return pd.DataFrame(rows, columns=BUDGET_COLUMNS)
+
+
+def _budget(config: Config, params: dict, manifest: dict) -> dict[str, float]:
+    n = len(config["tasks"])
+    if "learned" in manifest:
+        return {k: float(manifest["learned"][k]) for k in ("labelled", "unlabelled")}
+    if "tuning" in manifest:
+        return {"labelled": float(manifest["tuning"]["labelled"])}
+    if params["method"] == MOA:
+        return {"labelled": float(config["router"]["prompts_per_task"] * n)}
+    if params["method"] == "centroid":  # its centroids' training prompts, and every validation prompt for its layer
+        validation = pd.read_parquet(ExperimentPaths.of(config).composition(manifest["name"]) / CENTROID_EVAL)["n"]
+        return {"labelled": float(manifest["samples"] * n + validation.iloc[0])}
+    return {"labelled": np.nan if params["method"] == "mixed" else 0.0}
+
+
+def _seconds(config: Config, manifest: dict) -> float:
+    learned = manifest.get("learned", {}).get("seconds", 0.0)
+    router = router_config(config).get("seconds", 0.0) if manifest["method"] == MOA else 0.0
+    return float(manifest.get("build_seconds", np.nan)) + learned + router
 
 
 def parquet(path: Path) -> pd.DataFrame | None:

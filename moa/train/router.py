@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
@@ -213,6 +214,7 @@ def router_report(logits: Tensor, truth: Tensor, tasks: Sequence[str],
 
 def train_router(config: Config) -> StepResult:
     """Train the routers (and the experts in joint mode); write results/{experiment}/moa/ atomically."""
+    start = time.perf_counter()
     router = config["router"]
     joint = router["mode"] == "joint"
     model, tokenizer = expert_model(config, joint)
@@ -229,7 +231,8 @@ def train_router(config: Config) -> StepResult:
                           router["eta"])
     evaluation, confusion = evaluate_routers(model, routers, task_prompts(config, tokenizer, "validation"), settings)
     with atomic_dir(paths.moa) as tmp:
-        save_routers(tmp, routers, mode=router["mode"], eta=router["eta"])
+        save_routers(tmp, routers, mode=router["mode"], eta=router["eta"],
+                     seconds=round(time.perf_counter() - start, 2))
         save_experts(config, tmp, model, joint)
         log.to_parquet(tmp / TRAIN_LOG, index=False)
         evaluation.to_parquet(tmp / paths.router_eval.name, index=False)

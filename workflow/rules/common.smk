@@ -25,7 +25,7 @@ from typing import Callable
 import yaml
 
 import moa
-from moa.compose.registry import Need, method_of
+from moa.compose.registry import Need, needs_of
 from moa.config import schema_node, apply_overrides, method_params
 from moa.data.tasks import get_task
 from moa.errors import MoaError
@@ -207,8 +207,8 @@ def executor():
 
 
 def reads_model(wildcards):
-    """Whether the job's composition reads the tasks' prompts through the model (centroid)."""
-    return Need.TASK_PROMPTS in method_of(method_params(config, wildcards.method)).needs
+    """Whether the job's composition reads the tasks' prompts through the model (centroid, a tuned merge)."""
+    return Need.TASK_PROMPTS in needs_of(method_params(config, wildcards.method))
 
 
 def composition_threads(wildcards):
@@ -218,9 +218,9 @@ def composition_threads(wildcards):
 
 
 def composition_gpus(wildcards):
-    """A composition that reads prompts through the model (centroid) runs it on a GPU: where this host has
-    one, and on SLURM (whose profile gives the other model-reading rules theirs; a cluster without GPUs takes
-    it back with --set-resources compose:gpu=0). Merges are matrix work on the host."""
+    """A composition that reads prompts through the model (centroid, a tuned merge) runs it on a GPU: where this
+    host has one, and on SLURM (whose profile gives the other model-reading rules theirs; a cluster without GPUs
+    takes it back with --set-resources compose:gpu=0). Other merges are matrix work on the host."""
     return int(reads_model(wildcards) and (GPU_JOB or executor() == "slurm"))
 
 
@@ -278,6 +278,7 @@ STEP_JOBS = {
     "train_lora": StepJob(threads=8, mem_mb=16000, runtime=360, gpu=GPU_JOB, planned=True),
     "train_mixed": StepJob(threads=8, mem_mb=16000, runtime=480, gpu=GPU_JOB, planned=True),
     "train_router": StepJob(threads=8, mem_mb=16000, runtime=480, gpu=GPU_JOB, planned=True),
+    "learn_merge": StepJob(threads=8, mem_mb=16000, runtime=480, gpu=GPU_JOB, planned=True),
     "compose": StepJob(threads=composition_threads, mem_mb=8000, runtime=60, gpu=composition_gpus, planned=True),
     # Decoding with large batches is compute-bound: the job takes the cores, one composition at a time.
     "evaluate": StepJob(threads=2, mem_mb=8000, runtime=120, gpu=GPU_JOB, planned=True),
@@ -319,7 +320,7 @@ def files(paths):
 
 
 MODEL_FILES = files(PATHS.model_files)
-NEEDS = {need for m in METHODS for need in method_of(method_params(config, m)).needs}
+NEEDS = {need for m in METHODS for need in needs_of(method_params(config, m))}
 
 
 def data_files(tasks, splits=("train", "validation")):
@@ -341,26 +342,28 @@ def local_source_files(wildcards):
     return sorted({match for pattern in patterns for match in (sorted(glob(pattern)) or [pattern])})
 
 
-def inputs_of(needs, tasks=TASKS, paths=PATHS):
-    """The files that what `needs` names are read from (of a sweep subset's tasks and paths, where given)."""
+def inputs_of(needs, method, tasks=TASKS, paths=PATHS):
+    """The files that what `needs` of composition `method` names are read from (of a sweep subset's tasks and
+    paths, where given)."""
     return [
         *(task_adapters(tasks=tasks) if Need.TASK_ADAPTERS in needs else []),
         *(files(PATHS.adapter_files(MIXED, train_log=False)) if Need.MIXED_ADAPTER in needs else []),
         *(files(paths.routers) if Need.ROUTERS in needs else []),
         *([*MODEL_FILES, *data_files(tasks)] if Need.TASK_PROMPTS in needs else []),
+        *(files(paths.learned_files(method)) if Need.LEARNED in needs else []),
     ]
 
 
 def composition_inputs(wildcards):
     """What `moa compose --method M` reads (the registry's `needs` of M)."""
-    return inputs_of(method_of(method_params(config, wildcards.method)).needs)
+    return inputs_of(needs_of(method_params(config, wildcards.method)), wildcards.method)
 
 
 def sweep_composition_inputs(wildcards):
     """What `moa compose --method M --subset S` reads: M's needs on S's tasks and routers, and S's tasks.json."""
     paths = PATHS.of_subset(wildcards.subset)
-    needs = method_of(method_params(config, wildcards.method)).needs
-    return [str(paths.subset_tasks), *inputs_of(needs, SUBSETS[wildcards.subset].tasks, paths)]
+    needs = needs_of(method_params(config, wildcards.method))
+    return [str(paths.subset_tasks), *inputs_of(needs, wildcards.method, SUBSETS[wildcards.subset].tasks, paths)]
 
 
 # --- MLflow: one parent run per invocation; every job's run is its child -----------------------------

@@ -1,5 +1,6 @@
 # The task-count sweep (config `sweep`, moa/sweep.py): on each seeded subset of the tasks, the routers retrained on
-# its tasks and every merge and router over the task LoRAs recomposed from the trained LoRAs, then evaluated on its
+# its tasks, the learned merges learned again on them and every merge and router over the task LoRAs recomposed from
+# the trained LoRAs, then evaluated on its
 # tasks, under sweep/{subset}/. Each rule is a variant of a step's rule that runs it with --subset: sweep_compose runs
 # `moa compose`. Its config_hash is of what the step reads of the subset's config, so a change to a task outside the
 # subset reruns nothing here. The subset of every task is the main experiment: no rule here runs it. Without a sweep,
@@ -33,6 +34,22 @@ use rule train_router as sweep_train_router with:
         step_log("train_router", sweep=True),
     benchmark:
         step_benchmark("train_router", sweep=True)
+
+
+use rule learn_merge as sweep_learn_merge with:
+    wildcard_constraints:
+        method=one_of(SWEPT),
+    input:
+        MODEL_FILES,
+        str(SUBSET_PATHS.subset_tasks),
+        lambda w: data_files(SUBSETS[w.subset].tasks),
+        lambda w: task_adapters(tasks=SUBSETS[w.subset].tasks),
+    output:
+        files(SUBSET_PATHS.learned_files("{method}")),
+    log:
+        step_log("learn_merge", sweep=True),
+    benchmark:
+        step_benchmark("learn_merge", sweep=True)
 
 
 use rule compose as sweep_compose with:

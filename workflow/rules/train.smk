@@ -1,4 +1,5 @@
-# Stage 1: one LoRA per task and the mixed-data baseline; stage 2: the MoA routers.
+# Stage 1: one LoRA per task and the mixed-data baseline; stage 2: the MoA routers and the learned merges'
+# coefficients.
 # Each trainer checkpoints under checkpoints/ (not an output, so Snakemake never deletes it): rerunning
 # after an interruption resumes where the job stopped.
 
@@ -59,3 +60,23 @@ rule train_router:
         **step_resources("train_router"),
     shell:
         step_shell("train_router")
+
+
+rule learn_merge:
+    input:
+        MODEL_FILES,
+        data_files(TASKS),
+        task_adapters(),
+    output:
+        files(PATHS.learned_files("{method}")),
+    params:
+        **step_params("learn_merge"),
+    log:
+        step_log("learn_merge"),
+    benchmark:
+        step_benchmark("learn_merge")
+    threads: step_threads("learn_merge")
+    resources:
+        **step_resources("learn_merge"),
+    shell:
+        step_shell("learn_merge")

@@ -5,7 +5,7 @@ Each entry names the files it writes under report/: the workflow's outputs and M
 from __future__ import annotations
 
 from moa.report.section import Section
-from moa.report.sections import routing, scores, sweep, training
+from moa.report.sections import routing, scores, sweep, training, tuning
 from moa.report.sections.verdict import sweep_verdict, verdict
 
 SECTIONS: list[Section] = [
@@ -22,6 +22,8 @@ SECTIONS: list[Section] = [
     Section("cost", text=scores.cost),
     Section("router", text=routing.router, tables={routing.ROUTING: lambda e: e.routing},
             plots={routing.CONFUSION: routing.confusion_plot, "router_layer_accuracy": routing.layer_accuracy_plot}),
+    Section("tuned merges", text=tuning.tuning, tables={tuning.TUNING: lambda e: e.tuning},
+            plots={tuning.TUNING: tuning.tuning_plot}, configured=tuning.configured),
     Section("implicit routing", text=routing.implicit, tables={"implicit_routing": lambda e: e.implicit},
             plots={"implicit_routing": routing.implicit_plot}),
     Section("training", notes=training.cosine_notes,

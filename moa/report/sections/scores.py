@@ -18,7 +18,10 @@ SCORE_NOTE = ("Task metrics on a 0–100 scale (perplexity: lower is better). Mu
 COST_NOTE = ("Each composition serves every task's test prompts as one stream (continuous batching, "
              "`evaluation.batch_size` sequences in flight): tokens/s are the stream's (generated tokens over its "
              "wall time, over its decoding steps alone; prompt tokens over its prefills), latency and router "
-             "accuracy the means over the tasks with generated answers.")
+             "accuracy the means over the tasks with generated answers. Tier, data and build: what each composition "
+             "was built from beyond the task LoRAs (labelled: task-labelled prompts for the routers, prompt and target "
+             "rows for tuning and learning; unlabelled: prompts without labels) and the seconds of composing it plus "
+             "what it was learned by (train-router, learn-merge); mixed trains its own LoRA on every training row.")
 
 
 # --- the multitask score -------------------------------------------------------------------------------
@@ -166,6 +169,10 @@ def cost(evidence: Evidence) -> list[str]:
     stream's (the same for every task), latency and routing accuracy the means over the generated tasks."""
     metrics = evidence.metrics
     means = metrics[metrics["metric"].isin([m.name for m in COST_METRICS])].groupby(["method", "metric"])["value"].mean()
-    rows = [[method, *(fmt(means.get((method, m.name)), m.digits) for m in COST_METRICS)]
+    budgets = evidence.budgets.set_index("method")
+    rows = [[method, budgets.loc[method, "tier"],
+             *(fmt(budgets.loc[method, key], 0) for key in ("labelled", "unlabelled", "seconds")),
+             *(fmt(means.get((method, m.name)), m.digits) for m in COST_METRICS)]
             for method in evidence.config["methods"]]
-    return ["## Cost", "", *markdown_table(["method", *(m.label for m in COST_METRICS)], rows), "", COST_NOTE]
+    header = ["method", "tier", "labelled", "unlabelled", "build (s)", *(m.label for m in COST_METRICS)]
+    return ["## Cost", "", *markdown_table(header, rows), "", COST_NOTE]

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from moa.compose.registry import Kind
+from moa.compose.registry import Kind, Tier
 from moa.report.evidence import Evidence
 from moa.report.markdown import difference, fmt, names, with_interval
 from moa.report.uncertainty import Uncertainty
-from moa.roles import FLOOR
+from moa.roles import FLOOR, MOA
 from moa.stats import ALL_TASKS, MULTITASK, NORMALIZED, POWER
 
 
@@ -34,7 +34,7 @@ def verdict(evidence: Evidence) -> list[str]:
     if not merges:
         return [first, "- No merge was evaluated on every task with signal."]
     best = merges[0]
-    return [first, *_merges_vs_references(uncertainty, merges),
+    return [first, *_merges_vs_references(uncertainty, merges), *_tiers(evidence, merges),
             f"- **Best merge**: `{best}`, {with_interval(uncertainty.figure(best, ALL_TASKS, MULTITASK), 3)}"
             + "".join(f"; minus `{r}`: {difference(uncertainty.compared(best, r))}"
                       for r in uncertainty.references if uncertainty.compared(best, r) is not None) + ".",
@@ -57,6 +57,36 @@ def _merges_vs_references(uncertainty: Uncertainty, merges: Sequence[str]) -> li
         lines.append(f"- **Merges vs `{reference}`**: indistinguishable: {names(same)}; worse: "
                      f"{', '.join(worse) or 'none'}; better: {', '.join(better) or 'none'}.")
     return lines
+
+
+def _tiers(evidence: Evidence, merges: Sequence[str]) -> list[str]:
+    """The best merge of each tier against MoA (or the first reference), and whether a merge that used no more
+    labelled data than MoA's router matches it: what "a merge suffices" is decided on."""
+    uncertainty = evidence.uncertainty
+    reference = MOA if MOA in uncertainty.references else next(iter(uncertainty.references), None)
+    budgets = evidence.budgets.set_index("method")
+    if reference is None or uncertainty.compared(merges[0], reference) is None:
+        return []
+    best = {tier: next((m for m in merges if budgets.loc[m, "tier"] == tier), None)
+            for tier in (Tier.TRAINING_FREE, Tier.TUNED, Tier.LEARNED)}
+    parts = [f"{tier} `{m}` {with_interval(uncertainty.figure(m, ALL_TASKS, MULTITASK), 3)} (minus `{reference}`: "
+             f"{difference(uncertainty.compared(m, reference))}; {_data(budgets.loc[m, 'labelled'])})"
+             for tier, m in best.items() if m is not None]
+    lines = [f"- **Best merge of each tier**: {'; '.join(parts)}."]
+    budget = budgets.loc[reference, "labelled"] if reference in budgets.index else np.nan
+    within = [m for m in merges if not budgets.loc[m, "labelled"] > budget] if not np.isnan(budget) else []
+    if within:
+        top, row = within[0], uncertainty.compared(within[0], reference)
+        needed = row["significant"] and row["difference"] < 0
+        answer = (f"the router is needed: the best merge within `{reference}`'s {_data(budget)}, `{top}`, is worse"
+                  if needed else f"a merge suffices: the best merge within `{reference}`'s {_data(budget)}, `{top}`, "
+                  "is not significantly worse")
+        lines.append(f"- **A merge, or `{reference}`?** {answer} ({difference(row)}).")
+    return lines
+
+
+def _data(labelled: float) -> str:
+    return "labelled rows: –" if np.isnan(labelled) else f"{int(labelled)} labelled rows"
 
 
 def _per_task_verdict(uncertainty: Uncertainty, merges: Sequence[str]) -> list[str]:

@@ -1,0 +1,195 @@
+"""`moa learn-merge`: the coefficients of a learned merge over the frozen task LoRAs, which `moa compose` then
+folds into one adapter (a static merge: it costs what the base model costs).
+
+- cat (LoRA Soups' CAT, Prabhakar et al. 2024): a scalar per task and LoRA module on the concatenated task updates,
+  dW_m = sum_i c_mi s_i B_i A_i, trained by gradient (moa's trainer: AdamW without decay, the schedule,
+  checkpoints that resume) on the language-modelling loss of a task-balanced mixture of `examples` training rows
+  per task (default: as many as the router is fitted on); every LoRA frozen. It starts at task arithmetic (1/N).
+- lorahub (LoraHub, Huang et al. 2023, as sail-sg/lorahub's algorithm.py): one weight per task in [-1.5, 1.5],
+  found gradient-free by nevergrad's NGOpt from 0 in `budget` evaluations of the reference's objective on `shots`
+  validation rows per task: the batch-mean loss summed over batches and divided by the rows, plus
+  0.05 * mean |w|. The reference combines the factors (A = sum w_i A_i, B = sum w_i B_i: moa's `linear` merge);
+  `combine: exact` weights the updates instead (`concat`).
+
+learned/{name}/ holds coefficients.safetensors, learned.json (the merge the coefficients weight, the modules of
+their rows, the labelled rows used, the objective, the seconds) and train_log.parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import nevergrad as ng
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from moa.compose.merge import MergeMethod
+from moa.compose.registry import settings
+from moa.config import Config, method_params
+from moa.data.batching import Batch, lm_loss
+from moa.errors import MoaError
+from moa.generate import score
+from moa.io import atomic_dir, write_safetensors
+from moa.layout import LEARNED_COEFFICIENTS, LEARNED_INFO, TRAIN_LOG, ExperimentPaths, trained_task_adapters
+from moa.lora import AdapterConfig, activate, attach_experts, load_adapter, load_adapter_state, lora_layers
+from moa.model import DTYPES, Tokenizer, Transformer
+from moa.model.prepared import base_model, device
+from moa.plan import with_checkpointing
+from moa.step_result import StepResult
+from moa.train.lora import balanced, task_examples
+from moa.train.trainer import Trainer, TrainSettings
+
+LEARN_MERGE = "learn_merge"  # the step
+L1 = 0.05  # LoraHub's default_l1_regularization
+BOUND = 1.5  # LoraHub's weight range
+
+
+@dataclass(frozen=True)
+class Learned:
+    coefficients: Tensor  # [modules, tasks] (per module) or [tasks]
+    merge: MergeMethod  # the merge the coefficients weight: concat (the updates) or linear (the factors)
+    modules: list[str]  # the LoRA modules of the rows; [] for one weight per task
+    labelled: int  # labelled rows (prompt and target) learned from, over every task
+    objective: float  # the final objective
+    log: pd.DataFrame
+
+
+# --- cat ----------------------------------------------------------------------------------------------
+
+
+class CatTraining(nn.Module):
+    """What the trainer optimizes: one scalar per LoRA module and task expert of `lm` (frozen), applied as each
+    module's expert weights before every forward."""
+
+    def __init__(self, lm: Transformer, initial: float) -> None:
+        super().__init__()
+        self.lm, self.modules_ = lm, list(lora_layers(lm).values())
+        experts = self.modules_[0].n_experts
+        self.coefficients = nn.Parameter(torch.full((len(self.modules_), experts), initial, device=device()))
+
+    def apply_coefficients(self) -> None:
+        for layer, row in zip(self.modules_, self.coefficients):
+            layer.active = row
+
+
+def cat_loss(model: CatTraining, batch: Batch) -> Tensor:
+    model.apply_coefficients()
+    return lm_loss(model.lm, batch, reduction="sum")
+
+
+def experts_model(config: Config) -> tuple[Transformer, Tokenizer]:
+    """The base model with every task LoRA attached as a frozen expert."""
+    model, tokenizer = base_model(config)
+    attach_experts(model, trained_task_adapters(config))
+    return model, tokenizer
+
+
+def learn_cat(config: Config, name: str, params: dict[str, Any]) -> Learned:
+    model, tokenizer = experts_model(config)
+    tasks = list(config["tasks"])
+    per_task = params["examples"] or config["router"]["prompts_per_task"]
+    rows = [task_examples(config, t, "train", tokenizer, i)[:per_task] for i, t in enumerate(tasks)]
+    train = balanced(rows, config["seed"])
+    settings_ = TrainSettings.from_config(config["training"])
+    settings_ = replace(settings_, steps=params["steps"] or settings_.steps, lr=params["lr"], weight_decay=0.0)
+    settings_ = with_checkpointing(settings_, config, model.config, LEARN_MERGE)
+    training = CatTraining(model.to(device()), 1.0 / len(tasks))
+    trainer = Trainer(training, train, [], settings_, config["seed"], ExperimentPaths.of(config).checkpoint(name),
+                      loss_fn=cat_loss, desc=f"learn {name}")
+    log = trainer.run()
+    trainer.discard_checkpoints()
+    return Learned(training.coefficients.detach().float().cpu(), MergeMethod.CONCAT, list(lora_layers(model)),
+                   sum(map(len, rows)), float(log["loss"].iloc[-1]), log)
+
+
+# --- lorahub ------------------------------------------------------------------------------------------
+
+
+def lorahub_objective(losses: Sequence[tuple[float, int]], weights: Sequence[float], batch_size: int | None) -> float:
+    """sail-sg/lorahub's get_score: default_get_loss (each batch's mean loss over its target tokens, summed over
+    the batches, divided by the number of examples) plus default_l1_regularization (0.05 * mean |w|)."""
+    size = len(losses) if batch_size is None else min(len(losses), batch_size)
+    total = sum(sum(nll for nll, _ in losses[i:i + size]) / sum(n for _, n in losses[i:i + size])
+                for i in range(0, len(losses), size))
+    return total / len(losses) + L1 * sum(abs(w) for w in weights) / len(weights)
+
+
+def combined_factors(states: Sequence[dict[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    """The reference's get_final_weights: every factor of every module, weighted and summed over the adapters."""
+    return {key: sum(w * state[key].float() for w, state in zip(weights, states)) for key in states[0]}
+
+
+def learn_lorahub(config: Config, name: str, params: dict[str, Any]) -> Learned:
+    dirs = trained_task_adapters(config)
+    adapters = [load_adapter(d) for d in dirs]
+    exact = params["combine"] == "exact"
+    if not exact:
+        _check_combinable(adapters, dirs)
+    model, tokenizer = base_model(config)
+    attach_experts(model, dirs if exact else dirs[:1])  # factors: one expert whose factors each candidate sets
+    model.to(device(), DTYPES[config["evaluation"]["dtype"]]).eval()
+    shots = [e for i, t in enumerate(config["tasks"])
+             for e in task_examples(config, t, "validation", tokenizer, i)[:params["shots"]]]
+    states = [state for _, state in adapters]
+    history: list[dict[str, float]] = []
+
+    def objective(weights: np.ndarray) -> float:
+        if exact:
+            activate(model, torch.tensor(weights, dtype=torch.float32))
+        else:
+            load_adapter_state(model, combined_factors(states, weights))
+        value = lorahub_objective(score(model, shots), weights.tolist(), None)
+        history.append({"step": len(history) + 1, "loss": value,
+                        **{f"w.{task}": float(w) for task, w in zip(config["tasks"], weights)}})
+        return value
+
+    weights = lorahub_search(objective, len(dirs), params["budget"], params["seed"] if params["seed"] is not None
+                             else config["seed"])
+    log = pd.DataFrame(history)
+    return Learned(torch.tensor(weights, dtype=torch.float32), MergeMethod.CONCAT if exact else MergeMethod.LINEAR, [],
+                   len(shots), float(objective(np.asarray(weights))), log)
+
+
+def lorahub_search(objective: Callable[[np.ndarray], float], n: int, budget: int, seed: int) -> list[float]:
+    """NGOpt over n weights in [-1.5, 1.5] from 0 (lorahub_learning's parametrization), seeded."""
+    parametrization = ng.p.Array(init=[0.0] * n, lower=[-BOUND] * n, upper=[BOUND] * n)
+    parametrization.random_state = np.random.RandomState(seed)
+    optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget)
+    return [float(w) for w in optimizer.minimize(objective).value]
+
+
+def _check_combinable(adapters: Sequence[tuple[AdapterConfig, dict[str, Tensor]]], dirs: Sequence) -> None:
+    shapes = {(config.r, config.spec.scaling) for config, _ in adapters}
+    if len(shapes) > 1:
+        raise MoaError(f"lorahub sums the task LoRAs' factors, which needs one rank and scaling (got {sorted(shapes)} "
+                       f"over {', '.join(d.name for d in dirs)}); set combine: exact")
+
+
+# --- the step -------------------------------------------------------------------------------------------
+
+LEARNERS: dict[str, Callable[[Config, str, dict[str, Any]], Learned]] = {"cat": learn_cat, "lorahub": learn_lorahub}
+
+
+def learn_merge(config: Config, method: str) -> StepResult:
+    """Learn the coefficients of learned merge `method`; write learned/{method}/ atomically."""
+    params = settings(method_params(config, method))
+    start = time.perf_counter()
+    learned = LEARNERS[params["method"]](config, method, params)
+    seconds = time.perf_counter() - start
+    paths = ExperimentPaths.of(config)
+    info = {"method": params["method"], "merge": learned.merge, "modules": learned.modules,
+            "tasks": list(config["tasks"]), "labelled": learned.labelled, "unlabelled": 0,
+            "objective": learned.objective, "seconds": round(seconds, 2)}
+    with atomic_dir(paths.learned(method)) as tmp:
+        write_safetensors(tmp / LEARNED_COEFFICIENTS, {"coefficients": learned.coefficients.contiguous()})
+        (tmp / LEARNED_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        learned.log.to_parquet(tmp / TRAIN_LOG, index=False)
+    return StepResult(paths.learned(method), curves=learned.log,
+                      metrics={k: info[k] for k in ("labelled", "objective", "seconds")},
+                      artifacts=[paths.learned(method) / LEARNED_INFO, paths.learned(method) / TRAIN_LOG])
