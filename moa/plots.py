@@ -296,7 +296,7 @@ def plot_tuning(tuning: pd.DataFrame) -> Figure:
         ax.axhline(1.0, color=ORACLE_COLOR, linestyle=":", label="oracle")
         ax.set_title(name)
         ax.set_xlabel("scale (every task weight times)")
-        ax.set_ylabel("validation loss / oracle's (mean over tasks)")
+        ax.set_ylabel("validation perplexity / oracle's (mean over tasks)")
         ax.legend(fontsize=8)
     fig.suptitle("Tuning on the validation split (lower is better)")
     return fig

@@ -279,7 +279,7 @@ def test_arrow_settings_are_recorded_and_top_k_capped_at_the_tasks(experiment: P
 
 def fake_score(best: float):
     """moa.generate.score where a model's loss on every target token is 1 + (lambda - best)^2, lambda the weight it
-    serves its one (merged) expert at, and 1 for the oracle's: the criterion is 1 + (lambda - best)^2 itself."""
+    serves its one (merged) expert at, and 1 for the oracle's: the criterion is exp((lambda - best)^2)."""
 
     def score(model, examples, experts=None, router=None):
         active = next(iter(lora_layers(model).values())).active
@@ -302,7 +302,7 @@ def test_tuning_picks_the_best_candidate_and_builds_it(experiment: Path, monkeyp
     table = pd.read_parquet(ExperimentPaths.of(config).tune("ties_tuned"))
     assert len(table) == 6 * len(TASKS) and set(table["task"]) == set(TASKS)
     by_candidate = table.groupby("candidate").first()
-    np.testing.assert_allclose(by_candidate["criterion"], 1 + (by_candidate["scale"] - 0.7) ** 2)
+    np.testing.assert_allclose(by_candidate["criterion"], np.exp((by_candidate["scale"] - 0.7) ** 2))
     assert by_candidate.loc[by_candidate["chosen"], ["scale", "density"]].values.tolist() == [[0.7, 0.3]]
     report = json.loads(ExperimentPaths.of(config).merge_report("ties_tuned").read_text())
     assert (report["scale"], report["density"], report["weights"]) == (0.7, 0.3, [0.7] * 3)
@@ -311,7 +311,8 @@ def test_tuning_picks_the_best_candidate_and_builds_it(experiment: Path, monkeyp
 
 def test_tuning_criterion_is_the_validation_loss_evaluation_measures(experiment: Path) -> None:
     """Each candidate's criterion equals what evaluation's own scoring gives on the validation rows for the merge
-    built untuned at that scale (folded, as evaluate serves it), over the oracle's, averaged over the tasks."""
+    built untuned at that scale (folded, as evaluate serves it): its perplexity over the oracle's, averaged over the
+    tasks."""
     methods = "{ta: {method: task_arithmetic, tune: {scale: [1.5, 3.0]}}, oracle: null, " \
               "ta_15: {method: task_arithmetic, scale: 1.5}, ta_30: {method: task_arithmetic, scale: 3.0}}"
     config = load_config(experiment, [*FAST, f"methods={methods}", "evaluation.dtype=float32"])
@@ -327,7 +328,7 @@ def test_tuning_criterion_is_the_validation_loss_evaluation_measures(experiment:
         return np.array(per_task)
 
     oracle = losses("oracle")
-    expected = [float((losses(name) / oracle).mean()) for name in ("ta_15", "ta_30")]
+    expected = [float(np.exp(losses(name) - oracle).mean()) for name in ("ta_15", "ta_30")]
     table = pd.read_parquet(ExperimentPaths.of(config).tune("ta")).groupby("candidate").first()
     np.testing.assert_allclose(table["criterion"], expected, rtol=1e-4)
     assert table.index[table["chosen"]].tolist() == [int(np.argmin(expected))]

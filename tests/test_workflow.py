@@ -217,11 +217,19 @@ def test_jobs_on_the_model_take_the_gpu_token_only_where_there_is_a_gpu(tmp_path
 
 
 def test_configfile_replaces_the_default_config(tmp_path: Path) -> None:
-    """--configfile smoke.yaml is the experiment; without it config/config.yaml (six tasks, 13 methods, two learned,
+    """--configfile smoke.yaml is the experiment; without it config/config.yaml (six tasks, 17 methods,
     and a sweep of one subset of two tasks, two methods) is."""
     counts, _ = dry_run(tmp_path, configfile=None)
-    assert counts == smoke_jobs(n_tasks=6, n_methods=13, n_learned=2) + sweep_jobs(1, n_methods=2, n_learned=0)
+    assert counts == smoke_jobs(n_tasks=6, n_methods=17, n_learned=0) + sweep_jobs(1, n_methods=2, n_learned=0)
     assert (tmp_path / "results" / "default" / ".config").is_dir()
+
+
+def test_the_fair_overlay_adds_the_tuned_and_learned_merges(tmp_path: Path) -> None:
+    """config/fair.yaml on top of config/config.yaml: its four compositions join the default's 17, the learned two
+    with their learn_merge jobs."""
+    counts, _ = dry_run(tmp_path, "--configfile", str(REPO / "config/config.yaml"), str(REPO / "config/fair.yaml"),
+                        configfile=None)
+    assert counts == smoke_jobs(n_tasks=6, n_methods=21, n_learned=2) + sweep_jobs(1, n_methods=2, n_learned=0)
 
 
 def test_nested_config_overrides_are_typed_by_the_schema(tmp_path: Path) -> None:
@@ -371,8 +379,9 @@ def test_every_job_is_a_child_run_of_the_workflow_run(built: Path) -> None:
     names = {name for _, name in children}
     assert {"train_lora:qa", "train_mixed", "train_router", "evaluate:svd", "report"} <= names, names
     preparations = 1 + len(SMOKE_TASKS)  # the model, each task's data
-    trainings = len(SMOKE_TASKS) + 2  # one LoRA per task, the mixed adapter, the routers
+    trainings = len(SMOKE_TASKS) + 2 + len(LEARNED)  # one LoRA per task, the mixed adapter, the routers, learn-merge
     assert len(children) == preparations + trainings + 2 * len(METHODS) + 1  # compose, evaluate; the report
+    assert {f"learn_merge:{name}" for name in LEARNED} <= names
     assert {"prepare_model", "prepare_data:qa"} <= names
     assert not any(results(built).spool.iterdir())  # the workflow logged every run
 

@@ -1,6 +1,8 @@
 """A merge tuned on the validation split: every candidate of its grid is scored by the teacher-forced loss of
-every task's validation targets, normalized by the oracle's loss on the same rows so that each task counts the
-same, averaged over the tasks (lower is better; 1 is the oracle's). The validation rows are the ones the router
+every task's validation targets, normalized by the oracle's on the same rows so that each task counts the same,
+averaged over the tasks (lower is better; 1 is the oracle's). The normalization is the ratio of perplexities,
+exp(loss - oracle's loss), not of losses: a task the oracle answers almost surely (one-token labels, loss ~0.002)
+would otherwise weigh a hundred times the others and decide alone. The validation rows are the ones the router
 may see, never the test rows.
 
 A candidate whose merge is linear in its weights (every merge but the factor sums) is merged once per setting of
@@ -50,8 +52,12 @@ class Validation:
             tokens[example.task] += n
         return nll / tokens
 
+    def normalized(self, losses: np.ndarray) -> np.ndarray:
+        """[tasks]: each task's perplexity over the oracle's on the same rows."""
+        return np.exp(losses - self.oracle)
+
     def criterion(self, losses: np.ndarray) -> float:
-        return float((losses / self.oracle).mean())
+        return float(self.normalized(losses).mean())
 
 
 def _model(config: Config, adapters: Sequence[Path]) -> tuple[Transformer, Tokenizer]:
@@ -124,8 +130,9 @@ def _score_merge(config: Config, spec: MergeSpec, adapters: Sequence[tuple[Adapt
 
 def _table(grid_order: Sequence[dict[str, float]], losses: Mapping[int, np.ndarray], criteria: Mapping[int, float],
            rows: Validation, best: int) -> pd.DataFrame:
-    """One row per candidate and task: its parameters, the task's loss, the oracle's, their ratio, the criterion."""
+    """One row per candidate and task: its parameters, the task's loss, the oracle's, the perplexity ratio, the
+    criterion."""
     return pd.DataFrame([
         {"candidate": i, **candidate, "task": task, "loss": float(losses[i][t]), "oracle_loss": float(rows.oracle[t]),
-         "normalized": float(losses[i][t] / rows.oracle[t]), "criterion": criteria[i], "chosen": i == best}
+         "normalized": float(rows.normalized(losses[i])[t]), "criterion": criteria[i], "chosen": i == best}
         for i, candidate in enumerate(grid_order) for t, task in enumerate(rows.tasks)])

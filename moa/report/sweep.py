@@ -11,7 +11,7 @@ import pandas as pd
 from moa.config import Config
 from moa.data.tasks import get_task
 from moa.report.inputs import read_evaluations
-from moa.report.uncertainty import references
+from moa.report.uncertainty import references, resamples
 from moa.roles import FLOOR, ORACLE
 from moa.stats import Evaluated, bootstrap, comparisons, intervals
 from moa.sweep import Subset, restrict, subsets, swept_methods
@@ -44,7 +44,7 @@ def subset_scores(config: Config, subset: Subset, evaluations: Mapping[tuple[str
     reused = {(m, t): e for (m, t), e in evaluations.items() if m in (FLOOR, ORACLE) and t in subset.tasks}
     methods = [m for m in (ORACLE, FLOOR) if m in config["methods"]] + list(scoped["methods"])
     tasks = {t: get_task(config, t).metrics for t in subset.tasks}
-    result = bootstrap(reused | read_evaluations(scoped), methods, tasks, settings["bootstrap"]["resamples"],
+    result = bootstrap(reused | read_evaluations(scoped), methods, tasks, resamples(config, len(methods) - 1),
                        config["seed"], settings["alpha"])
     # the multitask scores alone (not the oracle's, 1 by definition): the figures and the Holm family of the sweep
     scored = replace(result, metrics={}, normalized={},

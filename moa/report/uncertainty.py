@@ -24,6 +24,12 @@ from moa.stats import (
 )
 
 
+def resamples(config: Config, compared: int) -> int:
+    """report.bootstrap.resamples, or (null) as many as `compared` methods tested against one reference need."""
+    settings = config["report"]
+    return settings["bootstrap"]["resamples"] or resamples_for(compared, settings["alpha"])
+
+
 def references(config: Config) -> list[str]:
     """The methods every other is compared with: report.compare_to, or moa and the oracle where configured."""
     return config["report"]["compare_to"] or [m for m in REFERENCES if m in config["methods"]]
@@ -41,7 +47,7 @@ class Uncertainty:
         self.formats = {task.name: task.format.rule for task in specs if task.format}  # the tasks with a check
         self.seed = config["seed"]
         self.references = references(config)
-        self.resamples = settings["bootstrap"]["resamples"] or resamples_for(len(self.methods) - 1, self.alpha)
+        self.resamples = resamples(config, len(self.methods) - 1)
         self.result: Bootstrap = bootstrap(evaluations, self.methods, {t.name: t.evaluated_metrics for t in specs},
                                            self.resamples, self.seed, self.alpha)
         self.intervals = intervals(self.result, self.alpha)

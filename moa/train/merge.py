@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from moa.compose.merge import MergeMethod
 from moa.compose.registry import settings
@@ -149,8 +150,13 @@ def learn_lorahub(config: Config, name: str, params: dict[str, Any]) -> Learned:
                         **{f"w.{task}": float(w) for task, w in zip(config["tasks"], weights)}})
         return value
 
-    weights = lorahub_search(objective, len(dirs), params["budget"], params["seed"] if params["seed"] is not None
-                             else config["seed"])
+    with tqdm(total=params["budget"], desc=f"learn {name} (NGOpt)") as progress:
+        def tracked(weights: np.ndarray) -> float:
+            progress.update()
+            return objective(weights)
+
+        weights = lorahub_search(tracked, len(dirs), params["budget"],
+                                 params["seed"] if params["seed"] is not None else config["seed"])
     log = pd.DataFrame(history)
     return Learned(torch.tensor(weights, dtype=torch.float32), MergeMethod.CONCAT if exact else MergeMethod.LINEAR, [],
                    len(shots), float(objective(np.asarray(weights))), log)

@@ -12,8 +12,8 @@ from moa.report.markdown import fmt, markdown_table
 
 TUNING = "tuning"  # the section's table and plot (moa.report.sections)
 INTRO = ("Each tuned merge is built at the candidate of its grid with the lowest criterion on the validation split "
-         "(never the test rows): every task's teacher-forced loss of its validation targets over the oracle's on the "
-         "same rows, averaged over the tasks (1 = the oracle's). Every candidate: report/tuning.parquet, tuning.png.")
+         "(never the test rows): every task's teacher-forced perplexity of its validation targets over the oracle's on "
+         "the same rows, averaged over the tasks (1 = the oracle's). Every candidate: report/tuning.parquet, tuning.png.")
 
 
 def configured(config: Config) -> bool:
