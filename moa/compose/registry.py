@@ -152,9 +152,8 @@ def merge_spec(config: Config, params: Mapping[str, Any]) -> MergeSpec:
 
 def tune_grid(config: Config, params: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
     """A tuned merge's grid: what its `tune` sets, the family's default (moa.compose.merge.default_grid) else."""
-    default = default_grid(merge_spec(config, params), len(config["tasks"]))
     given = {key: tuple(values) for key, values in (params["tune"] or {}).items()}
-    return given or default
+    return given or default_grid(merge_spec(config, params), len(config["tasks"]))
 
 
 def _build_merge(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:

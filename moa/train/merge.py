@@ -70,12 +70,12 @@ class CatTraining(nn.Module):
 
     def __init__(self, lm: Transformer, initial: float) -> None:
         super().__init__()
-        self.lm, self.modules_ = lm, list(lora_layers(lm).values())
-        experts = self.modules_[0].n_experts
-        self.coefficients = nn.Parameter(torch.full((len(self.modules_), experts), initial, device=device()))
+        self.lm, self.layers = lm, list(lora_layers(lm).values())
+        experts = self.layers[0].n_experts
+        self.coefficients = nn.Parameter(torch.full((len(self.layers), experts), initial, device=device()))
 
     def apply_coefficients(self) -> None:
-        for layer, row in zip(self.modules_, self.coefficients):
+        for layer, row in zip(self.layers, self.coefficients):
             layer.active = row
 
 
