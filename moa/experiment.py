@@ -55,15 +55,15 @@ def _check_method(config: Config, name: str, source: str) -> None:
     if untunable:
         raise MoaError(f"{where}.tune.{untunable[0]}: {method} has no such parameter to tune; tune "
                        f"{', '.join(tunable(method))}")
+    if params.get("tune_rows") and params.get("tune") is None:
+        raise MoaError(f"{where}.tune_rows: applies only to a tuned merge; add `tune: {{}}` or remove it")
     listed = config["methods"] != schema()["properties"]["methods"]["default"]  # the default runs it anyway
     if method in LEARNED and len(config["tasks"]) < 2 and listed:
         raise MoaError(f"{where}: {method} learns how to combine task LoRAs, and there is one task; add tasks or "
                        "remove it")
-    shots, rows = params.get("shots", METHODS[method].params.get("shots")), validation_rows(config)
-    if shots and shots > min(rows.values()):
-        task = min(rows, key=rows.get)
-        raise MoaError(f"{where}.shots: {shots} is more than task {task}'s {rows[task]} validation rows; use at most "
-                       f"{rows[task]} or raise data.sizes.validation")
+    _check_rows(config, where, "shots", params.get("shots", METHODS[method].params.get("shots")), "validation")
+    _check_rows(config, where, "prompts", params.get("prompts"), "test")
+    _check_rows(config, where, "tune_rows", params.get("tune_rows"), "validation")
     weights, tasks = params.get("weights"), list(config["tasks"])
     if isinstance(weights, list) and len(weights) != len(tasks):
         raise MoaError(f"{where}.weights: {len(weights)} weights for {len(tasks)} tasks; give one per task")
@@ -71,9 +71,16 @@ def _check_method(config: Config, name: str, source: str) -> None:
         raise MoaError(f"{where}.weights: keys must be exactly the tasks ({', '.join(tasks)})")
 
 
-def validation_rows(config: Config) -> dict[str, int]:
-    """Each task's configured validation rows (prepare-data may drop a few too long to train on)."""
-    return {task: split_sizes(config, task)["validation"] for task in config["tasks"]}
+def _check_rows(config: Config, where: str, key: str, wanted: int | None, split: str) -> None:
+    """The rows per task a learned or tuned merge reads (`key`) fit every task's configured `split` (prepare-data may
+    drop a few too long to train on)."""
+    if not wanted:
+        return
+    rows = {task: split_sizes(config, task)[split] for task in config["tasks"]}
+    task = min(rows, key=rows.get)
+    if wanted > rows[task]:
+        raise MoaError(f"{where}.{key}: {wanted} is more than task {task}'s {rows[task]} {split} rows; use at most "
+                       f"{rows[task]} or raise data.sizes.{split}")
 
 
 def _check_lengths(config: Config, source: str) -> None:

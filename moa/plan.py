@@ -391,8 +391,29 @@ def evaluation_plan(config: dict, shapes: ModelConfig, method: str, on_device: b
                               PREFILL_TOKENS if scored else slots)
     fold = 2 * 4 * largest_module(shapes)  # one module's fp32 delta and sum while a merge is folded
     memory = replace(memory, workspace=memory.workspace + fold)
-    memory = replace(memory, host=_host(config, memory.weights, on_device, memory.device))
+    memory = replace(memory, host=_host(config, memory.weights, on_device, memory.device)
+                     + dense_merge_bytes(config, shapes, method))
     return JobPlan(f"evaluate:{method}", memory, on_device, f"{slots} sequences x {reach} tokens")
+
+
+def dense_merge_bytes(config: dict, shapes: ModelConfig, method: str) -> int:
+    """Host memory of an untruncated element-wise merge, formed from the task adapters each time the composition is
+    loaded (or a tuning candidate built), one module at a time: every task's fp32 update, the pruned ones and their
+    sum; 0 for any other composition."""
+    from moa.compose.merge import MERGES, Update
+    from moa.config import method_params
+
+    params = method_params(config, method)
+    merge = MERGES.get(params["method"])
+    if merge is None or merge.update != Update.DENSE or params.get("k"):
+        return 0
+    return _dense_merge(len(config["tasks"]), shapes)
+
+
+def _dense_merge(n_tasks: int, shapes: ModelConfig) -> int:
+    """Peak bytes of an element-wise merge of the largest module: n fp32 updates, n pruned, n weighted and their
+    temporaries (4 n + 4 module-sizes bounds the measured peak: tests/test_plan.py)."""
+    return (4 * n_tasks + 4) * 4 * largest_module(shapes)
 
 
 def composition_plan(config: dict, shapes: ModelConfig, method: str, on_device: bool) -> JobPlan:
@@ -403,11 +424,11 @@ def composition_plan(config: dict, shapes: ModelConfig, method: str, on_device: 
 
     if Need.TASK_PROMPTS in needs_of(method_params(config, method)):  # pooled features, or tuning's scoring
         memory = inference_memory(shapes, None, DTYPES[config["evaluation"]["dtype"]], POOL_TOKENS)
-        memory = replace(memory, host=_host(config, memory.weights, on_device, memory.device))
+        memory = replace(memory, host=_host(config, memory.weights, on_device, memory.device)
+                         + dense_merge_bytes(config, shapes, method))
         return JobPlan(f"compose:{method}", memory, on_device, f"rows of {POOL_TOKENS} prompt tokens")
     n = len(config["tasks"])
-    dense = (n + 3) * 4 * largest_module(shapes)
-    memory = Memory(lora=4 * lora_numel(shapes, _lora(config, n)), workspace=dense)
+    memory = Memory(lora=4 * lora_numel(shapes, _lora(config, n)), workspace=_dense_merge(n, shapes))
     memory = replace(memory, host=HOST_BASELINE + memory.device)
     return JobPlan(f"compose:{method}", memory, False)
 

@@ -84,7 +84,8 @@ STEPS: dict[str, Step] = {
                                                          "prompts_per_task": c["router"]["prompts_per_task"],
                                                          "dtype": c["evaluation"]["dtype"]},
         "a learned merge's coefficients over the frozen task LoRAs (cat: by gradient on training rows; lorahub: "
-        f"gradient-free on validation rows) -> learned/{{method}}/ (--subset: on that sweep subset's tasks -> "
+        "gradient-free on validation rows; adamerging: by gradient on the entropy of unlabelled test prompts) -> "
+        f"learned/{{method}}/ (--subset: on that sweep subset's tasks -> "
         f"sweep/{{subset}}/learned/{{method}}/). Methods: {', '.join(sorted(LEARNED))}", options=("subset",)),
     "compose": Step(
         compose, ("method",), lambda c, method: _composition(c, method),

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from moa.cli import main
 from moa.compose.composition import compose, load_composition
-from moa.compose.merge import MergeSpec, default_grid, merge_adapters
-from moa.compose.registry import LEARNED, METHODS, Kind, merge_spec
+from moa.compose.merge import MergeSpec, default_grid, dense_updates, merge_adapters
+from moa.compose.registry import LEARNED, METHODS, Kind, merge_spec, settings
 from moa.config import method_params, schema
 from moa.data.prepare import prepare_task
 from moa.data.splits import read_split
@@ -26,13 +26,22 @@ from moa.evaluate import evaluate, run_scoring
 from moa.experiment import load_config
 from moa.generate import Request, Sampling, generate
 from moa.layout import MIXED, ExperimentPaths
-from moa.lora import AdapterConfig, Arrow, activate, attach_experts, load_adapter, lora_layers, write_adapter
+from moa.lora import (
+    AdapterConfig,
+    Arrow,
+    activate,
+    add_to_weights,
+    attach_experts,
+    load_adapter,
+    lora_layers,
+    write_adapter,
+)
 from moa.metrics import FORMAT_ADHERENCE, STREAM_COSTS
 from moa.model.prepared import base_model
 from moa.model.tokenizer import byte_tokenizer
 from moa.routing import activate_experts
 from moa.train.lora import train_lora, train_mixed
-from moa.train.merge import CatTraining, learn_merge
+from moa.train.merge import AdaMergingTraining, CatTraining, block_of, learn_merge
 from moa.train.router import train_router
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +120,12 @@ def test_every_method_composes_into_what_it_defines(experiment: Path, method: st
         activate_experts(every, chosen)
         activate_experts(composed.model, chosen)
         expected = logits(every, ids)
+    elif manifest.get("dense"):  # an untruncated element-wise merge: its dense update added to the weights
+        assert not (out / "adapter_model.safetensors").exists() and not lora_layers(composed.model)
+        model, dirs = base_model(config)[0], [paths.adapter(t) for t in TASKS]
+        add_to_weights(model, dense_updates(merge_spec(config, settings(params) | manifest.get("tuned", {})),
+                                            [load_adapter(d) for d in dirs], TASKS))
+        expected = logits(model, ids)
     else:  # a merge: the adapter merge_adapters computes from the task LoRAs, folded into the weights
         if params["method"] not in LEARNED:  # (learned merges: test_learned_merges_*)
             dirs = [paths.adapter(t) for t in TASKS]
@@ -293,12 +308,12 @@ def test_tuning_picks_the_best_candidate_and_builds_it(experiment: Path, monkeyp
     """A constructed case where one scale is clearly best: it is chosen, written with every candidate's
     scores, and the merge is built at it (its weights scaled); equal criteria go to the first in grid order."""
     monkeypatch.setattr("moa.compose.tune.score", fake_score(best=0.7))
-    grid = "{scale: [0.1, 0.7, 2.0], density: [0.3, 0.6]}"
-    config = load_config(experiment, [*FAST, f"methods={{ties_tuned: {{method: ties, tune: {grid}}}}}"])
+    grid = "{scale: [0.1, 0.7, 2.0], density: [0.3, 0.6]}"  # rank k: an adapter, served unfolded at each scale
+    config = load_config(experiment, [*FAST, f"methods={{ties_tuned: {{method: ties, k: 8, tune: {grid}, tune_rows: 5}}}}"])
     result = compose(config, "ties_tuned")
     manifest = json.loads((result.path / "composition.json").read_text())
     assert manifest["tuned"] == {"scale": 0.7, "density": 0.3}
-    assert manifest["tuning"]["criterion"] == pytest.approx(1.0) and manifest["tuning"]["labelled"] == 3 * 16
+    assert manifest["tuning"]["criterion"] == pytest.approx(1.0) and manifest["tuning"]["labelled"] == 3 * 5
     table = pd.read_parquet(ExperimentPaths.of(config).tune("ties_tuned"))
     assert len(table) == 6 * len(TASKS) and set(table["task"]) == set(TASKS)
     by_candidate = table.groupby("candidate").first()
@@ -309,12 +324,13 @@ def test_tuning_picks_the_best_candidate_and_builds_it(experiment: Path, monkeyp
     assert result.metrics["tuned.scale"] == 0.7 and "tuning.criterion" in result.metrics
 
 
-def test_tuning_criterion_is_the_validation_loss_evaluation_measures(experiment: Path) -> None:
+@pytest.mark.parametrize("family", ["task_arithmetic", "ties"])  # served unfolded at each scale; a dense update
+def test_tuning_criterion_is_the_validation_loss_evaluation_measures(experiment: Path, family: str) -> None:
     """Each candidate's criterion equals what evaluation's own scoring gives on the validation rows for the merge
     built untuned at that scale (folded, as evaluate serves it): its perplexity over the oracle's, averaged over the
     tasks."""
-    methods = "{ta: {method: task_arithmetic, tune: {scale: [1.5, 3.0]}}, oracle: null, " \
-              "ta_15: {method: task_arithmetic, scale: 1.5}, ta_30: {method: task_arithmetic, scale: 3.0}}"
+    methods = f"{{ta: {{method: {family}, tune: {{scale: [1.5, 3.0]}}}}, oracle: null, " \
+              f"ta_15: {{method: {family}, scale: 1.5}}, ta_30: {{method: {family}, scale: 3.0}}}}"
     config = load_config(experiment, [*FAST, f"methods={methods}", "evaluation.dtype=float32"])
     for name in ("ta", "oracle", "ta_15", "ta_30"):
         compose(config, name)
@@ -372,6 +388,55 @@ def test_lorahub_learns_weights_in_range_and_composes_them(experiment: Path) -> 
     assert report["weights"] == pytest.approx(weights.tolist()) and report["method"] == "linear"
 
 
+def test_adamerging_lowers_the_entropy_of_unlabelled_test_prompts(experiment: Path) -> None:
+    """Its objective, the entropy at the test prompts' last positions, falls (one batch holds every prompt, so each
+    step's loss is the whole objective); every coefficient stays in [0, 1], shared by the modules of a block; the
+    test prompts count as unlabelled, no labelled row."""
+    methods = "{ada: {method: adamerging, steps: 8, prompts: 3}}"
+    config = load_config(experiment, [*FAST, "training.batch_size=16", f"methods={methods}"])
+    learn_merge(config, "ada")
+    learned = ExperimentPaths.of(config).learned("ada")
+    log = pd.read_parquet(learned / "train_log.parquet")
+    assert len(log) == 8 and log["loss"].iloc[-1] < log["loss"].iloc[0]
+    info = json.loads((learned / "learned.json").read_text())
+    coefficients = load_file(learned / "coefficients.safetensors")["coefficients"]
+    assert coefficients.shape == (len(info["modules"]), 3) and 0 <= coefficients.min() and coefficients.max() <= 1
+    for block in {block_of(m) for m in info["modules"]}:
+        rows = coefficients[[i for i, m in enumerate(info["modules"]) if block_of(m) == block]]
+        assert torch.equal(rows, rows[:1].expand_as(rows))
+    assert (info["merge"], info["labelled"], info["unlabelled"]) == ("concat", 0, 3 * 3)
+    default = json.loads((ExperimentPaths.of(config).learned("adamerging") / "learned.json").read_text())
+    assert (default["labelled"], default["unlabelled"]) == (0, 3 * 4)  # router.prompts_per_task, capped at 4 rows
+
+
+def test_adamerging_at_fixed_coefficients_is_task_arithmetic_at_those_weights(experiment: Path) -> None:
+    """AdaMerging's training forward with every coefficient w, and the merge compose folds from coefficients all w,
+    equal task arithmetic with every weight w; coefficients outside [0, 1] act clamped."""
+    w = 0.4
+    methods = f"{{adamerging: null, ta: {{method: task_arithmetic, scale: {w * 3}}}}}"
+    config = load_config(experiment, [*FAST, f"methods={methods}"])
+    paths = ExperimentPaths.of(config)
+    compose(config, "ta")
+    ids = torch.tensor([byte_tokenizer().encode(PROMPT)])
+    expected = logits(load_composition(config, "ta").model, ids)
+    model, _ = base_model(config)
+    attach_experts(model, [paths.adapter(t) for t in TASKS])
+    AdaMergingTraining(model, w).apply_coefficients()
+    torch.testing.assert_close(logits(model.eval(), ids), expected, atol=2e-5, rtol=1e-4)
+    assert torch.equal(AdaMergingTraining(model, 1.7).per_module(), torch.ones(len(lora_layers(model)), 3))
+    coefficients = paths.learned("adamerging") / "coefficients.safetensors"
+    learned = load_file(coefficients)["coefficients"]
+    assert learned.shape == (len(lora_layers(model)), 3) and not torch.allclose(learned, torch.full_like(learned, 0.3))
+    save_file({"coefficients": torch.full_like(learned, w)}, coefficients)  # the coefficients fixed to w
+    compose(config, "adamerging")
+    torch.testing.assert_close(logits(load_composition(config, "adamerging").model, ids), expected, atol=2e-5,
+                               rtol=1e-4)
+    report = json.loads(paths.merge_report("adamerging").read_text())
+    manifest = json.loads(paths.manifest("adamerging").read_text())
+    assert report["method"] == "concat" and report["weights"] == pytest.approx([w] * 3)
+    assert (manifest["learned"]["labelled"], manifest["learned"]["unlabelled"]) == (0, 3 * 4)
+
+
 def test_bad_learned_merges_are_one_line(experiment: Path, capsys) -> None:
     args = ["--config", str(experiment), *(x for s in FAST for x in ("--set", s))]
     one_line_error(capsys, ["compose", *args, "--set", "methods={lorahub: {shots: 17}}", "--method", "lorahub"],
@@ -380,6 +445,10 @@ def test_bad_learned_merges_are_one_line(experiment: Path, capsys) -> None:
                    "methods.lorahub.budget")
     one_line_error(capsys, ["compose", *args, "--set", "tasks={qa: {source: {type: synthetic}}}", "--set",
                             "methods={cat: null}", "--method", "cat"], "methods.cat: cat learns how to combine")
+    one_line_error(capsys, ["compose", *args, "--set", "methods={adamerging: {init: 1.5}}", "--method", "adamerging"],
+                   "methods.adamerging.init")
+    one_line_error(capsys, ["compose", *args, "--set", "methods={adamerging: {prompts: 5}}", "--method", "adamerging"],
+                   "methods.adamerging.prompts: 5 is more than task dialogue's 4 test rows")
 
 
 def test_bad_tune_grids_are_one_line(experiment: Path, capsys) -> None:
@@ -389,7 +458,10 @@ def test_bad_tune_grids_are_one_line(experiment: Path, capsys) -> None:
                              ("{t: {method: ties, tune: {density: [1.5]}}}", "methods.t.tune.density.0"),
                              ("{t: {method: ties, tune: {scale: [0]}}}", "methods.t.tune.scale.0"),
                              ("{t: {method: ties, tune: {scale: []}}}", "methods.t.tune.scale"),
-                             ("{moa: {tune: {}}}", "tune does not apply to method 'moa'")):
+                             ("{moa: {tune: {}}}", "tune does not apply to method 'moa'"),
+                             ("{t: {method: ties, tune_rows: 4}}", "methods.t.tune_rows: applies only to a tuned merge"),
+                             ("{t: {method: ties, tune: {}, tune_rows: 17}}",
+                              "methods.t.tune_rows: 17 is more than task dialogue's 16 validation rows")):
         one_line_error(capsys, ["compose", *args, "--set", f"methods={methods}", "--method", "oracle"], message)
 
 

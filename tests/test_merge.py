@@ -40,13 +40,16 @@ from moa.compose.merge import (
     MergeMethod,
     MergeSpec,
     dense_merge,
+    dense_report,
+    dense_updates,
+    is_dense,
     merge_adapters,
     merge_module,
     resolved_weights,
     scale_linear,
 )
 from moa.errors import MoaError
-from moa.lora import AdapterConfig, load_adapter, peft_key, write_adapter
+from moa.lora import AdapterConfig, add_to_weights, load_adapter, peft_key, write_adapter
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # 32x32, 16x32, 32x64
 WEIGHTS = (0.5, -1.0, 2.0)
@@ -219,19 +222,19 @@ def test_svd_equals_dense_truncation(mixed_dirs, k):
         ours = product(config, state, module)
         assert rel(ours, truncated) <= 1e-5
         merged = merge_module(MergeSpec("svd", WEIGHTS, k=k), factors(adapters, module), 0)
-        assert merged.error == pytest.approx(float(s[k:].norm() / s.norm()), abs=1e-7)
-        assert merged.norm == pytest.approx(float(exact.norm()), rel=1e-6)
+        assert merged.quality.error == pytest.approx(float(s[k:].norm() / s.norm()), abs=1e-7)
+        assert merged.quality.norm == pytest.approx(float(exact.norm()), rel=1e-6)
         energies.append(float((s[:k] ** 2).sum() / (s**2).sum()))
-        assert merged.energy == pytest.approx(energies[-1], rel=1e-6)
+        assert merged.quality.energy == pytest.approx(energies[-1], rel=1e-6)
         if k == 12:  # k = sum of ranks: exact
-            assert rel(ours, exact) <= 1e-5 and merged.error <= 1e-7
+            assert rel(ours, exact) <= 1e-5 and merged.quality.error <= 1e-7
     assert report["retained_energy"] == pytest.approx(sum(energies) / len(energies), rel=1e-6)
 
 
 def test_svd_pads_rank_beyond_the_numerical_rank():
     f = Factors(torch.randn(2, 8), torch.randn(5, 2), 1.0)
     merged = merge_module(MergeSpec("svd", (1.0, 1.0), k=4), [f, f], 0)  # the sum has rank 2
-    assert merged.A.shape == (4, 8) and merged.B.shape == (5, 4) and merged.energy == pytest.approx(1.0)
+    assert merged.A.shape == (4, 8) and merged.B.shape == (5, 4) and merged.quality.energy == pytest.approx(1.0)
     assert rel(merged.B.double() @ merged.A.double(), 2 * f.B.double() @ f.A.double()) <= 1e-6
 
 
@@ -286,9 +289,42 @@ def test_dense_methods_truncate_the_dense_merge(method):
         truncated, s = dense_truncation(dense, k)
         ours = merged.B.double() @ merged.A.double() * merged.scaling
         assert rel(ours, truncated) <= 1e-5
-        assert merged.error == pytest.approx(rel(truncated, exact), rel=1e-5)  # against the exact sum
-        assert merged.energy == pytest.approx(float((s[:k] ** 2).sum() / (s**2).sum()), rel=1e-6)
+        assert merged.quality.error == pytest.approx(rel(truncated, exact), rel=1e-5)  # against the exact sum
+        assert merged.quality.energy == pytest.approx(float((s[:k] ** 2).sum() / (s**2).sum()), rel=1e-6)
+        assert merged.quality.truncation == pytest.approx(rel(truncated, dense), rel=1e-5, abs=1e-6)  # vs the merge
     assert rel(ours, dense) <= 1e-5
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("ties", {"majority_sign_method": "total"}),
+                                                ("dare_ties", {"majority_sign_method": "frequency"}),
+                                                ("magnitude_prune", {})])
+def test_untruncated_merge_is_peft_dense_primitive_on_every_module(base, same_dirs, method, kwargs):
+    """Without k an element-wise merge is the method as defined: on every module, PEFT's dense primitive
+    (merge_utils) over PEFT's own delta weights, added to the base weight."""
+    spec = MergeSpec(method, WEIGHTS, density=0.4, seed=2, **kwargs)
+    assert is_dense(spec) and not is_dense(dataclasses.replace(spec, k=4)) and not is_dense(MergeSpec("svd"))
+    peft = peft_with(base, same_dirs)
+    deltas = [peft_products(peft, name) for name in names(3)]
+    updates = dict(dense_updates(spec, loaded(same_dirs), names(3)))
+    folded = copy.deepcopy(base)
+    add_to_weights(folded, updates.items())
+    assert sorted(updates) == sorted(deltas[0]) and len(updates) == 6
+    for index, module in enumerate(sorted(updates)):
+        torch.manual_seed(spec.seed + index)  # DARE's draws: PEFT's global generator
+        theirs = getattr(merge_utils, method)(torch.stack([d[module].float() for d in deltas]), torch.tensor(WEIGHTS),
+                                              0.4, **kwargs)
+        torch.testing.assert_close(updates[module], theirs, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(folded.get_submodule(module).weight, base.get_submodule(module).weight + theirs)
+    report = dense_report(spec, loaded(same_dirs), names(3))
+    assert report["rank"] is None and report["truncation_error"] is None and report["retained_energy"] is None
+    assert report["relative_error"] > 0.1  # pruning and election move it far from the weighted sum
+    with pytest.raises(MoaError, match=f"{method} without k is a dense update"):
+        merge_adapters(spec, loaded(same_dirs), names(3))
+
+
+def test_dense_update_that_fits_no_layer_is_named(base):
+    with pytest.raises(MoaError, match=r"update of model.layers.0.mlp.nope \(shape \[2, 2\]\) fits no linear layer"):
+        add_to_weights(copy.deepcopy(base), [("model.layers.0.mlp.nope", torch.zeros(2, 2))])
 
 
 @pytest.mark.parametrize("method", ["ties", "magnitude_prune"])
@@ -348,9 +384,10 @@ def test_breadcrumbs_drops_the_largest_and_the_smallest():
 @pytest.mark.parametrize(("method", "specs"), [("linear", "same"), ("svd", "mixed"), ("dare_ties", "same"),
                                                ("task_arithmetic", "mixed"), ("breadcrumbs", "mixed")])
 def test_written_adapter_loads_in_peft(base, ids, tmp_path, method, specs, request):
+    """Every low-rank merge is a PEFT adapter: an element-wise merge truncated to rank k too."""
     dirs = request.getfixturevalue(f"{specs}_dirs")
-    config, state, report = merge_adapters(MergeSpec(method, k=3 if method == "svd" else None), loaded(dirs),
-                                           names(3))
+    k = {"svd": 3, "dare_ties": 4, "breadcrumbs": 5}.get(method)
+    config, state, report = merge_adapters(MergeSpec(method, k=k), loaded(dirs), names(3))
     json.dumps(report, allow_nan=False)
     assert report["method"] == method and report["adapters"] == names(3) and report["modules"] == 6
     written = PeftModel.from_pretrained(copy.deepcopy(base), write_adapter(tmp_path, config, state)).eval()
@@ -363,17 +400,21 @@ def test_written_adapter_loads_in_peft(base, ids, tmp_path, method, specs, reque
 
 
 def test_report_fields(same_dirs):
-    spec = MergeSpec("dare_ties", density=0.5, majority_sign_method="frequency", seed=3, scale=0.5)
+    spec = MergeSpec("dare_ties", k=4, density=0.5, majority_sign_method="frequency", seed=3, scale=0.5)
     _, _, report = merge_adapters(spec, loaded(same_dirs), names(3))
-    measured = [report.pop(key) for key in ("relative_error", "max_module_relative_error", "retained_energy")]
+    measured = [report.pop(key) for key in ("relative_error", "max_module_relative_error", "retained_energy",
+                                            "truncation_error")]
     assert report == {
         "method": "dare_ties", "adapters": names(3), "weights": [0.5] * 3, "scale": 0.5, "k": 4, "rank": 4,
         "input_ranks": [4] * 3, "modules": 6, "density": 0.5, "majority_sign_method": "frequency", "seed": 3,
     }  # fmt: skip
-    assert 0 < measured[0] <= measured[1] and 0 < measured[2] < 1
+    assert 0 < measured[0] <= measured[1] and 0 < measured[2] < 1 and 0 < measured[3] < 1
     assert resolved_weights(MergeSpec("svd"), 4) == [0.25] * 4 and resolved_weights(MergeSpec("concat"), 2) == [1, 1]
-    _, _, report = merge_adapters(MergeSpec("breadcrumbs", gamma=0.05), loaded(same_dirs), names(3))
-    assert (report["k"], report["density"], report["gamma"], report["weights"]) == (4, 0.5, 0.05, [1.0] * 3)
+    _, _, report = merge_adapters(MergeSpec("svd", k=2), loaded(same_dirs), names(3))
+    assert report["truncation_error"] == pytest.approx(report["relative_error"])  # svd truncates the sum itself
+    assert merge_adapters(MergeSpec("concat"), loaded(same_dirs), names(3))[2]["truncation_error"] is None
+    report = dense_report(MergeSpec("breadcrumbs", gamma=0.05), loaded(same_dirs), names(3))
+    assert (report["k"], report["density"], report["gamma"], report["weights"]) == (None, 0.5, 0.05, [1.0] * 3)
     assert "seed" not in report and "majority_sign_method" not in report
 
 
@@ -442,6 +483,8 @@ def test_scale_multiplies_every_weight(same_dirs, method: str) -> None:
     """The merge at scale lambda is lambda times the merge at scale 1 for every method linear in its weights (what
     tuning serves unfolded instead of merging again), lambda^2 times for the factor sums."""
     def update(scale: float) -> dict[str, torch.Tensor]:
+        if is_dense(MergeSpec(method)):
+            return dict(dense_updates(MergeSpec(method, scale=scale), loaded(same_dirs), names(3)))
         config, state, _ = merge_adapters(MergeSpec(method, scale=scale), loaded(same_dirs), names(3))
         scaling = config.lora_alpha / config.r
         return {m: scaling * state[peft_key(m, "B")] @ state[peft_key(m, "A")]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moa.cli import main
+from moa.compose.merge import Factors, MergeSpec, delta_weight, dense_merge
 from moa.data.batching import Example, lm_loss, pack
 from moa.errors import MoaError
 from moa.experiment import load_config
@@ -16,7 +17,16 @@ from moa.lora.inject import DEFAULT_TARGETS
 from moa.memory import PeakMemory
 from moa.model.config import ModelConfig
 from moa.model.llama import Transformer
-from moa.plan import GiB, LoraShape, Setting, Training, preflight, training_memory, with_checkpointing
+from moa.plan import (
+    GiB,
+    LoraShape,
+    Setting,
+    Training,
+    dense_merge_bytes,
+    preflight,
+    training_memory,
+    with_checkpointing,
+)
 from moa.train.trainer import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +117,19 @@ def test_the_paper_scale_configs_fit_an_80gb_gpu(config: str, shapes: str, capsy
     rows = capsys.readouterr().out.splitlines()[2:]
     assert rows and all("  yes  " in row for row in rows)
     assert any(row.startswith("train_lora") and "  GPU  " in row for row in rows)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "magnitude_prune"])
+def test_the_dense_merge_estimate_bounds_its_measured_peak(smoke: dict, method: str) -> None:
+    """An untruncated element-wise merge of SMALL's largest module from rank-8 adapters of every task: the planned
+    host bytes hold the measured peak of forming it, within a factor 2; a truncated merge or a sum plans none."""
+    n = len(smoke["tasks"])
+    config = smoke | {"methods": {"m": {"method": method}, "k8": {"method": method, "k": 8}, "ta": None}}
+    planned = dense_merge_bytes(config, SMALL, "m")
+    assert dense_merge_bytes(config, SMALL, "k8") == dense_merge_bytes(config, SMALL, "ta") == 0
+    gen = torch.Generator().manual_seed(0)
+    factors = [Factors(torch.randn(8, SMALL.hidden_size, generator=gen),
+                       torch.randn(SMALL.intermediate_size, 8, generator=gen), 2.0) for _ in range(n)]
+    with PeakMemory() as memory:
+        dense_merge(MergeSpec(method), [delta_weight(f) for f in factors], [1.0] * n, 0)
+    assert memory.peak <= planned <= 2 * memory.peak

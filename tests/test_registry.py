@@ -56,7 +56,7 @@ def test_the_defaults_are_valid_settings(tmp_path: Path, method: str) -> None:
 def test_the_merge_entries_come_from_the_merge_table() -> None:
     merges = {name: method for name, method in METHODS.items() if method.kind == Kind.MERGE and name not in LEARNED}
     assert list(merges) == list(MERGES) and all(method.recomposed for method in merges.values())
-    assert LEARNED == {"cat", "lorahub"} and all(METHODS[name].kind == Kind.MERGE for name in LEARNED)
+    assert LEARNED == {"cat", "lorahub", "adamerging"} and all(METHODS[name].kind == Kind.MERGE for name in LEARNED)
     assert {name for name, method in METHODS.items() if method.implicit_routing} == {
         name for name, merge in MERGES.items() if merge.update == Update.EXACT} == {"concat", "task_arithmetic"}
     assert {name: method.params.get("density") for name, method in merges.items() if "density" in method.params} \

@@ -12,10 +12,12 @@ Acat = cat_i(w_i s_i A_i) [R, in] (R = sum_i r_i), dW = Bcat Acat exactly.
   With Bcat = Qb Rb and Acat^T = Qa Ra, dW = Qb (Rb Ra^T) Qa^T, so the SVD U S V^T of the R x R core gives
   dW's singular values S and vectors Qb U, Qa V; ||dW - dW_k||_F^2 = sum S[k:]^2.
 - ties / dare_linear / dare_ties / magnitude_prune: PEFT's element-wise primitives (peft.utils.merge_utils,
-  reimplemented here so that moa does not depend on peft) on the dense dW_i of one module at a time, then
-  a rank-k SVD of the result. breadcrumbs (Model Breadcrumbs, Davari & Belilovsky 2023) prunes each dW_i as
-  mergekit's `breadcrumbs` does: the largest `gamma` fraction and the smallest entries dropped, the middle
-  `density` fraction kept, then the weighted sum.
+  reimplemented here so that moa does not depend on peft) on the dense dW_i of one module at a time.
+  breadcrumbs (Model Breadcrumbs, Davari & Belilovsky 2023) prunes each dW_i as mergekit's `breadcrumbs` does:
+  the largest `gamma` fraction and the smallest entries dropped, the middle `density` fraction kept, then the
+  weighted sum. As the methods are defined, the result is a dense update of full rank (`dense_updates`), folded
+  into the weights; with `k` it is truncated to its best rank-k approximation, an adapter (its distance to the
+  untruncated merge is the report's truncation_error).
 
 The SVD-based methods split sqrt(S) between B and A and have scaling 1 (lora_alpha = r, no rsLoRA).
 MERGES is the table of the methods: how each forms the update, its default weights and its parameters.
@@ -24,7 +26,7 @@ MERGES is the table of the methods: how each forms the update, its default weigh
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Any
@@ -64,7 +66,7 @@ class Update(StrEnum):
     EXACT = "exact"  # the factors stacked: the weighted sum itself, rank R
     FACTORS = "factors"  # the factors summed: cheap, not the sum of the updates
     SVD = "svd"  # the best rank-k approximation of the weighted sum
-    DENSE = "dense"  # an element-wise merge of the dense updates, then its rank-k SVD
+    DENSE = "dense"  # an element-wise merge of the dense updates: full rank, or its rank-k SVD where k is given
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class MergeSpec:
 
     method: MergeMethod
     weights: tuple[float, ...] | None = None  # None = the method's default
-    k: int | None = None  # target rank of the SVD-based methods; None = the largest input rank
+    k: int | None = None  # merged rank; None: svd the largest input rank, the element-wise merges untruncated
     density: float = 0.5  # element-wise merges: the fraction of each update's entries kept
     majority_sign_method: SignMethod = SignMethod.TOTAL  # ties / dare_ties
     seed: int = 0  # dare
@@ -127,15 +129,24 @@ class Factors:
 
 
 @dataclass
+class Quality:
+    """A merged module's update against the exact weighted sum dW = sum_i w_i dW_i."""
+
+    error: float  # ||merged - dW||_F / ||dW||_F
+    norm: float  # ||dW||_F
+    energy: float | None = None  # rank-k truncations: sum(S[:k]^2) / sum(S^2) of the matrix truncated
+    truncation: float | None = None  # rank-k truncations: ||merged - M||_F / ||M||_F, M the matrix truncated
+    truncated_norm: float | None = None  # ||M||_F
+
+
+@dataclass
 class Merged:
-    """A merged module: update scaling * B @ A, with its quality against the exact weighted sum."""
+    """A merged module: update scaling * B @ A."""
 
     A: Tensor
     B: Tensor
     scaling: float
-    error: float  # ||merged - dW||_F / ||dW||_F, dW = sum_i w_i dW_i
-    norm: float  # ||dW||_F
-    energy: float | None  # SVD-based methods: sum(S[:k]^2) / sum(S^2) of the matrix truncated
+    quality: Quality
 
 
 def merge_parameters(method: MergeMethod) -> dict[str, Any]:
@@ -173,8 +184,16 @@ def scale_linear(method: MergeMethod) -> bool:
     return MERGES[method].update != Update.FACTORS
 
 
+def is_dense(spec: MergeSpec) -> bool:
+    """Whether the merge is an element-wise merge left untruncated: a dense update of full rank, folded into the
+    weights (dense_updates), not an adapter."""
+    return MERGES[spec.method].update == Update.DENSE and spec.k is None
+
+
 def target_rank(spec: MergeSpec, ranks: Sequence[int]) -> int:
-    """The rank k of an SVD-based merge of adapters of ``ranks``."""
+    """The rank k of an SVD-based merge, or of an element-wise merge truncated, of adapters of ``ranks``."""
+    if is_dense(spec):
+        raise MoaError(f"{spec.method} without k is a dense update, not an adapter; give k to truncate it to rank k")
     k = spec.k or max(ranks)
     if MERGES[spec.method].update == Update.SVD and k > sum(ranks):
         raise MoaError(f"svd: k={k} exceeds the sum of the adapters' ranks ({sum(ranks)}); use k <= {sum(ranks)}")
@@ -195,6 +214,30 @@ def merge_module(spec: MergeSpec, factors: Sequence[Factors], module_index: int)
         return _svd(factors, weights, k)
     updates = [delta_weight(f) for f in factors]
     return _truncate_dense(dense_merge(spec, updates, weights, module_index), _weighted_sum(updates, weights), k)
+
+
+def dense_updates(spec: MergeSpec, adapters: Sequence[tuple[AdapterConfig, dict[str, Tensor]]],
+                  names: Sequence[str]) -> Iterator[tuple[str, Tensor]]:
+    """Each module's element-wise merge of the adapters, untruncated (float32), one module at a time: what an
+    exact ties / dare / magnitude_prune / breadcrumbs merge adds to the module's weight."""
+    weights = resolved_weights(spec, len(adapters))
+    for index, module, factors in _modules(adapters, names):
+        yield module, dense_merge(spec, [delta_weight(f) for f in factors], weights, index)
+
+
+def dense_report(spec: MergeSpec, adapters: Sequence[tuple[AdapterConfig, dict[str, Tensor]]],
+                 names: Sequence[str]) -> dict[str, Any]:
+    """merge_report.json of an untruncated element-wise merge: how far pruning and sign election moved it from the
+    weighted sum of the updates (its rank: full, no truncation)."""
+    weights = resolved_weights(spec, len(adapters))
+    quality = []
+    for index, _, factors in _modules(adapters, names):
+        updates = [delta_weight(f) for f in factors]
+        exact = sum(w * t for t, w in zip(updates, weights))  # float32: a report's precision, 4x faster than float64
+        norm = float(torch.linalg.matrix_norm(exact))
+        diff = float(torch.linalg.matrix_norm(dense_merge(spec, updates, weights, index) - exact))
+        quality.append(Quality(_relative(diff, norm), norm))
+    return _report(spec, names, [config for config, _ in adapters], quality, None)
 
 
 def delta_weight(f: Factors) -> Tensor:
@@ -234,16 +277,9 @@ def merge_adapters(
 
     Returns the merged adapter's config and state (PEFT keys, float32) and a JSON-serializable report.
     """
-    if not adapters:
-        raise MoaError("a merge needs at least one adapter; pass one or more adapter directories")
-    if len(names) != len(adapters):
-        raise MoaError(f"merge got {len(names)} names for {len(adapters)} adapters; name each adapter once")
-    _check_compatible(adapters, names)
     state: dict[str, Tensor] = {}
     results: list[Merged] = []
-    for index, module in enumerate(_module_names(adapters[0][1])):
-        factors = [_factors(config, st, module, name) for (config, st), name in zip(adapters, names)]
-        _check_shapes(factors, module, names)
+    for index, module, factors in _modules(adapters, names):
         merged = merge_module(spec if module_weights is None else replace(spec, weights=tuple(module_weights[module])),
                               factors, index)
         state[peft_key(module, "A")] = merged.A.float().contiguous()
@@ -251,7 +287,21 @@ def merge_adapters(
         results.append(merged)
     configs = [config for config, _ in adapters]
     rank = results[0].A.shape[0]
-    return _merged_config(spec, configs, rank), state, _report(spec, names, configs, results, rank)
+    return _merged_config(spec, configs, rank), state, _report(spec, names, configs, [m.quality for m in results], rank)
+
+
+def _modules(adapters: Sequence[tuple[AdapterConfig, dict[str, Tensor]]],
+             names: Sequence[str]) -> Iterator[tuple[int, str, list[Factors]]]:
+    """Each module's index (it seeds DARE), name and factors of every adapter, the adapters checked to fit."""
+    if not adapters:
+        raise MoaError("a merge needs at least one adapter; pass one or more adapter directories")
+    if len(names) != len(adapters):
+        raise MoaError(f"merge got {len(names)} names for {len(adapters)} adapters; name each adapter once")
+    _check_compatible(adapters, names)
+    for index, module in enumerate(_module_names(adapters[0][1])):
+        factors = [_factors(config, st, module, name) for (config, st), name in zip(adapters, names)]
+        _check_shapes(factors, module, names)
+        yield index, module, factors
 
 
 # -- the methods ------------------------------------------------------------------------------------
@@ -266,7 +316,7 @@ def _stacked(factors: Sequence[Factors], weights: Sequence[float]) -> tuple[Tens
 
 def _concat(factors: Sequence[Factors], weights: Sequence[float]) -> Merged:
     B, A = _stacked(factors, weights)
-    return Merged(A.contiguous(), B.contiguous(), 1.0, error=0.0, norm=_lowrank_norm(B, A), energy=None)
+    return Merged(A.contiguous(), B.contiguous(), 1.0, Quality(0.0, _lowrank_norm(B, A)))
 
 
 def _linear(method: str, factors: Sequence[Factors], weights: Sequence[float]) -> Merged:
@@ -283,7 +333,7 @@ def _linear(method: str, factors: Sequence[Factors], weights: Sequence[float]) -
     # merged - exact = [B | Bcat] @ [s A ; -Acat], a rank <= r + R product: no dense matrix needed.
     diff = _lowrank_norm(torch.cat([B, B_exact], dim=1), torch.cat([scalings[0] * A, -A_exact], dim=0))
     norm = _lowrank_norm(B_exact, A_exact)
-    return Merged(A, B, scalings[0], error=_relative(diff, norm), norm=norm, energy=None)
+    return Merged(A, B, scalings[0], Quality(_relative(diff, norm), norm))
 
 
 def _svd(factors: Sequence[Factors], weights: Sequence[float], k: int) -> Merged:
@@ -292,12 +342,12 @@ def _svd(factors: Sequence[Factors], weights: Sequence[float], k: int) -> Merged
     qa, ra = torch.linalg.qr(A.double().T)
     u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
     B_k, A_k = _rank_k(qb @ u, s, vh @ qa.T, k)
-    norm = float(s.norm())
-    return Merged(A_k, B_k, 1.0, error=_relative(float(s[k:].norm()), norm), norm=norm, energy=_energy(s, k))
+    norm, error = float(s.norm()), _relative(float(s[k:].norm()), float(s.norm()))
+    return Merged(A_k, B_k, 1.0, Quality(error, norm, _energy(s, k), truncation=error, truncated_norm=norm))
 
 
 def _truncate_dense(merged: Tensor, exact: Tensor, k: int) -> Merged:
-    """Rank-k SVD of a dense merge; the error is against the exact weighted sum, not the pruned matrix.
+    """Rank-k SVD of a dense merge; the error is against the exact weighted sum, the truncation against the merge.
 
     The singular pairs come from the eigendecomposition of the smaller Gram matrix in float64: a few
     times faster than a full SVD of the out x in matrix, and accurate to ~1e-8 of the largest singular
@@ -311,9 +361,11 @@ def _truncate_dense(merged: Tensor, exact: Tensor, k: int) -> Merged:
     other = (m.T if wide else m) @ vectors / s[:k].clamp(min=torch.finfo(torch.float64).tiny)
     u, vh = (vectors, other.T) if wide else (other, vectors.T)
     B, A = _rank_k(u, s, vh, k)
-    norm = float(torch.linalg.matrix_norm(exact))
-    diff = float(torch.linalg.matrix_norm(B.double() @ A.double() - exact))
-    return Merged(A, B, 1.0, error=_relative(diff, norm), norm=norm, energy=_energy(s, k))
+    product = B.double() @ A.double()
+    norm, merged_norm = float(torch.linalg.matrix_norm(exact)), float(s.norm())
+    error = _relative(float(torch.linalg.matrix_norm(product - exact)), norm)
+    truncation = _relative(float(torch.linalg.matrix_norm(product - m)), merged_norm)
+    return Merged(A, B, 1.0, Quality(error, norm, _energy(s, k), truncation, merged_norm))
 
 
 def _rank_k(u: Tensor, s: Tensor, vh: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -425,6 +477,12 @@ def _energy(s: Tensor, k: int) -> float:
     return float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
 
 
+def _overall(errors: Sequence[tuple[float, float]]) -> float:
+    """The relative error over every module, from each module's (relative error, norm)."""
+    absolute = [error * norm if norm > 0 else error for error, norm in errors]  # error is 0 or inf at norm 0
+    return _relative(math.sqrt(sum(a**2 for a in absolute)), math.sqrt(sum(norm**2 for _, norm in errors)))
+
+
 def _relative(diff: float, norm: float) -> float:
     return diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
 
@@ -500,12 +558,12 @@ def _merged_config(spec: MergeSpec, configs: Sequence[AdapterConfig], rank: int)
     )
 
 
-def _report(
-    spec: MergeSpec, names: Sequence[str], configs: Sequence[AdapterConfig], results: Sequence[Merged], rank: int
-) -> dict[str, Any]:
+def _report(spec: MergeSpec, names: Sequence[str], configs: Sequence[AdapterConfig], results: Sequence[Quality],
+            rank: int | None) -> dict[str, Any]:
+    """The merge's report; rank None: a dense update of full rank (an untruncated element-wise merge)."""
     params = MERGES[spec.method].params
-    absolute = [m.error * m.norm if m.norm > 0 else m.error for m in results]  # error is 0 or inf at norm 0
-    energies = [m.energy for m in results if m.energy is not None]
+    energies = [q.energy for q in results if q.energy is not None]
+    truncated = [q for q in results if q.truncation is not None]
     report: dict[str, Any] = {
         "method": spec.method,
         "adapters": list(names),
@@ -514,8 +572,9 @@ def _report(
         "k": rank if "k" in params else None,
         "rank": rank,
         "input_ranks": [c.r for c in configs],
-        "relative_error": _relative(math.sqrt(sum(a**2 for a in absolute)), math.sqrt(sum(m.norm**2 for m in results))),
-        "max_module_relative_error": max(m.error for m in results),
+        "relative_error": _overall([(q.error, q.norm) for q in results]),
+        "max_module_relative_error": max(q.error for q in results),
+        "truncation_error": _overall([(q.truncation, q.truncated_norm) for q in truncated]) if truncated else None,
         "retained_energy": sum(energies) / len(energies) if energies else None,
         "modules": len(results),
     }

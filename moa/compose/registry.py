@@ -29,6 +29,9 @@ from moa.compose.merge import (
     MergeSpec,
     Update,
     default_grid,
+    dense_report,
+    dense_updates,
+    is_dense,
     merge_adapters,
     merge_parameters,
     resolved_weights,
@@ -56,7 +59,15 @@ from moa.layout import (
     ExperimentPaths,
     trained_task_adapters,
 )
-from moa.lora import Arrow, activate, attach_experts, load_adapter, merge_and_unload, write_adapter
+from moa.lora import (
+    Arrow,
+    activate,
+    add_to_weights,
+    attach_experts,
+    load_adapter,
+    merge_and_unload,
+    write_adapter,
+)
 from moa.model import DTYPES
 from moa.model.llama import Transformer
 from moa.model.prepared import base_model, device
@@ -143,7 +154,8 @@ def _build_mixed(config: Config, name: str, params: dict[str, Any], out: Path) -
 def merge_spec(config: Config, params: Mapping[str, Any]) -> MergeSpec:
     """The merge of a `methods` entry: what it sets, else MergeSpec's defaults; weights given per task are put
     in task order, and the seed is the config's unless set."""
-    given = {key: value for key, value in params.items() if key not in ("method", "tune") and value is not None}
+    given = {key: value for key, value in params.items()
+             if key not in ("method", "tune", "tune_rows") and value is not None}
     weights = given.pop("weights", None)
     if isinstance(weights, dict):
         weights = [weights[task] for task in config["tasks"]]
@@ -163,16 +175,20 @@ def _build_merge(config: Config, name: str, params: dict[str, Any], out: Path) -
     tuned: dict[str, Any] = {}
     if params["tune"] is not None:
         start, grid = time.perf_counter(), tune_grid(config, params)
-        result = tune(config, merge_spec(config, params), grid, dirs)
+        result = tune(config, merge_spec(config, params), grid, dirs, params["tune_rows"])
         result.table.to_parquet(out / TUNE, index=False)
         tuned = {"tuned": result.chosen, "tuning": {"grid": {k: list(v) for k, v in grid.items()},
                                                     "criterion": result.criterion, "labelled": result.labelled,
                                                     "seconds": round(time.perf_counter() - start, 2)}}
-    adapter_config, state, report = merge_adapters(merge_spec(config, params | tuned.get("tuned", {})),
-                                                   [load_adapter(d) for d in dirs], [d.name for d in dirs])
-    write_adapter(out, adapter_config, state)
+    spec, adapters = merge_spec(config, params | tuned.get("tuned", {})), [load_adapter(d) for d in dirs]
+    if is_dense(spec):  # nothing to store: loading merges the task adapters again (dense_updates is deterministic)
+        report, built = dense_report(spec, adapters, [d.name for d in dirs]), {"dense": True}
+    else:
+        adapter_config, state, report = merge_adapters(spec, adapters, [d.name for d in dirs])
+        write_adapter(out, adapter_config, state)
+        built = {"adapter": "."}
     (out / MERGE_REPORT).write_text(json.dumps({"name": name} | report, indent=2) + "\n")
-    return {"adapter": ".", "rank": report["rank"]} | tuned
+    return built | {"rank": report["rank"]} | tuned
 
 
 def _implicit_routing(config: Config, params: Mapping[str, Any], tasks: Sequence[Task],
@@ -181,6 +197,16 @@ def _implicit_routing(config: Config, params: Mapping[str, Any], tasks: Sequence
     """An exact merge is the sum of its task components: how much each moves every evaluated sequence."""
     weights = resolved_weights(merge_spec(config, params), len(config["tasks"]))
     return implicit_routing(config, trained_task_adapters(config), weights, tasks, frames, generated)
+
+
+def _load_merge(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
+    """A merge's adapter, or an untruncated element-wise merge's dense update, always folded (no factors hold it)."""
+    if not manifest.get("dense"):
+        return _load_folded(config, manifest, model, fold)
+    spec = merge_spec(config, settings(manifest["params"]) | manifest.get("tuned", {}))
+    dirs = trained_task_adapters(config)
+    add_to_weights(model, dense_updates(spec, [load_adapter(d) for d in dirs], [d.name for d in dirs]))
+    return Applied()
 
 
 def _load_folded(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
@@ -297,11 +323,11 @@ _TASK_ADAPTERS = frozenset({Need.TASK_ADAPTERS})
 def _merge(method: MergeMethod) -> Method:
     """A merge's entry, from its row of MERGES: the sweep merges a subset's adapters again, and evaluation measures
     an exact merge's implicit routing."""
-    params = merge_parameters(method) | {"tune": None}  # None: untuned; {}: the family's default grid
+    params = merge_parameters(method) | {"tune": None, "tune_rows": None}  # tune None: untuned; {}: the family's grid
     if "seed" in params:
         params["seed"] = None  # the config's (merge_spec)
     implicit = _implicit_routing if MERGES[method].update == Update.EXACT else None
-    return Method(Kind.MERGE, _build_merge, _load_folded, _TASK_ADAPTERS, params, recomposed=True,
+    return Method(Kind.MERGE, _build_merge, _load_merge, _TASK_ADAPTERS, params, recomposed=True,
                   implicit_routing=implicit)
 
 
@@ -324,6 +350,8 @@ METHODS: dict[str, Method] = {
                   {"examples": None, "steps": None, "lr": 0.05}, recomposed=True),
     "lorahub": Method(Kind.MERGE, _build_learned, _load_folded, _TASK_ADAPTERS | {Need.LEARNED},
                       {"shots": 5, "budget": 40, "combine": "factors", "seed": None}, recomposed=True),
+    "adamerging": Method(Kind.MERGE, _build_learned, _load_folded, _TASK_ADAPTERS | {Need.LEARNED},
+                         {"init": 0.3, "steps": None, "lr": 0.05, "prompts": None}, recomposed=True),
 }
 LEARNED = frozenset(name for name, method in METHODS.items() if Need.LEARNED in method.needs)
 

@@ -7,7 +7,8 @@ may see, never the test rows.
 
 A candidate whose merge is linear in its weights (every merge but the factor sums) is merged once per setting of
 its other parameters, at scale 1, and served unfolded at each scale lambda: the same update as merging at lambda,
-without merging again. Each candidate is one packed scoring pass (moa.generate.score) over all validation rows.
+without merging again; an untruncated element-wise merge, a dense update with no factors to serve, is merged and
+folded for each candidate. Each candidate is one packed scoring pass (moa.generate.score) over all validation rows.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import pandas as pd
 from torch import Tensor
 from tqdm import tqdm
 
-from moa.compose.merge import MergeSpec, merge_adapters, scale_linear
+from moa.compose.merge import MergeSpec, dense_updates, is_dense, merge_adapters, scale_linear
 from moa.config import Config
 from moa.data.batching import Example, encode_examples
 from moa.data.splits import read_split
 from moa.generate import score
-from moa.lora import AdapterConfig, activate, attach_experts, load_adapter, write_adapter
+from moa.lora import AdapterConfig, activate, add_to_weights, attach_experts, load_adapter, write_adapter
 from moa.model import DTYPES, Tokenizer
 from moa.model.llama import Transformer
 from moa.model.prepared import base_model, device
@@ -67,13 +68,14 @@ def _model(config: Config, adapters: Sequence[Path]) -> tuple[Transformer, Token
     return model.to(device(), DTYPES[config["evaluation"]["dtype"]]).eval(), tokenizer
 
 
-def validation(config: Config, dirs: Sequence[Path]) -> Validation:
-    """The validation rows of the tasks (in the order of `dirs`, the task adapters) and the oracle's losses."""
+def validation(config: Config, dirs: Sequence[Path], rows: int | None = None) -> Validation:
+    """The validation rows of the tasks (in the order of `dirs`, the task adapters; the first `rows` of each, all if
+    None) and the oracle's losses."""
     tasks = tuple(d.name for d in dirs)
     model, tokenizer = _model(config, dirs)
     examples: list[Example] = []
     for index, task in enumerate(tasks):
-        frame = read_split(config, task, "validation")
+        frame = read_split(config, task, "validation").head(rows)
         examples += encode_examples(frame.prompt.tolist(), frame.target.tolist(), tokenizer,
                                     config["data"]["chat_template"], [index] * len(frame))
     rows = Validation(tasks, examples, np.ones(len(tasks)))
@@ -93,11 +95,12 @@ class Tuned:
     labelled: int  # the validation rows it was chosen on, over every task
 
 
-def tune(config: Config, spec: MergeSpec, grid: Grid, dirs: Sequence[Path]) -> Tuned:
-    """The grid's best setting of `spec` on the validation rows (the first in grid order of equal criteria)."""
-    rows = validation(config, dirs)
+def tune(config: Config, spec: MergeSpec, grid: Grid, dirs: Sequence[Path], rows_per_task: int | None = None) -> Tuned:
+    """The grid's best setting of `spec` on the validation rows (the first `rows_per_task` of each task's, all if
+    None; the first in grid order of equal criteria)."""
+    rows = validation(config, dirs, rows_per_task)
     adapters = [load_adapter(d) for d in dirs]
-    shared = scale_linear(spec.method)
+    shared = scale_linear(spec.method) and not is_dense(spec)  # no factors to serve at each scale
     groups: dict[tuple, list[int]] = {}  # one merge per group: its candidates differ only in scale
     grid_order = candidates(grid)
     for index, candidate in enumerate(grid_order):
@@ -118,7 +121,13 @@ def tune(config: Config, spec: MergeSpec, grid: Grid, dirs: Sequence[Path]) -> T
 
 def _score_merge(config: Config, spec: MergeSpec, adapters: Sequence[tuple[AdapterConfig, dict[str, Tensor]]],
                  rows: Validation, scales: Sequence[float]) -> Iterator[np.ndarray]:
-    """The validation losses of the merge of `adapters` by `spec`, served unfolded at each of `scales`."""
+    """The validation losses of the merge of `adapters` by `spec`, served unfolded at each of `scales` (a dense
+    update: folded, at its own scale)."""
+    if is_dense(spec):
+        model, _ = base_model(config)
+        add_to_weights(model, dense_updates(spec, adapters, list(rows.tasks)))
+        yield rows.losses(model.to(device(), DTYPES[config["evaluation"]["dtype"]]).eval())
+        return
     adapter_config, state, _ = merge_adapters(spec, adapters, list(rows.tasks))
     with tempfile.TemporaryDirectory() as scratch:
         write_adapter(Path(scratch), adapter_config, state)

@@ -125,6 +125,19 @@ def merge_and_unload(model: nn.Module, experts: int | Tensor | Sequence[float] =
         _replace(model, name, linear)
 
 
+@torch.no_grad()
+def add_to_weights(model: nn.Module, updates: Iterable[tuple[str, Tensor]]) -> None:
+    """W += delta for each (module name, dense delta [out, in]): an update no LoRA factors hold (an untruncated
+    element-wise merge), summed in fp32 and rounded once to W's dtype, one module at a time."""
+    modules = dict(model.named_modules())
+    for name, delta in updates:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear) or module.weight.shape != delta.shape:
+            raise MoaError(f"update of {name} (shape {list(delta.shape)}) fits no linear layer of the model; the "
+                           "adapters were trained for another base model")
+        module.weight.copy_(module.weight.float() + delta.to(module.weight.device).float())
+
+
 def unfold_lora(model: nn.Module) -> None:
     """Undo fold_lora on every layer."""
     for layer in lora_layers(model).values():

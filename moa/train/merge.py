@@ -10,14 +10,22 @@ folds into one adapter (a static merge: it costs what the base model costs).
   validation rows per task: the batch-mean loss summed over batches and divided by the rows, plus
   0.05 * mean |w|. The reference combines the factors (A = sum w_i A_i, B = sum w_i B_i: moa's `linear` merge);
   `combine: exact` weights the updates instead (`concat`).
+- adamerging (AdaMerging, Yang et al., ICLR 2024, layer-wise, as EnnengYang/AdaMerging): one coefficient per
+  transformer block and task on the task updates, shared by the block's LoRA modules,
+  dW_m = sum_i c_{block(m),i} s_i B_i A_i, clamped to [0, 1] in the forward and started at `init` (0.3, the
+  paper's prior lambda); trained by gradient (the trainer, as cat) to minimize the Shannon entropy of the
+  next-token distribution at the last position of `prompts` test prompts per task (default: as many as the
+  router is fitted on); every LoRA frozen. Transductive, as the paper: it reads the test prompts, never their
+  targets, and learned.json counts them as its unlabelled budget.
 
 learned/{name}/ holds coefficients.safetensors, learned.json (the merge the coefficients weight, the modules of
-their rows, the labelled rows used, the objective, the seconds) and train_log.parquet.
+their rows, the labelled rows and unlabelled prompts used, the objective, the seconds) and train_log.parquet.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -33,7 +41,8 @@ from tqdm.auto import tqdm
 from moa.compose.merge import MergeMethod
 from moa.compose.registry import settings
 from moa.config import Config, method_params
-from moa.data.batching import Batch, lm_loss
+from moa.data.batching import IGNORE, Batch, Example, encode_prompts, lm_loss
+from moa.data.splits import read_split
 from moa.errors import MoaError
 from moa.generate import score
 from moa.io import atomic_dir, write_safetensors
@@ -59,6 +68,7 @@ class Learned:
     labelled: int  # labelled rows (prompt and target) learned from, over every task
     objective: float  # the final objective
     log: pd.DataFrame
+    unlabelled: int = 0  # prompts without their targets learned from, over every task
 
 
 # --- cat ----------------------------------------------------------------------------------------------
@@ -107,6 +117,81 @@ def learn_cat(config: Config, name: str, params: dict[str, Any]) -> Learned:
     trainer.discard_checkpoints()
     return Learned(training.coefficients.detach().float().cpu(), MergeMethod.CONCAT, list(lora_layers(model)),
                    sum(map(len, rows)), float(log["loss"].iloc[-1]), log)
+
+
+# --- adamerging ---------------------------------------------------------------------------------------
+
+
+def block_of(module: str) -> int:
+    """The transformer block of a LoRA module, from its name (model.layers.{i}.self_attn.q_proj)."""
+    found = re.search(r"(?:^|\.)layers\.(\d+)\.", module)
+    if found is None:
+        raise MoaError(f"LoRA module {module}: no `layers.{{i}}.` in its name, so adamerging cannot tell its block; "
+                       "target modules inside the transformer blocks")
+    return int(found.group(1))
+
+
+class AdaMergingTraining(nn.Module):
+    """What the trainer optimizes: one coefficient per block and task expert of `lm` (frozen), clamped to [0, 1]
+    and applied as the expert weights of every LoRA module of its block before every forward."""
+
+    def __init__(self, lm: Transformer, initial: float) -> None:
+        super().__init__()
+        layers = lora_layers(lm)
+        self.lm, self.layers, self.blocks = lm, list(layers.values()), [block_of(name) for name in layers]
+        experts = self.layers[0].n_experts
+        self.coefficients = nn.Parameter(torch.full((len(lm.model.layers), experts), initial, device=device()))
+
+    def clamped(self) -> Tensor:
+        return self.coefficients.clamp(0, 1)  # the reference's torch.clamp(lambdas_raw, 0, 1)
+
+    def per_module(self) -> Tensor:
+        """[modules, tasks]: each LoRA module's row is its block's clamped coefficients."""
+        return self.clamped()[self.blocks]
+
+    def apply_coefficients(self) -> None:
+        for layer, row in zip(self.layers, self.per_module()):
+            layer.active = row
+
+    def train(self, mode: bool = True) -> AdaMergingTraining:
+        super().train(mode)
+        self.lm.eval()  # the entropy of the merged model as it serves: LoRA dropout would only add noise
+        return self
+
+
+def entropy_loss(model: AdaMergingTraining, batch: Batch) -> Tensor:
+    """The summed entropy of the next-token distributions where the batch has loss positions (each example's last
+    prompt position); the labels mark those positions, their values are never read."""
+    model.apply_coefficients()
+    lm = model.lm
+    batch = batch.to(next(lm.parameters()).device)
+    at = batch.labels != IGNORE
+    hidden = lm.block_input(batch.input_ids, batch.positions, batch.documents(), len(lm.model.layers))
+    log_p = torch.log_softmax(lm.lm_head(lm.model.norm(hidden[at])).float(), dim=-1)
+    return -(log_p.exp() * log_p).sum()
+
+
+def unlabelled_prompts(config: Config, tokenizer: Tokenizer, per_task: int | None) -> list[Example]:
+    """Up to `per_task` test prompts of every task, each followed by EOS only to mark its last position as the one
+    with loss: the targets are never read."""
+    chat, eos = config["data"]["chat_template"], tokenizer.eos_token_id
+    return [Example(ids, [eos], i) for i, task in enumerate(config["tasks"])
+            for ids in encode_prompts(read_split(config, task, "test").prompt.tolist()[:per_task], tokenizer, chat)]
+
+
+def learn_adamerging(config: Config, name: str, params: dict[str, Any]) -> Learned:
+    model, tokenizer = experts_model(config)
+    prompts = unlabelled_prompts(config, tokenizer, params["prompts"] or config["router"]["prompts_per_task"])
+    settings_ = TrainSettings.from_config(config["training"])
+    settings_ = replace(settings_, steps=params["steps"] or settings_.steps, lr=params["lr"], weight_decay=0.0)
+    settings_ = with_checkpointing(settings_, config, model.config, LEARN_MERGE)
+    training = AdaMergingTraining(model.to(device()), params["init"])
+    trainer = Trainer(training, prompts, [], settings_, config["seed"], ExperimentPaths.of(config).checkpoint(name),
+                      loss_fn=entropy_loss, desc=f"learn {name}")
+    log = trainer.run()
+    trainer.discard_checkpoints()
+    return Learned(training.per_module().detach().float().cpu(), MergeMethod.CONCAT, list(lora_layers(model)), 0,
+                   float(log["loss"].iloc[-1]), log, unlabelled=len(prompts))
 
 
 # --- lorahub ------------------------------------------------------------------------------------------
@@ -179,7 +264,8 @@ def _check_combinable(adapters: Sequence[tuple[AdapterConfig, dict[str, Tensor]]
 
 # --- the step -------------------------------------------------------------------------------------------
 
-LEARNERS: dict[str, Callable[[Config, str, dict[str, Any]], Learned]] = {"cat": learn_cat, "lorahub": learn_lorahub}
+LEARNERS: dict[str, Callable[[Config, str, dict[str, Any]], Learned]] = {
+    "cat": learn_cat, "lorahub": learn_lorahub, "adamerging": learn_adamerging}
 
 
 def learn_merge(config: Config, method: str) -> StepResult:
@@ -190,12 +276,12 @@ def learn_merge(config: Config, method: str) -> StepResult:
     seconds = time.perf_counter() - start
     paths = ExperimentPaths.of(config)
     info = {"method": params["method"], "merge": learned.merge, "modules": learned.modules,
-            "tasks": list(config["tasks"]), "labelled": learned.labelled, "unlabelled": 0,
+            "tasks": list(config["tasks"]), "labelled": learned.labelled, "unlabelled": learned.unlabelled,
             "objective": learned.objective, "seconds": round(seconds, 2)}
     with atomic_dir(paths.learned(method)) as tmp:
         write_safetensors(tmp / LEARNED_COEFFICIENTS, {"coefficients": learned.coefficients.contiguous()})
         (tmp / LEARNED_INFO).write_text(json.dumps(info, indent=2) + "\n")
         learned.log.to_parquet(tmp / TRAIN_LOG, index=False)
     return StepResult(paths.learned(method), curves=learned.log,
-                      metrics={k: info[k] for k in ("labelled", "objective", "seconds")},
+                      metrics={k: info[k] for k in ("labelled", "unlabelled", "objective", "seconds")},
                       artifacts=[paths.learned(method) / LEARNED_INFO, paths.learned(method) / TRAIN_LOG])

@@ -20,7 +20,8 @@ COST_NOTE = ("Each composition serves every task's test prompts as one stream (c
              "wall time, over its decoding steps alone; prompt tokens over its prefills), latency and router "
              "accuracy the means over the tasks with generated answers. Tier, data and build: what each composition "
              "was built from beyond the task LoRAs (labelled: task-labelled prompts for the routers, prompt and target "
-             "rows for tuning and learning; unlabelled: prompts without labels) and the seconds of composing it plus "
+             "rows for tuning and learning; unlabelled: prompts without labels, adamerging's the test prompts themselves, "
+             "transductively) and the seconds of composing it plus "
              "what it was learned by (train-router, learn-merge); mixed trains its own LoRA on every training row.")
 
 
