@@ -41,8 +41,8 @@ RULES = {rule: step for step in STEPS for rule in ([step, sweep_rule(step)] if "
 SWEEP_METHODS = ["moa", "moa_vote", "moa_per_layer", "centroid", "arrow",
                  "concat", "linear", "avg", "task_arithmetic", "svd", "ties",
                  "dare_linear", "dare_ties", "magnitude_prune",
-                 "breadcrumbs", "task_arithmetic_tuned", "ties_tuned", "cat", "lorahub"]  # of METHODS: those a sweep
-# recomposes
+                 "breadcrumbs", "task_arithmetic_tuned", "ties_tuned", "cat", "lorahub",
+                 "adamerging"]  # of METHODS: those a sweep recomposes
 # Pinned so that the rerun checks see only what each test changes (test_code_change_reruns_everything
 # covers the real code version, moa's version).
 CODE_VERSION = "test-pinned"
@@ -217,19 +217,19 @@ def test_jobs_on_the_model_take_the_gpu_token_only_where_there_is_a_gpu(tmp_path
 
 
 def test_configfile_replaces_the_default_config(tmp_path: Path) -> None:
-    """--configfile smoke.yaml is the experiment; without it config/config.yaml (six tasks, 17 methods,
-    and a sweep of one subset of two tasks, two methods) is."""
+    """--configfile smoke.yaml is the experiment; without it config/config.yaml (six tasks, 11 methods of which two
+    learned merges, and a sweep of one subset of two tasks, two methods) is."""
     counts, _ = dry_run(tmp_path, configfile=None)
-    assert counts == smoke_jobs(n_tasks=6, n_methods=17, n_learned=0) + sweep_jobs(1, n_methods=2, n_learned=0)
+    assert counts == smoke_jobs(n_tasks=6, n_methods=11, n_learned=2) + sweep_jobs(1, n_methods=2, n_learned=0)
     assert (tmp_path / "results" / "default" / ".config").is_dir()
 
 
-def test_the_fair_overlay_adds_the_tuned_and_learned_merges(tmp_path: Path) -> None:
-    """config/fair.yaml on top of config/config.yaml: its four compositions join the default's 17, the learned two
-    with their learn_merge jobs."""
+def test_the_fair_overlay_adds_the_left_out_compositions(tmp_path: Path) -> None:
+    """config/fair.yaml on top of config/config.yaml: its five compositions join the default's 11, adamerging with
+    its learn_merge job beside the default's cat and lorahub."""
     counts, _ = dry_run(tmp_path, "--configfile", str(REPO / "config/config.yaml"), str(REPO / "config/fair.yaml"),
                         configfile=None)
-    assert counts == smoke_jobs(n_tasks=6, n_methods=21, n_learned=2) + sweep_jobs(1, n_methods=2, n_learned=0)
+    assert counts == smoke_jobs(n_tasks=6, n_methods=16, n_learned=3) + sweep_jobs(1, n_methods=2, n_learned=0)
 
 
 def test_nested_config_overrides_are_typed_by_the_schema(tmp_path: Path) -> None:
