@@ -217,15 +217,15 @@ def test_jobs_on_the_model_take_the_gpu_token_only_where_there_is_a_gpu(tmp_path
 
 
 def test_configfile_replaces_the_default_config(tmp_path: Path) -> None:
-    """--configfile smoke.yaml is the experiment; without it config/config.yaml (six tasks, 11 methods of which two
+    """--configfile smoke.yaml is the experiment; without it config/config.yaml (six tasks, 10 methods of which two
     learned merges, and a sweep of one subset of two tasks, two methods) is."""
     counts, _ = dry_run(tmp_path, configfile=None)
-    assert counts == smoke_jobs(n_tasks=6, n_methods=11, n_learned=2) + sweep_jobs(1, n_methods=2, n_learned=0)
+    assert counts == smoke_jobs(n_tasks=6, n_methods=10, n_learned=2) + sweep_jobs(1, n_methods=2, n_learned=0)
     assert (tmp_path / "results" / "default" / ".config").is_dir()
 
 
 def test_the_fair_overlay_adds_the_left_out_compositions(tmp_path: Path) -> None:
-    """config/fair.yaml on top of config/config.yaml: its five compositions join the default's 11, adamerging with
+    """config/fair.yaml on top of config/config.yaml: its six compositions join the default's 10, adamerging with
     its learn_merge job beside the default's cat and lorahub."""
     counts, _ = dry_run(tmp_path, "--configfile", str(REPO / "config/config.yaml"), str(REPO / "config/fair.yaml"),
                         configfile=None)
