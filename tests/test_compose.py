@@ -376,6 +376,18 @@ def test_cat_at_fixed_scalars_is_task_arithmetic_at_those_weights(experiment: Pa
     assert manifest["learned"]["seconds"] > 0
 
 
+def test_a_learned_merge_is_learned_again_identically(experiment: Path) -> None:
+    """The same config and seed give the same coefficients, whatever ran before in the process."""
+    config = load_config(experiment, [*FAST, "methods={first: {method: cat}, again: {method: cat}}"])
+    learn_merge(config, "first")
+    torch.rand(7)  # the global generator moved on
+    learn_merge(config, "again")
+    paths = ExperimentPaths.of(config)
+    first, again = (load_file(paths.learned(name) / "coefficients.safetensors")["coefficients"]
+                    for name in ("first", "again"))
+    assert torch.equal(first, again)
+
+
 def test_lorahub_learns_weights_in_range_and_composes_them(experiment: Path) -> None:
     config = load_config(experiment, FAST)
     paths = ExperimentPaths.of(config)
