@@ -387,15 +387,31 @@ def _rows(examples: Sequence[Example], budget: int) -> Iterator[list[int]]:
         yield row
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Scored:
+    """One example's target under the model: its summed negative log-likelihood (nats), its tokens, and whether
+    greedy decoding would produce it (every target token the argmax)."""
+
+    nll: float
+    tokens: int
+    greedy: bool
+
+
 def score(model: Transformer, examples: Sequence[Example], experts: Sequence[int] | None = None,
           router: SequenceRouter | None = None) -> list[tuple[float, int]]:
     """Per example: the summed negative log-likelihood (nats) of its target tokens (EOS included) given
-    its prompt, and how many tokens that is; in the input order. Examples are packed into rows without
-    padding, each attending only to itself. `experts` serve each example (the oracle's); a `router`
-    decides them from the prompts first (MoA)."""
+    its prompt, and how many tokens that is; in the input order (see scored)."""
+    return [(s.nll, s.tokens) for s in scored(model, examples, experts, router)]
+
+
+@torch.inference_mode()
+def scored(model: Transformer, examples: Sequence[Example], experts: Sequence[int] | None = None,
+           router: SequenceRouter | None = None) -> list[Scored]:
+    """Every example's target scored given its prompt, in the input order. Examples are packed into rows without
+    padding, each attending only to itself. `experts` serve each example (the oracle's); a `router` decides them
+    from the prompts first (MoA)."""
     device = model.lm_head.weight.device
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    out: list[Scored] = [Scored(0.0, 0, True)] * len(examples)
     for row in _rows(examples, SCORE_TOKENS):
         docs = [examples[i] for i in row]
         lengths = [len(e) for e in docs]
@@ -412,7 +428,9 @@ def score(model: Transformer, examples: Sequence[Example], experts: Sequence[int
             start += len(e)
         logits = model(ids, positions=positions, attn_mask=Documents(tuple(lengths)), logits_at=at)
         targets = torch.tensor([t for e in docs for t in e.target_ids], device=device)
-        nll = F.cross_entropy(logits.float(), targets, reduction="none").split([len(e.target_ids) for e in docs])
-        for i, values in zip(row, nll):
-            out[i] = (float(values.sum()), len(values))
+        sizes = [len(e.target_ids) for e in docs]
+        nll = F.cross_entropy(logits.float(), targets, reduction="none").split(sizes)
+        hits = (logits.argmax(-1) == targets).split(sizes)
+        for i, values, hit in zip(row, nll, hits):
+            out[i] = Scored(float(values.sum()), len(values), bool(hit.all()))
     return out

@@ -1,0 +1,149 @@
+"""moa's lm-evaluation-harness model against the harness's own `hf` model with `peft=`: on local harness tasks (a
+multiple-choice, a generation and a rolling-loglikelihood task over JSON files this test writes), the oracle's
+adapter of one task and a folded merge give the same loglikelihoods within 1e-4 and the same greedy generations, in
+fp32 on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+pytest.importorskip("lm_eval")
+
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from moa.compose.composition import compose  # noqa: E402
+from moa.data.prepare import prepare_task  # noqa: E402
+from moa.errors import MoaError  # noqa: E402
+from moa.experiment import load_config  # noqa: E402
+from moa.harness import MoaLM  # noqa: E402
+from moa.layout import ExperimentPaths  # noqa: E402
+from moa.model.prepare import prepare_model  # noqa: E402
+from moa.model.tokenizer import byte_tokenizer  # noqa: E402
+from moa.train.lora import train_lora  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["qa", "sentiment"]
+FAST = ["training.steps=3", "training.batch_size=4", "training.warmup_steps=1", "training.eval_every=20",
+        "training.checkpoint_every=100", "data.sizes.train=16", "data.sizes.test=4", "evaluation.dtype=float32"]
+HARNESS = {"moa_mc": "qa", "moa_gen": "qa", "moa_rolling": "sentiment"}  # harness task -> moa task (the oracle's)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model prepared as an HF directory, two task LoRAs, the oracle and task arithmetic composed."""
+    tmp = tmp_path_factory.mktemp("harness")
+    config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    config |= {"results_dir": str(tmp / "results"), "tracking": {"enabled": False},
+               "tasks": {task: {"source": {"type": "synthetic"}} for task in TASKS},
+               "methods": {"oracle": None, "task_arithmetic": None}}
+    path = tmp / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(path, FAST)
+    prepare_model(loaded)
+    for task in TASKS:
+        prepare_task(loaded, task, byte_tokenizer())
+        train_lora(loaded, task)
+    for method in ("oracle", "task_arithmetic"):
+        compose(loaded, method)
+    return path
+
+
+@pytest.fixture(scope="module")
+def harness_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three harness task YAMLs over local JSON files: nothing is downloaded."""
+    tmp = tmp_path_factory.mktemp("harness_tasks")
+    rows = {
+        "mc": [{"question": f"Question {i}: is {i} even?", "choices": [" yes", " no", " maybe"], "answer": i % 2}
+               for i in range(6)],
+        "gen": [{"prompt": f"Passage: item {i} sat.\nQuestion: what sat?\nAnswer:", "target": f" item {i}"}
+                for i in range(4)],
+        "rolling": [{"text": f"Review {i}: the film was {'good' if i % 2 else 'bad'}, and long." * 3} for i in range(3)],
+    }
+    for name, records in rows.items():
+        (tmp / f"{name}.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    common = {"dataset_path": "json", "test_split": "train"}
+    specs = {
+        "moa_mc": {"output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
+                   "doc_to_target": "{{answer}}", "metric_list": [{"metric": "acc"}]},
+        "moa_gen": {"output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{target}}",
+                    "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+                    "metric_list": [{"metric": "exact_match"}]},
+        "moa_rolling": {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+                        "metric_list": [{"metric": "word_perplexity"}]},
+    }
+    for task, spec in specs.items():
+        data = str(tmp / f"{task.removeprefix('moa_')}.json")
+        (tmp / f"{task}.yaml").write_text(yaml.safe_dump(
+            {"task": task, **common, "dataset_kwargs": {"data_files": {"train": data}}, **spec}))
+    return tmp
+
+
+def peft_model(model_dir: Path, adapter: Path) -> PeftModel:
+    """The base model with the adapter, as `hf` with `peft=` loads it but without its embedding resize (it cuts the
+    tiny model's padded vocabulary, 320 rows, to the tokenizer's 259 tokens; SmolLM2's are equal)."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter).eval()
+
+
+def samples(model, harness_tasks: Path) -> dict[str, list[dict]]:
+    results = simple_evaluate(model=model, tasks=list(HARNESS), task_manager=TaskManager(include_path=str(harness_tasks)),
+                              log_samples=True, batch_size=4)
+    return results["samples"]
+
+
+def responses(entries: list[dict]) -> list[list]:
+    """Each sample's raw responses, ordered by document."""
+    return [entry["resps"] for entry in sorted(entries, key=lambda e: e["doc_id"])]
+
+
+@pytest.mark.parametrize(("method", "adapter"), [("oracle", "qa"), ("task_arithmetic", None)])
+def test_moa_gives_the_harness_hf_model_with_peft(experiment: Path, harness_tasks: Path, method: str,
+                                                   adapter: str | None) -> None:
+    """The oracle on the qa-mapped tasks is the qa LoRA (the rolling task, mapped to sentiment, is compared for the
+    merge only); task arithmetic is its PEFT adapter."""
+    config = load_config(experiment, FAST)
+    paths = ExperimentPaths.of(config)
+    peft = paths.adapter(adapter) if adapter else paths.composition(method)
+    tasks = "|".join(f"{h}:{m}" for h, m in HARNESS.items())
+    ours = samples(MoaLM(str(experiment), method, tasks=tasks), harness_tasks)
+    theirs = samples(HFLM(pretrained=peft_model(paths.model, peft), tokenizer=AutoTokenizer.from_pretrained(paths.model),
+                          batch_size=4), harness_tasks)
+    compared = ["moa_mc", "moa_gen"] + ([] if adapter else ["moa_rolling"])
+    for task in compared:
+        for mine, reference in zip(responses(ours[task]), responses(theirs[task]), strict=True):
+            for a, b in zip(mine, reference, strict=True):
+                if task == "moa_gen":
+                    assert a == b
+                elif task == "moa_mc":
+                    assert a[0][0] == pytest.approx(b[0][0], abs=1e-4) and a[0][1] == b[0][1]
+                else:
+                    assert a[0] == pytest.approx(b[0], abs=1e-4)
+
+
+def test_the_oracle_needs_each_harness_task_mapped(experiment: Path, harness_tasks: Path) -> None:
+    with pytest.raises(MoaError, match="harness task 'moa_mc' has no moa task; add it to the model args"):
+        samples(MoaLM(str(experiment), "oracle"), harness_tasks)
+    with pytest.raises(MoaError, match="model args tasks: 'moa_mc:nope' is not HARNESS_TASK:MOA_TASK"):
+        MoaLM(str(experiment), "oracle", tasks="moa_mc:nope")
+
+
+def test_the_command_line_runs_a_composition(experiment: Path, harness_tasks: Path, tmp_path: Path) -> None:
+    """`moa-lm-eval` is the harness's command line with moa's model registered: results and per-sample logs."""
+    args = ["--model", "moa", "--model_args", f"config={experiment},method=task_arithmetic", "--tasks", "moa_gen",
+            "--include_path", str(harness_tasks), "--output_path", str(tmp_path / "out"), "--log_samples"]
+    subprocess.run([sys.executable, "-c", "from moa.harness import main; main()", *args], check=True,
+                   env=os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True)
+    written = {p.name.split("_")[0] for p in (tmp_path / "out").rglob("*.json*")}
+    assert {"results", "samples"} <= written
