@@ -1,7 +1,7 @@
 """moa's lm-evaluation-harness model against the harness's own `hf` model with `peft=`: on local harness tasks (a
 multiple-choice, a generation and a rolling-loglikelihood task over JSON files this test writes), the oracle's
 adapter of one task and a folded merge give the same loglikelihoods within 1e-4 and the same greedy generations, in
-fp32 on the tiny model."""
+fp32 on the tiny model and (marked integration) on SmolLM2-135M."""
 
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ from moa.errors import MoaError  # noqa: E402
 from moa.experiment import load_config  # noqa: E402
 from moa.harness import MoaLM  # noqa: E402
 from moa.layout import ExperimentPaths  # noqa: E402
+from moa.lora import DEFAULT_TARGETS, AdapterConfig, adapter_state_dict, write_adapter  # noqa: E402
 from moa.model.prepare import prepare_model  # noqa: E402
 from moa.model.tokenizer import byte_tokenizer  # noqa: E402
 from moa.train.lora import train_lora  # noqa: E402
+from tests.conftest import with_random_experts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["qa", "sentiment"]
@@ -111,17 +113,19 @@ def responses(entries: list[dict]) -> list[list]:
 @pytest.mark.parametrize(("method", "adapter"), [("oracle", "qa"), ("task_arithmetic", None)])
 def test_moa_gives_the_harness_hf_model_with_peft(experiment: Path, harness_tasks: Path, method: str,
                                                    adapter: str | None) -> None:
-    """The oracle on the qa-mapped tasks is the qa LoRA (the rolling task, mapped to sentiment, is compared for the
-    merge only); task arithmetic is its PEFT adapter."""
-    config = load_config(experiment, FAST)
-    paths = ExperimentPaths.of(config)
+    compare(experiment, FAST, harness_tasks, method, adapter)
+
+
+def compare(experiment: Path, overrides: list[str], harness_tasks: Path, method: str, adapter: str | None) -> None:
+    """moa's samples equal hf's with the composition's PEFT adapter: the oracle on the qa-mapped tasks is the qa LoRA
+    (the rolling task, mapped to sentiment, is compared for the merge only); task arithmetic is its own adapter."""
+    paths = ExperimentPaths.of(load_config(experiment, overrides))
     peft = paths.adapter(adapter) if adapter else paths.composition(method)
     tasks = "|".join(f"{h}:{m}" for h, m in HARNESS.items())
     ours = samples(MoaLM(str(experiment), method, tasks=tasks), harness_tasks)
     theirs = samples(HFLM(pretrained=peft_model(paths.model, peft), tokenizer=AutoTokenizer.from_pretrained(paths.model),
                           batch_size=4), harness_tasks)
-    compared = ["moa_mc", "moa_gen"] + ([] if adapter else ["moa_rolling"])
-    for task in compared:
+    for task in ["moa_mc", "moa_gen"] + ([] if adapter else ["moa_rolling"]):
         for mine, reference in zip(responses(ours[task]), responses(theirs[task]), strict=True):
             for a, b in zip(mine, reference, strict=True):
                 if task == "moa_gen":
@@ -147,3 +151,34 @@ def test_the_command_line_runs_a_composition(experiment: Path, harness_tasks: Pa
                    env=os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True)
     written = {p.name.split("_")[0] for p in (tmp_path / "out").rglob("*.json*")}
     assert {"results", "samples"} <= written
+
+
+@pytest.fixture(scope="module")
+def smollm2_experiment(tmp_path_factory: pytest.TempPathFactory, smollm2) -> Path:
+    """SmolLM2-135M prepared as an HF directory, with a random rank-4 LoRA per task (nonzero B: each changes the
+    output), the oracle and task arithmetic composed."""
+    tmp = tmp_path_factory.mktemp("harness_smollm2")
+    config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
+    config |= {"results_dir": str(tmp / "results"), "tracking": {"enabled": False},
+               "model": {"source": "smollm2-135m-instruct", "dtype": "float32"},
+               "tasks": {task: {"source": {"type": "synthetic"}} for task in TASKS},
+               "methods": {"oracle": None, "task_arithmetic": None}}
+    path = tmp / "smollm2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(path, ["evaluation.dtype=float32"])
+    prepare_model(loaded)
+    paths = ExperimentPaths.of(loaded)
+    experts = with_random_experts(smollm2[0], seed=0, experts=len(TASKS))
+    adapter = AdapterConfig(r=4, lora_alpha=8, target_modules=list(DEFAULT_TARGETS))
+    for index, task in enumerate(TASKS):
+        write_adapter(paths.adapter(task), adapter, adapter_state_dict(experts, index))
+    for method in ("oracle", "task_arithmetic"):
+        compose(loaded, method)
+    return path
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("method", "adapter"), [("oracle", "qa"), ("task_arithmetic", None)])
+def test_moa_gives_the_harness_hf_model_on_smollm2(smollm2_experiment: Path, harness_tasks: Path, method: str,
+                                                    adapter: str | None) -> None:
+    compare(smollm2_experiment, ["evaluation.dtype=float32"], harness_tasks, method, adapter)
