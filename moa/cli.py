@@ -1,7 +1,8 @@
 """`moa <step> ...`: thin argparse wrappers over typed functions. Bad input exits 2 with one line.
 
 The pipeline's steps come from moa.steps.STEPS (`moa train-lora` runs STEPS["train_lora"]); `moa model`
-inspects or converts a base model and `moa generate` answers prompts with any composition.
+inspects or converts a base model, `moa generate` answers prompts with any composition and `moa export` writes one
+where other tools load it.
 """
 
 from __future__ import annotations
@@ -207,6 +208,25 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     gen.set_defaults(run=generate)
 
 
+def export(args: argparse.Namespace) -> None:
+    from moa.experiment import load_config
+    from moa.export import export
+
+    set_threads(args.threads)
+    result = export(load_config(args.config, args.set), args.method, Path(args.out))
+    print(f"wrote {result.path}: {result.summary}")
+
+
+def add_export_command(commands: argparse._SubParsersAction) -> None:
+    command = add_config_command(commands, "export", "write a composition where other tools load it: a merge as a "
+                                 "merged HF directory (merged/) and a PEFT adapter (adapter/); the task LoRAs of a "
+                                 "routed composition (experts/), MoA's routers or the centroids, and a README of how "
+                                 "they fit together")
+    command.add_argument("--method", required=True, help=WILDCARD_HELP["method"])
+    command.add_argument("out", help="output directory (written atomically)")
+    command.set_defaults(run=export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(run=step_command(name))
     add_generate_command(commands)
     add_plan_command(commands)
+    add_export_command(commands)
     return parser
 
 

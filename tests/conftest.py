@@ -68,3 +68,37 @@ def _write_byte_tokenizer(directory: Path) -> None:
     from moa.model.tokenizer import byte_tokenizer
 
     byte_tokenizer().save(directory)
+
+
+TINY_FAST = ["training.steps=3", "training.batch_size=4", "training.warmup_steps=1", "training.eval_every=20",
+             "training.checkpoint_every=100", "data.sizes.train=16", "data.sizes.test=4"]
+
+
+def composed_experiment(root: Path, tasks: list[str], methods: dict, overrides: list[str]) -> Path:
+    """config/smoke.yaml (the tiny model) on synthetic `tasks` under `root`: the model prepared as an HF directory,
+    a LoRA per task, MoA's routers where `methods` has moa, every method composed; returns the config's path."""
+    import yaml
+
+    from moa.compose.composition import compose
+    from moa.data.prepare import prepare_task
+    from moa.experiment import load_config
+    from moa.model.prepare import prepare_model
+    from moa.model.tokenizer import byte_tokenizer
+    from moa.train.lora import train_lora
+    from moa.train.router import train_router
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config/smoke.yaml").read_text())
+    config |= {"results_dir": str(root / "results"), "tracking": {"enabled": False},
+               "tasks": {task: {"source": {"type": "synthetic"}} for task in tasks}, "methods": methods}
+    path = root / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(path, overrides)
+    prepare_model(loaded)
+    for task in tasks:
+        prepare_task(loaded, task, byte_tokenizer())
+        train_lora(loaded, task)
+    if "moa" in methods:
+        train_router(loaded)
+    for method in methods:
+        compose(loaded, method)
+    return path

@@ -24,42 +24,25 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from moa.compose.composition import compose  # noqa: E402
-from moa.data.prepare import prepare_task  # noqa: E402
 from moa.errors import MoaError  # noqa: E402
 from moa.experiment import load_config  # noqa: E402
 from moa.harness import MoaLM  # noqa: E402
 from moa.layout import ExperimentPaths  # noqa: E402
 from moa.lora import DEFAULT_TARGETS, AdapterConfig, adapter_state_dict, write_adapter  # noqa: E402
 from moa.model.prepare import prepare_model  # noqa: E402
-from moa.model.tokenizer import byte_tokenizer  # noqa: E402
-from moa.train.lora import train_lora  # noqa: E402
-from tests.conftest import with_random_experts  # noqa: E402
+from tests.conftest import TINY_FAST, composed_experiment, with_random_experts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["qa", "sentiment"]
-FAST = ["training.steps=3", "training.batch_size=4", "training.warmup_steps=1", "training.eval_every=20",
-        "training.checkpoint_every=100", "data.sizes.train=16", "data.sizes.test=4", "evaluation.dtype=float32"]
+FAST = [*TINY_FAST, "evaluation.dtype=float32"]
 HARNESS = {"moa_mc": "qa", "moa_gen": "qa", "moa_rolling": "sentiment"}  # harness task -> moa task (the oracle's)
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model prepared as an HF directory, two task LoRAs, the oracle and task arithmetic composed."""
-    tmp = tmp_path_factory.mktemp("harness")
-    config = yaml.safe_load((ROOT / "config/smoke.yaml").read_text())
-    config |= {"results_dir": str(tmp / "results"), "tracking": {"enabled": False},
-               "tasks": {task: {"source": {"type": "synthetic"}} for task in TASKS},
-               "methods": {"oracle": None, "task_arithmetic": None}}
-    path = tmp / "smoke.yaml"
-    path.write_text(yaml.safe_dump(config))
-    loaded = load_config(path, FAST)
-    prepare_model(loaded)
-    for task in TASKS:
-        prepare_task(loaded, task, byte_tokenizer())
-        train_lora(loaded, task)
-    for method in ("oracle", "task_arithmetic"):
-        compose(loaded, method)
-    return path
+    return composed_experiment(tmp_path_factory.mktemp("harness"), TASKS, {"oracle": None, "task_arithmetic": None},
+                               FAST)
 
 
 @pytest.fixture(scope="module")
