@@ -350,26 +350,40 @@ def test_tuning_criterion_is_the_validation_loss_evaluation_measures(experiment:
     assert table.index[table["chosen"]].tolist() == [int(np.argmin(expected))]
 
 
-def test_cat_at_fixed_scalars_is_task_arithmetic_at_those_weights(experiment: Path) -> None:
-    """CAT's training forward with every scalar w, and the merge compose folds from coefficients all w, equal task
-    arithmetic with every weight w (its weights are w * N x 1/N)."""
-    w = 0.4
-    config = load_config(experiment, [*FAST, f"methods={{cat: null, ta: {{method: task_arithmetic, scale: {w * 3}}}}}"])
-    paths = ExperimentPaths.of(config)
+def task_arithmetic_case(experiment: Path, learned: str, w: float) -> tuple[dict, torch.Tensor, torch.Tensor,
+                                                                          torch.nn.Module]:
+    """A config with learned merge `learned` and task arithmetic at every weight w; PROMPT's ids, task arithmetic's
+    logits on them, and the base model with every task LoRA attached (what the learner trains through)."""
+    methods = f"{{{learned}: null, ta: {{method: task_arithmetic, scale: {w * len(TASKS)}}}}}"
+    config = load_config(experiment, [*FAST, f"methods={methods}"])
     compose(config, "ta")
     ids = torch.tensor([byte_tokenizer().encode(PROMPT)])
     expected = logits(load_composition(config, "ta").model, ids)
     model, _ = base_model(config)
-    attach_experts(model, [paths.adapter(t) for t in TASKS])
-    training = CatTraining(model, w)
-    training.apply_coefficients()
+    attach_experts(model, [ExperimentPaths.of(config).adapter(t) for t in TASKS])
+    return config, ids, expected, model
+
+
+def composed_at(config: dict, learned: str, w: float, ids: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """The learned merge composed from coefficients all fixed to w gives `expected`; returns what it had learned."""
+    coefficients = ExperimentPaths.of(config).learned(learned) / "coefficients.safetensors"
+    found = load_file(coefficients)["coefficients"]
+    save_file({"coefficients": torch.full_like(found, w)}, coefficients)
+    compose(config, learned)
+    torch.testing.assert_close(logits(load_composition(config, learned).model, ids), expected, atol=2e-5, rtol=1e-4)
+    return found
+
+
+def test_cat_at_fixed_scalars_is_task_arithmetic_at_those_weights(experiment: Path) -> None:
+    """CAT's training forward with every scalar w, and the merge compose folds from coefficients all w, equal task
+    arithmetic with every weight w (its weights are w * N x 1/N)."""
+    w = 0.4
+    config, ids, expected, model = task_arithmetic_case(experiment, "cat", w)
+    paths = ExperimentPaths.of(config)
+    CatTraining(model, w).apply_coefficients()
     torch.testing.assert_close(logits(model.eval(), ids), expected, atol=2e-5, rtol=1e-4)
-    coefficients = paths.learned("cat") / "coefficients.safetensors"
-    learned = load_file(coefficients)["coefficients"]
+    learned = composed_at(config, "cat", w, ids, expected)
     assert learned.shape == (len(lora_layers(model)), 3) and not torch.allclose(learned, torch.full_like(learned, 1 / 3))
-    save_file({"coefficients": torch.full_like(learned, w)}, coefficients)  # the scalars fixed to w
-    compose(config, "cat")
-    torch.testing.assert_close(logits(load_composition(config, "cat").model, ids), expected, atol=2e-5, rtol=1e-4)
     info = json.loads((paths.learned("cat") / "learned.json").read_text())
     manifest = json.loads(paths.manifest("cat").read_text())
     assert info["labelled"] == 3 * 16 and manifest["learned"]["labelled"] == 3 * 16  # the 16 training rows per task
@@ -425,24 +439,13 @@ def test_adamerging_at_fixed_coefficients_is_task_arithmetic_at_those_weights(ex
     """AdaMerging's training forward with every coefficient w, and the merge compose folds from coefficients all w,
     equal task arithmetic with every weight w; coefficients outside [0, 1] act clamped."""
     w = 0.4
-    methods = f"{{adamerging: null, ta: {{method: task_arithmetic, scale: {w * 3}}}}}"
-    config = load_config(experiment, [*FAST, f"methods={methods}"])
+    config, ids, expected, model = task_arithmetic_case(experiment, "adamerging", w)
     paths = ExperimentPaths.of(config)
-    compose(config, "ta")
-    ids = torch.tensor([byte_tokenizer().encode(PROMPT)])
-    expected = logits(load_composition(config, "ta").model, ids)
-    model, _ = base_model(config)
-    attach_experts(model, [paths.adapter(t) for t in TASKS])
     AdaMergingTraining(model, w).apply_coefficients()
     torch.testing.assert_close(logits(model.eval(), ids), expected, atol=2e-5, rtol=1e-4)
     assert torch.equal(AdaMergingTraining(model, 1.7).per_module(), torch.ones(len(lora_layers(model)), 3))
-    coefficients = paths.learned("adamerging") / "coefficients.safetensors"
-    learned = load_file(coefficients)["coefficients"]
+    learned = composed_at(config, "adamerging", w, ids, expected)
     assert learned.shape == (len(lora_layers(model)), 3) and not torch.allclose(learned, torch.full_like(learned, 0.3))
-    save_file({"coefficients": torch.full_like(learned, w)}, coefficients)  # the coefficients fixed to w
-    compose(config, "adamerging")
-    torch.testing.assert_close(logits(load_composition(config, "adamerging").model, ids), expected, atol=2e-5,
-                               rtol=1e-4)
     report = json.loads(paths.merge_report("adamerging").read_text())
     manifest = json.loads(paths.manifest("adamerging").read_text())
     assert report["method"] == "concat" and report["weights"] == pytest.approx([w] * 3)
