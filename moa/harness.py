@@ -14,6 +14,7 @@ The oracle serves each request with its own task's LoRA, so it needs the moa tas
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,14 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from moa.compose.composition import Composed, load_composition
+from moa.config import Config
 from moa.data.batching import Example
 from moa.errors import MoaError
 from moa.experiment import load_config
 from moa.generate import Request, Sampling, Scored, generate, scored
+from moa.io import atomic_dir
+from moa.layout import ExperimentPaths
+from moa.step_result import StepResult
 
 MAX_GEN_TOKS = 256  # the harness's default for generate_until
 
@@ -36,10 +41,10 @@ MAX_GEN_TOKS = 256  # the harness's default for generate_until
 class MoaLM(TemplateLM):
     """One moa composition behind the harness's model interface."""
 
-    def __init__(self, config: str, method: str, tasks: str = "", batch_size: int | str | None = None,
+    def __init__(self, config: str | Config, method: str, tasks: str = "", batch_size: int | str | None = None,
                  max_length: int | None = None, **harness_args: Any) -> None:
         super().__init__()
-        self.config = load_config(Path(config))
+        self.config = load_config(Path(config)) if isinstance(config, str | Path) else config
         self.composed: Composed = load_composition(self.config, method, fold=self.config["evaluation"]["fold"])
         self.tokenizer = self.composed.tokenizer
         self.tasks = _task_map(tasks, list(self.config["tasks"]))
@@ -155,3 +160,30 @@ def main() -> None:
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
+
+
+def evaluate_harness(config: Config, method: str) -> StepResult:
+    """The harness tasks of evaluation.lm_eval on composition `method` -> lm_eval/{method}/: results.json (the
+    harness's results) and samples/{task}.jsonl (its per-sample logs, the same samples for every composition),
+    written atomically."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    settings = config["evaluation"]["lm_eval"]
+    mapping = "|".join(f"{harness}:{task}" for harness, task in (settings["task_map"] or {}).items())
+    model = MoaLM(config, method, tasks=mapping, batch_size=settings["batch_size"])
+    manager = TaskManager(include_path=settings["include_path"]) if settings["include_path"] else TaskManager()
+    results = simple_evaluate(model=model, tasks=list(settings["tasks"]), num_fewshot=settings["num_fewshot"],
+                              limit=settings["limit"], task_manager=manager, log_samples=True,
+                              random_seed=config["seed"], numpy_random_seed=config["seed"],
+                              torch_random_seed=config["seed"], fewshot_random_seed=config["seed"])
+    out = ExperimentPaths.of(config).harness(method)
+    with atomic_dir(out) as tmp:
+        (tmp / "results.json").write_text(json.dumps(results["results"], indent=2, default=str) + "\n")
+        (tmp / "samples").mkdir()
+        for task, samples in results["samples"].items():
+            lines = (json.dumps(sample, default=str) for sample in sorted(samples, key=lambda s: s["doc_id"]))
+            (tmp / "samples" / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
+    metrics = {f"{task}.{name.split(',')[0]}": value for task, values in results["results"].items()
+               for name, value in values.items() if isinstance(value, int | float) and "stderr" not in name}
+    return StepResult(out, metrics=metrics, artifacts=[out / "results.json"])

@@ -197,6 +197,11 @@ class ExperimentPaths:
     def eval_info(self, method: str, task: str) -> Path:
         return self.evaluation(method, task) / "info.json"
 
+    def harness(self, method: str) -> Path:
+        """lm_eval/{method}/: the lm-evaluation-harness tasks of evaluation.lm_eval on one composition (results.json,
+        samples/{task}.jsonl)."""
+        return self.scope / "lm_eval" / method
+
     def implicit_routing(self, method: str, task: str) -> Path:
         """An exact merge's per-sequence component responses (see moa.implicit)."""
         return self.evaluation(method, task) / "implicit_routing.parquet"

@@ -26,7 +26,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from moa.compose.composition import compose  # noqa: E402
 from moa.errors import MoaError  # noqa: E402
 from moa.experiment import load_config  # noqa: E402
-from moa.harness import MoaLM  # noqa: E402
+from moa.harness import MoaLM, evaluate_harness  # noqa: E402
 from moa.layout import ExperimentPaths  # noqa: E402
 from moa.lora import DEFAULT_TARGETS, AdapterConfig, adapter_state_dict, write_adapter  # noqa: E402
 from moa.model.prepare import prepare_model  # noqa: E402
@@ -165,3 +165,20 @@ def smollm2_experiment(tmp_path_factory: pytest.TempPathFactory, smollm2) -> Pat
 def test_moa_gives_the_harness_hf_model_on_smollm2(smollm2_experiment: Path, harness_tasks: Path, method: str,
                                                     adapter: str | None) -> None:
     compare(smollm2_experiment, ["evaluation.dtype=float32"], harness_tasks, method, adapter)
+
+
+def test_the_step_writes_results_and_samples(experiment: Path, harness_tasks: Path) -> None:
+    """evaluation.lm_eval: the harness's results and its per-sample logs under lm_eval/{method}/, the samples those
+    of the harness model run directly."""
+    lm_eval = {"tasks": ["moa_mc", "moa_gen"], "include_path": str(harness_tasks), "limit": 3,
+               "task_map": {"moa_mc": "qa", "moa_gen": "qa"}}
+    config = load_config(experiment, [*FAST, f"evaluation.lm_eval={json.dumps(lm_eval)}"])
+    result = evaluate_harness(config, "oracle")
+    assert result.path == ExperimentPaths.of(config).harness("oracle")
+    results = json.loads((result.path / "results.json").read_text())
+    assert set(results) == {"moa_mc", "moa_gen"} and "moa_mc.acc" in result.metrics
+    logged = [json.loads(line) for line in (result.path / "samples" / "moa_gen.jsonl").read_text().splitlines()]
+    direct = simple_evaluate(model=MoaLM(str(experiment), "oracle", tasks="moa_gen:qa"), tasks=["moa_gen"], limit=3,
+                             task_manager=TaskManager(include_path=str(harness_tasks)), log_samples=True)
+    direct = direct["samples"]["moa_gen"]
+    assert [s["resps"] for s in logged] == responses(direct)
