@@ -4,6 +4,7 @@ error is one line naming the key."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def _check(config: Config, source: str) -> Config:
     _check_lengths(config, source)
     _check_formats(config, source)
     _check_sweep(config, source)
+    _check_harness(config, source)
     unknown = [m for m in config["report"]["compare_to"] or () if m not in config["methods"]]
     if unknown:
         raise MoaError(f"{source}: report.compare_to: {', '.join(unknown)} is not a configured method; "
@@ -102,6 +104,23 @@ def _check_formats(config: Config, source: str) -> None:
                 get_task(config, name)
             except MoaError as err:
                 raise MoaError(f"{source}: {err}") from None
+
+
+def _check_harness(config: Config, source: str) -> None:
+    """evaluation.lm_eval needs the harness installed and maps harness tasks to the config's tasks. (Whether the
+    harness knows each task is checked where the harness is loaded, moa.lm_harness.check_tasks: indexing its tasks
+    takes seconds.)"""
+    settings, where = config["evaluation"]["lm_eval"], f"{source}: evaluation.lm_eval"
+    if settings is None:
+        return
+    if importlib.util.find_spec("lm_eval") is None:
+        raise MoaError(f"{where}: lm-evaluation-harness is not installed; pip install 'moa[lm-eval]' (or remove "
+                       "evaluation.lm_eval)")
+    unknown = {harness: task for harness, task in (settings["task_map"] or {}).items() if task not in config["tasks"]}
+    if unknown:
+        harness, task = next(iter(unknown.items()))
+        raise MoaError(f"{where}.task_map.{harness}: {task!r} is not a task of the config; map it to one of "
+                       f"{', '.join(config['tasks'])}")
 
 
 def _check_sweep(config: Config, source: str) -> None:

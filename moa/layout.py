@@ -44,6 +44,8 @@ LEARNED_INFO = "learned.json"  # in learned/{merge}/: the merge they combine by,
 TUNE = "tune.parquet"  # in compositions/{tuned merge}/: every candidate of its grid on validation
 CENTROIDS = "centroids.safetensors"  # in compositions/centroid/: [layers, tasks, hidden]
 CENTROID_EVAL = "centroid_eval.parquet"  # in compositions/centroid/: each layer's validation accuracy
+HARNESS_RESULTS = "results.json"  # in lm_eval/{method}/: the harness's results, configs and versions
+HARNESS_SAMPLES = "samples"  # in lm_eval/{method}/: {task}.jsonl, the harness's per-sample logs
 # The key under which a sweep subset's config (moa.sweep.restrict) names its subset; no config file can set it (the
 # schema has no such key).
 SUBSET = "subset"
@@ -201,6 +203,12 @@ class ExperimentPaths:
         """lm_eval/{method}/: the lm-evaluation-harness tasks of evaluation.lm_eval on one composition (results.json,
         samples/{task}.jsonl)."""
         return self.scope / "lm_eval" / method
+
+    def harness_results(self, method: str) -> Path:
+        return self.harness(method) / HARNESS_RESULTS
+
+    def harness_samples(self, method: str, task: str) -> Path:
+        return self.harness(method) / HARNESS_SAMPLES / f"{task}.jsonl"
 
     def implicit_routing(self, method: str, task: str) -> Path:
         """An exact merge's per-sequence component responses (see moa.implicit)."""

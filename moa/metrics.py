@@ -31,6 +31,14 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 # The share of outputs that follow their task's format (its check: moa.data.tasks), the mean of a 0/100 statistic
 FORMAT_ADHERENCE = "format_adherence"
 ROUTER_ACCURACY = "router_accuracy"  # evaluate's metric where a router chose one expert per sequence
+NO_FILTER = "none"  # the harness's filter of a metric computed on the raw responses
+
+
+def harness_metric(key: str) -> str:
+    """An lm-evaluation-harness result key as moa names the figure: "acc,none" -> "acc", "exact_match,strict-match"
+    -> "exact_match.strict-match" (a metric under a filter)."""
+    metric, _, kept = key.partition(",")
+    return metric if kept in ("", NO_FILTER) else f"{metric}.{kept}"
 Statistics = dict[str, np.ndarray]  # column -> [n] or [n, k], one row per example
 
 

@@ -375,9 +375,7 @@ def training_fit(config: dict, shapes: ModelConfig, step: str, where: Setting) -
 
 
 def evaluation_plan(config: dict, shapes: ModelConfig, method: str, on_device: bool) -> JobPlan:
-    from moa.config import method_params
     from moa.data.tasks import get_task
-    from moa.roles import BASE
 
     tasks = [get_task(config, name) for name in config["tasks"]]
     data, evaluation = config["data"], config["evaluation"]
@@ -385,15 +383,35 @@ def evaluation_plan(config: dict, shapes: ModelConfig, method: str, on_device: b
     scored = any(t.scored for t in tasks)
     reach = data["max_prompt_tokens"] + max(new, data["max_target_tokens"] + 1 if scored else 0)
     slots = evaluation["batch_size"]
-    experts = 0 if method_params(config, method)["method"] == BASE else len(tasks)
-    memory = inference_memory(shapes, _lora(config, experts) if experts else None, DTYPES[evaluation["dtype"]],
-                              max(PREFILL_TOKENS, data["max_prompt_tokens"]), slots, reach,
-                              PREFILL_TOKENS if scored else slots)
+    return serving_plan(config, shapes, method, on_device, "evaluate", slots, reach,
+                        max(PREFILL_TOKENS, data["max_prompt_tokens"]), PREFILL_TOKENS if scored else slots)
+
+
+def harness_plan(config: dict, shapes: ModelConfig, method: str, on_device: bool) -> JobPlan:
+    """The lm-eval step: moa's engine serving the composition, each request up to lm_eval.max_length tokens (the
+    harness's contexts are its tasks', not bounded by the config's data limits), and its scoring."""
+    settings = config["evaluation"]["lm_eval"]
+    reach = settings["max_length"] or shapes.max_position_embeddings
+    slots = settings["batch_size"] or config["evaluation"]["batch_size"]
+    return serving_plan(config, shapes, method, on_device, "lm_eval", slots, reach, max(PREFILL_TOKENS, reach),
+                        PREFILL_TOKENS)
+
+
+def serving_plan(config: dict, shapes: ModelConfig, method: str, on_device: bool, step: str, slots: int, reach: int,
+                 tokens: int, logits_rows: int) -> JobPlan:
+    """A composition served: `slots` sequences of up to `reach` tokens in the KV cache, forwards of `tokens` tokens
+    with `logits_rows` rows of logits, every task's LoRA beside the weights (but for base), and a merge folded."""
+    from moa.config import method_params
+    from moa.roles import BASE
+
+    experts = 0 if method_params(config, method)["method"] == BASE else len(config["tasks"])
+    memory = inference_memory(shapes, _lora(config, experts) if experts else None,
+                              DTYPES[config["evaluation"]["dtype"]], tokens, slots, reach, logits_rows)
     fold = 2 * 4 * largest_module(shapes)  # one module's fp32 delta and sum while a merge is folded
     memory = replace(memory, workspace=memory.workspace + fold)
     memory = replace(memory, host=_host(config, memory.weights, on_device, memory.device)
                      + dense_merge_bytes(config, shapes, method))
-    return JobPlan(f"evaluate:{method}", memory, on_device, f"{slots} sequences x {reach} tokens")
+    return JobPlan(f"{step}:{method}", memory, on_device, f"{slots} sequences x {reach} tokens")
 
 
 def dense_merge_bytes(config: dict, shapes: ModelConfig, method: str) -> int:
@@ -458,6 +476,8 @@ def job_plan(config: dict, shapes: ModelConfig, step: str, where: Setting, metho
         return composition_plan(config, shapes, method, on_device)
     if step == "evaluate" and method:
         return evaluation_plan(config, shapes, method, on_device)
+    if step == "lm_eval" and method:
+        return harness_plan(config, shapes, method, on_device)
     return None
 
 
@@ -498,6 +518,9 @@ def advice(config: dict, plan: JobPlan, where: Setting) -> str:
         return "even micro-batch 1 with checkpointing does not fit: use model.dtype: bfloat16 or a larger device"
     if plan.job.startswith("evaluate"):
         return "lower evaluation.batch_size (KV-cache slots) or use evaluation.dtype: bfloat16"
+    if plan.job.startswith("lm_eval"):
+        return ("lower evaluation.lm_eval.batch_size or evaluation.lm_eval.max_length, or use evaluation.dtype: "
+                "bfloat16")
     return "run it on a machine with more memory (`moa plan` lists every job's needs)"
 
 

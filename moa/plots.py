@@ -184,6 +184,33 @@ def plot_multitask(scores: pd.DataFrame, kinds: Mapping[str, Kind], confidence: 
     return fig
 
 
+def plot_harness(figures: pd.DataFrame, kinds: Mapping[str, Kind], confidence: float) -> Figure:
+    """One panel per harness task and metric: each composition's figure with its interval (rows method, task,
+    metric, value, lo, hi, higher_is_better; a figure without an interval is a bare marker)."""
+    panels = list(dict.fromkeys(zip(figures["task"], figures["metric"])))
+    methods = list(dict.fromkeys(figures["method"]))
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(4.2 * columns, (0.28 * len(methods) + 1.2) * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, columns, sharey=True, squeeze=False).ravel()
+    y = {m: i for i, m in enumerate(reversed(methods))}
+    for ax, (task, metric) in zip(axes, panels):
+        panel = figures[(figures["task"] == task) & (figures["metric"] == metric)].set_index("method")
+        for method, row in panel.iterrows():
+            color = _color(method, kinds[method])
+            spread = [[row["value"] - row["lo"]], [row["hi"] - row["value"]]] if pd.notna(row["lo"]) else None
+            ax.errorbar(row["value"], y[method], xerr=spread, fmt="o", capsize=2, markersize=5, color=color)
+        ax.set_title(f"{task}: {metric}{'' if panel['higher_is_better'].iloc[0] else ' (lower is better)'}",
+                     fontsize=10)
+        ax.set_yticks(list(y.values()), list(y))
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"lm-evaluation-harness tasks, {confidence:.0%} paired bootstrap intervals over the documents",
+                 fontsize=10)
+    return fig
+
+
 def plot_differences(differences: pd.DataFrame, order: Sequence[str], kinds: Mapping[str, Kind], reference: str,
                      confidence: float, alpha: float) -> Figure:
     """One panel per figure (`panel`, in the table's order): each method's paired difference to `reference`

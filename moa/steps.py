@@ -51,6 +51,24 @@ def _composition(config: Config, method: str) -> dict[str, Any]:
     return reads
 
 
+def _evaluation(config: Config) -> dict[str, Any]:
+    """What `moa evaluate` reads of `evaluation`: all but the harness tasks, which only the lm-eval step runs."""
+    return {key: value for key, value in config["evaluation"].items() if key != "lm_eval"}
+
+
+def _harness_reads(config: Config, method: str) -> dict[str, Any]:
+    """What the lm-eval step reads: the composition, how it is served, the harness tasks, the model and the seed."""
+    served = {key: config["evaluation"][key] for key in ("dtype", "fold", "batch_size", "lm_eval")}
+    return {"method": method_params(config, method), "evaluation": served, **_all_tasks(config),
+            "model": config["model"], "seed": config["seed"]}
+
+
+def _harness(config: Config, method: str) -> StepResult:
+    from moa.lm_harness import evaluate_harness  # the lm-eval extra: imported only where a harness step runs
+
+    return evaluate_harness(config, method)
+
+
 def _all_tasks(config: Config) -> dict[str, Any]:
     return {"tasks": config["tasks"], "order": list(config["tasks"])}  # the order is the expert / label index
 
@@ -94,11 +112,15 @@ STEPS: dict[str, Step] = {
         f"tasks -> sweep/{{subset}}/compositions/{{method}}/). Methods: {', '.join(METHODS)}", options=("subset",)),
     "evaluate": Step(
         evaluate, ("method",),
-        lambda c, method: {"method": method_params(c, method), "evaluation": c["evaluation"], **_all_tasks(c),
+        lambda c, method: {"method": method_params(c, method), "evaluation": _evaluation(c), **_all_tasks(c),
                            "model": c["model"], "data": c["data"], "seed": c["seed"]},
         "evaluate one composition on every task's test split, served as one mixed-task stream -> "
         "eval/{method}/{task}/predictions.parquet + metrics.parquet (--task: that task alone; --subset: a sweep "
         "subset's composition on its tasks -> sweep/{subset}/eval/)", options=("task", "subset")),
+    "lm_eval": Step(
+        _harness, ("method",), _harness_reads,
+        "run evaluation.lm_eval's lm-evaluation-harness tasks on one composition through moa's harness model -> "
+        "lm_eval/{method}/ (results.json, samples/{task}.jsonl; needs the lm-eval extra)"),
     "report": Step(
         build_report, (),
         lambda c: {"methods": {m: method_params(c, m) for m in c["methods"]}, "tasks": c["tasks"],

@@ -26,7 +26,8 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from moa.compose.composition import compose  # noqa: E402
 from moa.errors import MoaError  # noqa: E402
 from moa.experiment import load_config  # noqa: E402
-from moa.harness import MoaLM, evaluate_harness  # noqa: E402
+from moa.harness import MoaLM  # noqa: E402
+from moa.lm_harness import check_tasks, evaluate_harness, leaf_map, task_manager  # noqa: E402
 from moa.layout import ExperimentPaths  # noqa: E402
 from moa.lora import DEFAULT_TARGETS, AdapterConfig, adapter_state_dict, write_adapter  # noqa: E402
 from moa.model.prepare import prepare_model  # noqa: E402
@@ -120,7 +121,7 @@ def compare(experiment: Path, overrides: list[str], harness_tasks: Path, method:
 
 
 def test_the_oracle_needs_each_harness_task_mapped(experiment: Path, harness_tasks: Path) -> None:
-    with pytest.raises(MoaError, match="harness task 'moa_mc' has no moa task; add it to the model args"):
+    with pytest.raises(MoaError, match="harness task 'moa_mc' has no moa task; map it in evaluation.lm_eval.task_map"):
         samples(MoaLM(str(experiment), "oracle"), harness_tasks)
     with pytest.raises(MoaError, match="model args tasks: 'moa_mc:nope' is not HARNESS_TASK:MOA_TASK"):
         MoaLM(str(experiment), "oracle", tasks="moa_mc:nope")
@@ -175,10 +176,58 @@ def test_the_step_writes_results_and_samples(experiment: Path, harness_tasks: Pa
     config = load_config(experiment, [*FAST, f"evaluation.lm_eval={json.dumps(lm_eval)}"])
     result = evaluate_harness(config, "oracle")
     assert result.path == ExperimentPaths.of(config).harness("oracle")
-    results = json.loads((result.path / "results.json").read_text())
-    assert set(results) == {"moa_mc", "moa_gen"} and "moa_mc.acc" in result.metrics
+    results = json.loads((result.path / "results.json").read_text())["results"]
+    assert set(results) == {"moa_mc", "moa_gen"} and result.metrics["moa_mc.acc"] == results["moa_mc"]["acc,none"]
     logged = [json.loads(line) for line in (result.path / "samples" / "moa_gen.jsonl").read_text().splitlines()]
     direct = simple_evaluate(model=MoaLM(str(experiment), "oracle", tasks="moa_gen:qa"), tasks=["moa_gen"], limit=3,
                              task_manager=TaskManager(include_path=str(harness_tasks)), log_samples=True)
     direct = direct["samples"]["moa_gen"]
     assert [s["resps"] for s in logged] == responses(direct)
+
+
+def with_harness(experiment: Path, harness_tasks: Path, **settings: object):
+    lm_eval = {"tasks": ["moa_mc"], "include_path": str(harness_tasks)} | settings
+    return load_config(experiment, [*FAST, f"evaluation.lm_eval={json.dumps(lm_eval)}"])
+
+
+def test_the_task_index_is_the_include_path_alone_where_it_holds_every_task(experiment: Path,
+                                                                             harness_tasks: Path) -> None:
+    """Indexing the harness's own thousands of task YAMLs takes seconds per job: only where a task needs them."""
+    assert sorted(task_manager(with_harness(experiment, harness_tasks)).all_tasks) == sorted(HARNESS)
+    assert "arc_easy" in task_manager(with_harness(experiment, harness_tasks, tasks=["moa_mc", "arc_easy"])).all_tasks
+
+
+def test_a_group_in_the_task_map_maps_each_of_its_tasks(experiment: Path, harness_tasks: Path, tmp_path: Path) -> None:
+    group = tmp_path / "group"
+    group.mkdir()
+    (group / "moa_both.yaml").write_text(yaml.safe_dump({"group": "moa_both", "task": ["moa_mc", "moa_gen"]}))
+    config = with_harness(experiment, harness_tasks, tasks=["moa_both"], include_path=[str(harness_tasks), str(group)])
+    assert leaf_map(task_manager(config), {"moa_both": "qa", "moa_gen": "sentiment"}) == {
+        "moa_both": "qa", "moa_mc": "qa", "moa_gen": "sentiment"}  # a task's own entry wins over its group's
+
+
+@pytest.mark.parametrize(("tasks", "offline", "message"), [
+    (["moa_mc", "no_such_task"], False, r"evaluation.lm_eval.tasks: 'no_such_task' is not a harness task, group or "
+                                        r"tag \(nor in include_path"),
+    (["arc_easy"], True, r"evaluation.lm_eval.tasks: 'arc_easy' \(arc_easy\) downloads dataset 'allenai/ai2_arc' "
+                         r"from the Hugging Face Hub and this run is offline"),
+    (["ai2_arc"], True, r"'ai2_arc' \(arc_challenge\) downloads dataset 'allenai/ai2_arc'"),  # a tag: its tasks
+])
+def test_a_bad_harness_task_is_one_line_before_any_job(experiment: Path, harness_tasks: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, tasks: list[str], offline: bool,
+                                                       message: str) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = with_harness(experiment, harness_tasks, tasks=tasks)
+    with pytest.raises(MoaError, match=message) as error:
+        check_tasks(config)
+    assert "\n" not in str(error.value)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    if offline:  # online, the same task is fine: the harness downloads it
+        check_tasks(config)
+    check_tasks(with_harness(experiment, harness_tasks, tasks=list(HARNESS)))  # local data: fine offline too

@@ -232,6 +232,25 @@ def test_the_fair_overlay_adds_the_left_out_compositions(tmp_path: Path) -> None
     assert counts == smoke_jobs(n_tasks=6, n_methods=16, n_learned=3) + sweep_jobs(1, n_methods=2, n_learned=0)
 
 
+def test_the_harness_overlay_adds_one_job_per_composition(tmp_path: Path) -> None:
+    """config/lm_eval.yaml on top of config/config.yaml: an lm_eval job per composition (its task_map maps both harness
+    tasks, so the oracle's too); nothing else changes."""
+    counts, out = dry_run(tmp_path, "--configfile", str(REPO / "config/config.yaml"), str(REPO / "config/lm_eval.yaml"),
+                          configfile=None)
+    default, _ = dry_run(tmp_path / "default", configfile=None)
+    assert counts == default + Counter(lm_eval=10)
+    assert "method=oracle" in planned(out, "lm_eval")
+
+
+def test_without_a_task_map_the_oracle_runs_no_harness_task(tmp_path: Path) -> None:
+    tasks = tmp_path / "harness"
+    tasks.mkdir()
+    (tasks / "moa_qa_gen.yaml").write_text((REPO / "config/lm_eval/moa_qa_gen.yaml").read_text())
+    counts, out = dry_run(tmp_path, "--config", f"evaluation={{lm_eval: {{tasks: [moa_qa_gen], include_path: {tasks}}}}}")
+    assert counts == smoke_jobs() + Counter(lm_eval=len(METHODS) - 1)
+    assert "method=oracle" not in planned(out, "lm_eval")
+
+
 def test_nested_config_overrides_are_typed_by_the_schema(tmp_path: Path) -> None:
     """Snakemake reads nested --config values as strings; they reach the steps typed like --set."""
     counts, _ = dry_run(tmp_path, "--config", "training={steps: 4, max_grad_norm: null}", "tracking={enabled: false}",
@@ -256,9 +275,10 @@ def test_nested_config_overrides_are_typed_by_the_schema(tmp_path: Path) -> None
     ("sweep={n_tasks: [2, 4]}", "sweep.n_tasks: 4 is more than the 3 tasks; use sizes from 1 to 3"),
     ("sweep={n_tasks: [0]}", "sweep.n_tasks.0"),
     ("sweep={tasks: 2}", "sweep"),
+    ("evaluation={lm_eval: {tasks: [no_such_task]}}", "evaluation.lm_eval.tasks: 'no_such_task' is not a harness task"),
 ], ids=["unknown-key", "wrong-type", "wrong-nested-type", "custom-task-without-source", "not-a-method",
         "key-of-another-method", "key-of-another-merge", "rows-shorter-than-an-example", "sweep-larger-than-the-tasks",
-        "sweep-of-none", "malformed-sweep"])
+        "sweep-of-none", "malformed-sweep", "unknown-harness-task"])
 def test_a_bad_config_stops_with_one_line_naming_the_key(tmp_path: Path, override: str, key: str) -> None:
     result = snakemake(tmp_path, "--dry-run", "--config", override)
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]

@@ -121,5 +121,8 @@ def build_report(config: Config) -> StepResult:
         for name, plot in plots.items():  # every PNG is written (the workflow declares them all)
             _save(plot if isinstance(plot, Figure) else placeholder(name, plot), tmp / paths.plot(name).name)
         (tmp / paths.summary.name).write_text(summary(evidence, parts, plots))
-    return StepResult(paths.report, metrics=tracked_metrics(evidence.uncertainty), artifacts=report_files(config),
+    metrics = tracked_metrics(evidence.uncertainty)
+    for section in parts:
+        metrics |= section.metrics(evidence)
+    return StepResult(paths.report, metrics=metrics, artifacts=report_files(config),
                       tables={COMPARISON_TABLE: comparison_table(evidence.uncertainty, evidence.kinds)})

@@ -11,6 +11,7 @@ import pandas as pd
 from moa.compose.registry import Kind, method_of
 from moa.config import Config, method_params
 from moa.layout import ExperimentPaths
+from moa.report.harness import Harness, read_harness
 from moa.report.inputs import (
     evaluated_routing,
     parquet,
@@ -45,6 +46,7 @@ class Evidence:
     cosine: tuple[list[str], np.ndarray] | None  # the trained task adapters and their cosine matrix
     train_logs: dict[str, pd.DataFrame]
     sweep: Sweep | None  # with a sweep configured
+    harness: Harness | None  # with evaluation.lm_eval configured
 
     @property
     def tasks(self) -> list[str]:
@@ -63,4 +65,5 @@ def gather(config: Config) -> Evidence:
         router_config=router_config(config), routing=evaluated_routing(config, metrics),
         implicit=read_implicit(config), tuning=read_tuning(config), budgets=read_budgets(config),
         cosine=task_adapter_cosine(config), train_logs=train_logs(config),
-        sweep=sweep_scores(config, evaluations) if "sweep" in config else None)
+        sweep=sweep_scores(config, evaluations) if "sweep" in config else None,
+        harness=read_harness(config) if config["evaluation"]["lm_eval"] else None)

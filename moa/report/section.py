@@ -15,10 +15,15 @@ from moa.report.evidence import Evidence
 Lines = Callable[[Evidence], list[str]]
 Table = Callable[[Evidence], pd.DataFrame]
 Plot = Callable[[Evidence], Figure | str]  # a figure, or why it is skipped (a placeholder PNG says so)
+Metrics = Callable[[Evidence], dict[str, float]]
 
 
 def nothing(evidence: Evidence) -> list[str]:
     return []
+
+
+def no_metrics(evidence: Evidence) -> dict[str, float]:
+    return {}
 
 
 def always(config: Config) -> bool:
@@ -36,5 +41,6 @@ class Section:
     notes: Lines = nothing  # what it could not show, for the summary's notes
     tables: Mapping[str, Table] = field(default_factory=dict)  # report/{name}.parquet
     plots: Mapping[str, Plot] = field(default_factory=dict)  # report/{name}.png
+    metrics: Metrics = no_metrics  # its figures for the report's MLflow run, beside the bootstrap's (tracked_metrics)
     configured: Callable[[Config], bool] = always  # whether a config's report has it
 

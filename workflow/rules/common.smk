@@ -95,6 +95,22 @@ def validated_config():
 
 validated_config()
 
+
+def checked_harness_tasks():
+    """With evaluation.lm_eval: every harness task known and, offline, local or cached (`stop` where not); once, where
+    snakemake plans the jobs (not again inside each cluster job)."""
+    if config["evaluation"]["lm_eval"] is None or not workflow.is_main_process:
+        return
+    from moa.lm_harness import check_tasks
+
+    try:
+        check_tasks(config)
+    except MoaError as err:
+        stop(f"{CONFIG_SOURCE}: {err}")
+
+
+checked_harness_tasks()
+
 PATHS = ExperimentPaths.of(config)
 TASKS = list(config["tasks"])
 METHODS = list(config["methods"])
@@ -282,6 +298,7 @@ STEP_JOBS = {
     "compose": StepJob(threads=composition_threads, mem_mb=8000, runtime=60, gpu=composition_gpus, planned=True),
     # Decoding with large batches is compute-bound: the job takes the cores, one composition at a time.
     "evaluate": StepJob(threads=2, mem_mb=8000, runtime=120, gpu=GPU_JOB, planned=True),
+    "lm_eval": StepJob(threads=2, mem_mb=8000, runtime=240, gpu=GPU_JOB, planned=True),
     "report": StepJob(threads=1, mem_mb=4000, runtime=30),
 }
 

@@ -3,6 +3,7 @@
 # subset's evaluations too, and sweep.parquet.
 
 from moa.report import report_plots, report_tables
+from moa.report.harness import harness_methods
 
 
 rule report:
@@ -12,6 +13,7 @@ rule report:
         task_adapters(train_log=True) if NEEDS & {Need.TASK_ADAPTERS, Need.ROUTERS} else [],  # routers need them
         [str(PATHS.train_log(MIXED))] if Need.MIXED_ADAPTER in NEEDS else [],
         [str(PATHS.of_subset(subset).evaluations(method)) for subset in SUBSETS for method in SWEPT],
+        [str(PATHS.harness_results(method)) for method in harness_methods(config)],
     output:
         # every section's files (moa.report.sections), each plot with its caption workflow/report/{plot}.rst
         **{table: str(PATHS.report_table(table)) for table in report_tables(config)},

@@ -5,7 +5,7 @@ Each entry names the files it writes under report/: the workflow's outputs and M
 from __future__ import annotations
 
 from moa.report.section import Section
-from moa.report.sections import routing, scores, sweep, training, tuning
+from moa.report.sections import harness, routing, scores, sweep, training, tuning
 from moa.report.sections.verdict import sweep_verdict, verdict
 
 SECTIONS: list[Section] = [
@@ -17,6 +17,10 @@ SECTIONS: list[Section] = [
     Section("task-count sweep", text=sweep.sweep, verdict=sweep_verdict, notes=lambda e: e.sweep.notes,
             tables={sweep.SWEEP: lambda e: e.sweep.table}, plots={sweep.SWEEP: sweep.sweep_plot},
             configured=sweep.configured),
+    Section("lm-evaluation-harness", text=harness.harness, notes=lambda e: e.harness.notes,
+            tables={harness.HARNESS: lambda e: e.harness.figures, harness.COMPARISONS: lambda e: e.harness.comparisons},
+            plots={harness.HARNESS: harness.harness_plot}, metrics=harness.harness_metrics,
+            configured=harness.configured),
     Section("scores", text=scores.scores, tables={"metrics": scores.with_normalized}),
     Section("format adherence", text=scores.format_adherence, plots={"format_adherence": scores.format_plot}),
     Section("cost", text=scores.cost),
