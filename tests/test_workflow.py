@@ -43,6 +43,7 @@ SWEEP_METHODS = ["moa", "moa_vote", "moa_per_layer", "centroid", "arrow",
                  "dare_linear", "dare_ties", "magnitude_prune",
                  "breadcrumbs", "task_arithmetic_tuned", "ties_tuned", "cat", "lorahub",
                  "adamerging"]  # of METHODS: those a sweep recomposes
+HARNESS_TASKS = {"moa_sentiment_mc": "sentiment", "moa_qa_gen": "qa"}  # config/lm_eval/'s, -> the moa task
 # Pinned so that the rerun checks see only what each test changes (test_code_change_reruns_everything
 # covers the real code version, moa's version).
 CODE_VERSION = "test-pinned"
@@ -514,6 +515,33 @@ def swept(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in results(workdir).root.glob("logs/sweep_*/**/*.log"))
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:] + logs[-10000:]
     return workdir
+
+
+def test_harness_tasks_on_a_built_tree_run_one_job_per_composition_and_reach_the_report(built: Path,
+                                                                                         tmp_path: Path) -> None:
+    """config/lm_eval's two harness tasks (over the experiment's own test splits) added to a built tree: only the
+    lm_eval jobs and the report run; every composition's results and per-sample logs, the report's section."""
+    workdir = copy_of(built, tmp_path)
+    harness = workdir / "harness"
+    harness.mkdir()
+    for task in HARNESS_TASKS:
+        text = (REPO / "config" / "lm_eval" / f"{task}.yaml").read_text()
+        (harness / f"{task}.yaml").write_text(text.replace("results/default/", "results/smoke/"))
+    lm_eval = {"tasks": list(HARNESS_TASKS), "include_path": str(harness), "limit": 4, "task_map": HARNESS_TASKS}
+    config = smoke_config(workdir, evaluation={"limit": 4, "lm_eval": lm_eval})
+    counts, _ = dry_run(workdir, configfile=config)
+    assert counts == Counter(lm_eval=len(METHODS), report=1, all=1)
+    result = snakemake(workdir, configfile=config)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    paths = results(workdir)
+    for method in METHODS:
+        harness_results = json.loads(paths.harness_results(method).read_text())["results"]
+        assert set(harness_results) == set(HARNESS_TASKS)
+        assert all(len(paths.harness_samples(method, t).read_text().splitlines()) == 4 for t in HARNESS_TASKS)
+    figures = pd.read_parquet(paths.report_table("lm_eval"))
+    assert set(figures["method"]) == set(METHODS) and set(figures["metric"]) == {"acc", "exact_match.strip"}
+    assert figures[["lo", "hi"]].notna().all().all()
+    assert "## lm-evaluation-harness tasks" in paths.summary.read_text()
 
 
 def test_a_sweep_on_a_built_tree_runs_only_the_sweep(built: Path) -> None:
