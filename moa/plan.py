@@ -462,9 +462,11 @@ def plan_config(config: dict, shapes: ModelConfig, where: Setting) -> list[JobPl
 
     learned = any(method_params(config, m)["method"] in LEARNED for m in config["methods"])
     steps = ["train_lora", "train_mixed", "train_router", *(["learn_merge"] if learned else [])]
+    harness = config["evaluation"].get("lm_eval") is not None
     return [prepare, *(training_choice(config, shapes, s, where) for s in steps),
             *(composition_plan(config, shapes, m, on_device) for m in config["methods"]),
-            *(evaluation_plan(config, shapes, m, on_device) for m in config["methods"])]
+            *(evaluation_plan(config, shapes, m, on_device) for m in config["methods"]),
+            *(harness_plan(config, shapes, m, on_device) for m in config["methods"] if harness)]
 
 
 def job_plan(config: dict, shapes: ModelConfig, step: str, where: Setting, method: str | None = None) -> JobPlan | None:

@@ -133,3 +133,25 @@ def test_the_dense_merge_estimate_bounds_its_measured_peak(smoke: dict, method: 
     with PeakMemory() as memory:
         dense_merge(MergeSpec(method), [delta_weight(f) for f in factors], [1.0] * n, 0)
     assert memory.peak <= planned <= 2 * memory.peak
+
+
+def test_the_harness_plan_counts_its_requests_and_names_what_fits(smoke: dict, monkeypatch) -> None:
+    """The lm-eval job's KV cache holds lm_eval.batch_size requests of lm_eval.max_length tokens (the harness's
+    contexts, not the config's data limits); where it does not fit, one line names the two settings."""
+    from moa.plan import harness_plan, job_plan, plan_config, shapes_of
+
+    shapes = shapes_of(smoke)
+    settings = {"tasks": ["mmlu"], "num_fewshot": None, "limit": None, "batch_size": 8, "include_path": None,
+                "task_map": None}
+    plans = [harness_plan(smoke | {"evaluation": smoke["evaluation"] | {"lm_eval": settings | {"max_length": n}}},
+                          shapes, "oracle", False) for n in (256, 512)]
+    assert plans[1].memory.kv_cache == 2 * plans[0].memory.kv_cache > 0 and plans[0].job == "lm_eval:oracle"
+    harnessed = smoke | {"evaluation": smoke["evaluation"] | {"lm_eval": settings | {"max_length": 512}}}
+    where = Setting(None, 64 * GiB)
+    assert [p.job for p in plan_config(harnessed, shapes, where) if p.job.startswith("lm_eval")] == [
+        f"lm_eval:{m}" for m in harnessed["methods"]]
+    assert job_plan(harnessed, shapes, "lm_eval", where, "moa") is not None
+    monkeypatch.setattr(Setting, "here", classmethod(lambda cls: cls(plans[0].memory.device, 64 * GiB)))
+    with pytest.raises(MoaError, match=r"lm_eval:oracle at 8 sequences x 512 tokens needs .* lower "
+                                       r"evaluation\.lm_eval\.batch_size or evaluation\.lm_eval\.max_length"):
+        preflight(harnessed, "lm_eval", "oracle")
