@@ -478,7 +478,7 @@ def job_plan(config: dict, shapes: ModelConfig, step: str, where: Setting, metho
         return composition_plan(config, shapes, method, on_device)
     if step == "evaluate" and method:
         return evaluation_plan(config, shapes, method, on_device)
-    if step == "lm_eval" and method:
+    if step == "lm_eval" and method and config["evaluation"].get("lm_eval"):
         return harness_plan(config, shapes, method, on_device)
     return None
 

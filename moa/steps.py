@@ -15,6 +15,7 @@ from moa.compose.composition import compose
 from moa.compose.registry import LEARNED, METHODS, Need, needs_of
 from moa.config import Config, config_hash, method_params
 from moa.data.prepare import prepare_data
+from moa.errors import MoaError
 from moa.evaluate import evaluate
 from moa.model.prepare import prepare_model
 from moa.plan import preflight
@@ -64,6 +65,9 @@ def _harness_reads(config: Config, method: str) -> dict[str, Any]:
 
 
 def _harness(config: Config, method: str) -> StepResult:
+    if config["evaluation"]["lm_eval"] is None:
+        raise MoaError("evaluation.lm_eval is not set, so there are no harness tasks to run; add it (e.g. "
+                       "--configfile config/config.yaml config/lm_eval.yaml)")
     from moa.lm_harness import evaluate_harness  # the lm-eval extra: imported only where a harness step runs
 
     return evaluate_harness(config, method)

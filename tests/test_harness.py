@@ -19,19 +19,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytest.importorskip("lm_eval")
 
-from lm_eval import simple_evaluate  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
 
-from moa.compose.composition import compose  # noqa: E402
-from moa.errors import MoaError  # noqa: E402
-from moa.experiment import load_config  # noqa: E402
-from moa.harness import MoaLM  # noqa: E402
-from moa.lm_harness import check_tasks, evaluate_harness, leaf_map, task_manager  # noqa: E402
-from moa.layout import ExperimentPaths  # noqa: E402
-from moa.lora import DEFAULT_TARGETS, AdapterConfig, adapter_state_dict, write_adapter  # noqa: E402
-from moa.model.prepare import prepare_model  # noqa: E402
-from tests.conftest import TINY_FAST, composed_experiment, with_random_experts  # noqa: E402
+from moa.compose.composition import compose
+from moa.errors import MoaError
+from moa.experiment import load_config
+from moa.harness import MoaLM
+from moa.layout import ExperimentPaths
+from moa.lm_harness import check_tasks, evaluate_harness, leaf_map, task_manager
+from moa.lora import DEFAULT_TARGETS, AdapterConfig, adapter_state_dict, write_adapter
+from moa.model.prepare import prepare_model
+from tests.conftest import TINY_FAST, composed_experiment, with_random_experts
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["qa", "sentiment"]
@@ -207,10 +207,10 @@ def test_a_group_in_the_task_map_maps_each_of_its_tasks(experiment: Path, harnes
 
 
 @pytest.mark.parametrize(("tasks", "offline", "message"), [
-    (["moa_mc", "no_such_task"], False, r"evaluation.lm_eval.tasks: 'no_such_task' is not a harness task, group or "
-                                        r"tag \(nor in include_path"),
-    (["arc_easy"], True, r"evaluation.lm_eval.tasks: 'arc_easy' \(arc_easy\) downloads dataset 'allenai/ai2_arc' "
-                         r"from the Hugging Face Hub and this run is offline"),
+    (["moa_mc", "no_such_task"], False, (r"evaluation.lm_eval.tasks: 'no_such_task' is not a harness task, group "
+                                         r"or tag \(nor in include_path")),
+    (["arc_easy"], True, (r"evaluation.lm_eval.tasks: 'arc_easy' \(arc_easy\) downloads dataset 'allenai/ai2_arc' "
+                          r"from the Hugging Face Hub and this run is offline")),
     (["ai2_arc"], True, r"'ai2_arc' \(arc_challenge\) downloads dataset 'allenai/ai2_arc'"),  # a tag: its tasks
 ])
 def test_a_bad_harness_task_is_one_line_before_any_job(experiment: Path, harness_tasks: Path, tmp_path: Path,

@@ -163,3 +163,12 @@ def test_a_missing_harness_is_one_line_before_anything_runs(tmp_path: Path, monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
     with pytest.raises(MoaError, match=r"lm-evaluation-harness is not installed; pip install 'moa\[lm-eval\]'"):
         make_config(tmp_path)
+
+
+def test_the_step_without_harness_tasks_is_one_line(tmp_path: Path) -> None:
+    from moa.steps import run_step
+
+    config = validate({"experiment": "t", "results_dir": str(tmp_path), "methods": {"base": None},
+                       "tasks": {"qa": {"source": {"type": "synthetic"}}}})
+    with pytest.raises(MoaError, match=r"evaluation.lm_eval is not set, so there are no harness tasks to run"):
+        run_step("lm_eval", config, method="base")

@@ -29,20 +29,21 @@ def harness(evidence: Evidence) -> list[str]:
     table = figures.set_index(["method", "task", "metric"])
     methods = list(dict.fromkeys(figures["method"]))
     rows = [[f"`{m}`", *(_figure(table, m, t, k) for t, k in columns)] for m in methods]
-    lines = ["## lm-evaluation-harness tasks", "",
-             f"Each composition on the harness tasks of evaluation.lm_eval, served by moa's harness model "
+    intro = (f"Each composition on the harness tasks of evaluation.lm_eval, served by moa's harness model "
              f"(report/{HARNESS}.parquet; the harness's own results and per-sample logs under lm_eval/{{method}}/). "
              f"Brackets: {uncertainty.confidence:.0%} paired bootstrap percentile intervals over each task's "
              f"documents ({uncertainty.resamples} resamples), the same documents for every composition; ↓: lower is "
-             "better.", "", *markdown_table(header, rows), ""]
+             "better.")
+    lines = ["## lm-evaluation-harness tasks", "", intro, "", *markdown_table(header, rows), ""]
     compared = evidence.harness.comparisons.set_index(["method", "reference", "task", "metric"])
     for reference in uncertainty.references:
         if reference not in methods or not (compared.index.get_level_values("reference") == reference).any():
             continue
         rows = [[f"`{m}`", *(difference(_row(compared, (m, reference, t, k))) for t, k in columns)]
                 for m in methods if m != reference]
-        lines += [f"Minus `{reference}` (p after Holm over the compositions; bold where significant at alpha "
-                  f"{uncertainty.alpha:g}):", "", *markdown_table(["method", *header[1:]], rows), ""]
+        title = (f"Minus `{reference}` (p after Holm over the compositions; bold where significant at alpha "
+                 f"{uncertainty.alpha:g}):")
+        lines += [title, "", *markdown_table(["method", *header[1:]], rows), ""]
     return lines
 
 
