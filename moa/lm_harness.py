@@ -33,7 +33,7 @@ from moa.errors import MoaError
 from moa.generate import Request, Sampling, Scored, generate, scored
 from moa.io import atomic_dir
 from moa.layout import HARNESS_RESULTS, HARNESS_SAMPLES, ExperimentPaths
-from moa.metrics import harness_metric
+from moa.metrics import harness_figures, harness_metric
 from moa.step_result import StepResult
 
 MAX_GEN_TOKS = 256  # the harness's default for generate_until
@@ -265,5 +265,5 @@ def evaluate_harness(config: Config, method: str) -> StepResult:
             lines = "".join(json.dumps(sample, default=str) + "\n" for sample in ordered)
             (tmp / HARNESS_SAMPLES / f"{task}.jsonl").write_text(lines)
     metrics = {f"{task}.{harness_metric(key)}": value for task, values in results["results"].items()
-               for key, value in values.items() if isinstance(value, int | float) and "_stderr," not in key}
+               for key, value in harness_figures(values).items()}
     return StepResult(out, metrics=metrics, artifacts=[out / HARNESS_RESULTS])

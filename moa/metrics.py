@@ -39,6 +39,13 @@ def harness_metric(key: str) -> str:
     -> "exact_match.strict-match" (a metric under a filter)."""
     metric, _, kept = key.partition(",")
     return metric if kept in ("", NO_FILTER) else f"{metric}.{kept}"
+
+
+def harness_figures(results: Mapping[str, object]) -> dict[str, float]:
+    """One task's figures of the harness's results ("metric,filter" -> value): not its name, alias, sample count or
+    standard errors."""
+    return {key: float(value) for key, value in results.items()
+            if "," in key and "_stderr," not in key and isinstance(value, int | float)}
 Statistics = dict[str, np.ndarray]  # column -> [n] or [n, k], one row per example
 
 

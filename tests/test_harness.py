@@ -178,6 +178,7 @@ def test_the_step_writes_results_and_samples(experiment: Path, harness_tasks: Pa
     assert result.path == ExperimentPaths.of(config).harness("oracle")
     results = json.loads((result.path / "results.json").read_text())["results"]
     assert set(results) == {"moa_mc", "moa_gen"} and result.metrics["moa_mc.acc"] == results["moa_mc"]["acc,none"]
+    assert set(result.metrics) == {"moa_mc.acc", "moa_gen.exact_match"}  # figures only: no counts, no stderr
     logged = [json.loads(line) for line in (result.path / "samples" / "moa_gen.jsonl").read_text().splitlines()]
     direct = simple_evaluate(model=MoaLM(str(experiment), "oracle", tasks="moa_gen:qa"), tasks=["moa_gen"], limit=3,
                              task_manager=TaskManager(include_path=str(harness_tasks)), log_samples=True)

@@ -21,7 +21,7 @@ import pandas as pd
 from moa.config import Config
 from moa.io import read_json
 from moa.layout import ExperimentPaths
-from moa.metrics import harness_metric
+from moa.metrics import harness_figures, harness_metric
 from moa.report.uncertainty import references, resamples
 from moa.roles import ORACLE
 from moa.stats import holm, interval, p_value, resample_counts, task_rng
@@ -123,11 +123,9 @@ def read_harness(config: Config) -> Harness:
         weights = None
         for method, result in by_method.items():
             higher = result.get("higher_is_better", {}).get(task, {})
-            for key, value in result["results"][task].items():
-                if "," not in key or "_stderr," in key or not isinstance(value, int | float):
-                    continue
+            for key, value in harness_figures(result["results"][task]).items():
                 metric, (name, kept) = harness_metric(key), key.split(",", 1)
-                row = {"method": method, "task": task, "metric": metric, "value": float(value), "lo": np.nan,
+                row = {"method": method, "task": task, "metric": metric, "value": value, "lo": np.nan,
                        "hi": np.nan, "n": result.get("n-samples", {}).get(task, {}).get("effective", 0),
                        "higher_is_better": bool(higher.get(name, True))}
                 logged = documents.get(method, {}).get(kept)
@@ -136,7 +134,7 @@ def read_harness(config: Config) -> Harness:
                         n = len(logged)
                         weights = np.vstack([np.ones(n), resample_counts(n, count, task_rng(config["seed"],
                                                                                               f"lm_eval/{task}"))])
-                    figure = resampled([sample[name] for sample in logged], float(value), weights)
+                    figure = resampled([sample[name] for sample in logged], value, weights)
                     if figure is not None:
                         figures.setdefault((task, metric), {})[method] = figure
                         row |= dict(zip(("lo", "hi"), interval(figure[1:], config["report"]["alpha"]))) | {"n": len(logged)}
