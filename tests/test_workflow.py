@@ -160,8 +160,10 @@ def test_dry_run_plans_the_smoke_dag(tmp_path: Path) -> None:
 
 def test_every_rule_runs_the_moa_step_of_its_name(tmp_path: Path) -> None:
     """One hop from a rule to its code: rule train_lora runs `moa train-lora`, i.e. STEPS["train_lora"], and
-    sweep_train_router runs `moa train-router --subset ...`."""
-    _, out = dry_run(tmp_path, "--printshellcmds", configfile=with_sweep(tmp_path))
+    sweep_train_router runs `moa train-router --subset ...` (with a sweep and harness tasks: every rule has jobs)."""
+    harness = {"tasks": ["moa_qa_gen"], "include_path": str(REPO / "config" / "lm_eval")}
+    _, out = dry_run(tmp_path, "--printshellcmds", "--config", f"evaluation={{lm_eval: {json.dumps(harness)}}}",
+                     configfile=with_sweep(tmp_path))
     shells = re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?Shell command: moa ([\w-]+) (.*)$", out, re.MULTILINE)
     commands = {rule: command for rule, command, _ in shells}
     assert commands == {rule: step.replace("_", "-") for rule, step in RULES.items()}

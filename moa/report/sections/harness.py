@@ -15,7 +15,9 @@ HARNESS, COMPARISONS = "lm_eval", "lm_eval_comparisons"  # the section's tables 
 
 
 def configured(config: Config) -> bool:
-    return config["evaluation"]["lm_eval"] is not None
+    """Whether the config runs harness tasks (of a config as written too: the workflow declares the report's files
+    before validation fills in defaults)."""
+    return (config.get("evaluation") or {}).get("lm_eval") is not None
 
 
 def harness(evidence: Evidence) -> list[str]:
