@@ -232,3 +232,15 @@ def test_a_bad_harness_task_is_one_line_before_any_job(experiment: Path, harness
     if offline:  # online, the same task is fine: the harness downloads it
         check_tasks(config)
     check_tasks(with_harness(experiment, harness_tasks, tasks=list(HARNESS)))  # local data: fine offline too
+
+
+def test_the_harness_finds_moa_by_its_registry_and_entry_point() -> None:
+    """`@register_model("moa")` (harness versions that import moa.harness) and the package's `lm_eval.models` entry
+    point (harness versions that load model plugins) both name MoaLM."""
+    from importlib.metadata import entry_points
+
+    from lm_eval.api.registry import get_model
+
+    assert get_model("moa") is MoaLM
+    [entry] = [e for e in entry_points(group="lm_eval.models") if e.name == "moa"]
+    assert entry.load() is MoaLM
