@@ -223,6 +223,14 @@ def comparisons(result: Bootstrap, references: Sequence[str], alpha: float) -> p
     for (method, task, metric), (values, _) in _figures(result).items():
         if metric in (NORMALIZED, MULTITASK):
             by_figure.setdefault((task, metric), {})[method] = values
+    return paired_differences(by_figure, references, alpha)
+
+
+def paired_differences(by_figure: Mapping[tuple[str, str], Mapping[str, np.ndarray]], references: Sequence[str],
+                       alpha: float) -> pd.DataFrame:
+    """Every method minus each reference on each (task, metric) figure, from their values on the test items
+    (index 0) and in each paired resample: the difference, its interval, p, Holm's p over the methods compared with
+    that reference on that figure, significance at alpha, and the smallest detectable difference."""
     rows = []
     for (task, metric), values in by_figure.items():
         for reference in (r for r in references if r in values):

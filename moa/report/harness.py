@@ -24,10 +24,9 @@ from moa.layout import ExperimentPaths
 from moa.metrics import harness_figures, harness_metric
 from moa.report.uncertainty import references, resamples
 from moa.roles import ORACLE
-from moa.stats import holm, interval, p_value, resample_counts, task_rng
+from moa.stats import interval, paired_differences, resample_counts, task_rng
 
 FIGURE_COLUMNS = ["method", "task", "metric", "value", "lo", "hi", "n", "higher_is_better"]
-COMPARISON_COLUMNS = ["method", "reference", "task", "metric", "difference", "lo", "hi", "p", "p_holm", "significant"]
 MATCH = 1e-6  # relative: a recomputed figure is the harness's own
 
 # aggregation -> (how the sums' ratio becomes the figure, whether a document logs a pair (value, weight))
@@ -44,7 +43,7 @@ AGGREGATIONS: dict[str, tuple[Transform, bool]] = {
 @dataclass(frozen=True)
 class Harness:
     figures: pd.DataFrame  # report/lm_eval.parquet (FIGURE_COLUMNS)
-    comparisons: pd.DataFrame  # report/lm_eval_comparisons.parquet (COMPARISON_COLUMNS)
+    comparisons: pd.DataFrame  # report/lm_eval_comparisons.parquet (moa.stats.paired_differences)
     notes: list[str]
 
 
@@ -142,7 +141,7 @@ def read_harness(config: Config) -> Harness:
                         notes.append(f"harness {task} {metric}: its aggregation is not a sum over documents, so it has "
                                      "no interval (the harness's value is shown)")
                 rows.append(row)
-    comparisons = _comparisons(figures, references(config), config["report"]["alpha"])
+    comparisons = paired_differences(figures, references(config), config["report"]["alpha"])
     return Harness(pd.DataFrame(rows, columns=FIGURE_COLUMNS), comparisons, list(dict.fromkeys(notes)))
 
 
@@ -169,21 +168,3 @@ def _documents(config: Config, task: str, results: Mapping[str, dict],
             continue
         documents[method] = {f: [d[i] for i in reference[f]] for f, d in by_filter.items()}
     return documents
-
-
-def _comparisons(figures: Mapping[tuple[str, str], Mapping[str, np.ndarray]], against: Sequence[str],
-                 alpha: float) -> pd.DataFrame:
-    """Every method minus each reference on each figure, with interval, p and Holm's p over the methods compared
-    with that reference on that figure."""
-    rows = []
-    for (task, metric), values in figures.items():
-        for reference in (r for r in against if r in values):
-            for method in (m for m in values if m != reference):
-                differences = values[method] - values[reference]
-                lo, hi = interval(differences[1:], alpha)
-                rows.append({"method": method, "reference": reference, "task": task, "metric": metric,
-                             "difference": float(differences[0]), "lo": lo, "hi": hi, "p": p_value(differences[1:])})
-    table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS[:-2])
-    table["p_holm"] = table.groupby(["reference", "task", "metric"])["p"].transform(holm) if rows else []
-    table["significant"] = table["p_holm"] < alpha
-    return table
