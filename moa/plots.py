@@ -184,16 +184,28 @@ def plot_multitask(scores: pd.DataFrame, kinds: Mapping[str, Kind], confidence: 
     return fig
 
 
+def _method_panels(n_panels: int, methods: Sequence[str], top: float) -> tuple[Figure, np.ndarray, dict[str, int]]:
+    """A grid of up to three panels a row sharing one row per method (the first on top), each with the methods'
+    names and an x grid, the unused cells hidden; `top` inches above for the title. Returns the figure, its panels'
+    axes and each method's y."""
+    columns = min(3, n_panels)
+    rows = -(-n_panels // columns)
+    fig = Figure(figsize=(4.2 * columns, (0.28 * len(methods) + 1.2) * rows + top), layout="constrained")
+    axes = fig.subplots(rows, columns, sharey=True, squeeze=False).ravel()
+    y = {m: i for i, m in enumerate(reversed(methods))}
+    for ax in axes[:n_panels]:
+        ax.set_yticks(list(y.values()), list(y))
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes[n_panels:]:
+        ax.axis("off")
+    return fig, axes[:n_panels], y
+
+
 def plot_harness(figures: pd.DataFrame, kinds: Mapping[str, Kind], confidence: float) -> Figure:
     """One panel per harness task and metric: each composition's figure with its interval (rows method, task,
     metric, value, lo, hi, higher_is_better; a figure without an interval is a bare marker)."""
     panels = list(dict.fromkeys(zip(figures["task"], figures["metric"])))
-    methods = list(dict.fromkeys(figures["method"]))
-    columns = min(3, len(panels))
-    rows = -(-len(panels) // columns)
-    fig = Figure(figsize=(4.2 * columns, (0.28 * len(methods) + 1.2) * rows + 0.6), layout="constrained")
-    axes = fig.subplots(rows, columns, sharey=True, squeeze=False).ravel()
-    y = {m: i for i, m in enumerate(reversed(methods))}
+    fig, axes, y = _method_panels(len(panels), list(dict.fromkeys(figures["method"])), top=0.6)
     for ax, (task, metric) in zip(axes, panels):
         panel = figures[(figures["task"] == task) & (figures["metric"] == metric)].set_index("method")
         for method, row in panel.iterrows():
@@ -202,10 +214,6 @@ def plot_harness(figures: pd.DataFrame, kinds: Mapping[str, Kind], confidence: f
             ax.errorbar(row["value"], y[method], xerr=spread, fmt="o", capsize=2, markersize=5, color=color)
         ax.set_title(f"{task}: {metric}{'' if panel['higher_is_better'].iloc[0] else ' (lower is better)'}",
                      fontsize=10)
-        ax.set_yticks(list(y.values()), list(y))
-        ax.grid(axis="x", alpha=0.3)
-    for ax in axes[len(panels):]:
-        ax.axis("off")
     fig.suptitle(f"lm-evaluation-harness tasks, {confidence:.0%} paired bootstrap intervals over the documents",
                  fontsize=10)
     return fig
@@ -216,12 +224,8 @@ def plot_differences(differences: pd.DataFrame, order: Sequence[str], kinds: Map
     """One panel per figure (`panel`, in the table's order): each method's paired difference to `reference`
     (rows `difference`, `lo`, `hi`, `significant`) with its interval; filled markers differ after Holm."""
     panels = list(pd.unique(differences["panel"]))
-    columns = min(3, len(panels))
-    rows = -(-len(panels) // columns)
     methods = [m for m in dict.fromkeys(order) if m in set(differences["method"])]
-    fig = Figure(figsize=(4.2 * columns, (0.28 * len(methods) + 1.2) * rows + 0.8), layout="constrained")
-    axes = fig.subplots(rows, columns, sharey=True, squeeze=False).ravel()
-    y = {m: i for i, m in enumerate(reversed(methods))}
+    fig, axes, y = _method_panels(len(panels), methods, top=0.8)
     for ax, panel in zip(axes, panels):
         for method, row in differences[differences["panel"] == panel].set_index("method").iterrows():
             color = _color(method, kinds[method])
@@ -230,10 +234,6 @@ def plot_differences(differences: pd.DataFrame, order: Sequence[str], kinds: Map
                         markerfacecolor=color if row["significant"] else "white")
         ax.axvline(0, color="black", linewidth=1)
         ax.set_title(panel, fontsize=10)
-        ax.set_yticks(list(y.values()), list(y))
-        ax.grid(axis="x", alpha=0.3)
-    for ax in axes[len(panels):]:
-        ax.axis("off")
     fig.suptitle(f"Difference to `{reference}` (method minus {reference}) with its {confidence:.0%} paired bootstrap "
                  f"interval\nfilled: significant at alpha {alpha:g} after Holm's correction", fontsize=10)
     fig.supxlabel("difference of the oracle-normalized score (multitask score: of the mean over tasks)", fontsize=9)
