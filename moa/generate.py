@@ -162,7 +162,7 @@ class _Engine:
         self.model, self.tokenizer, self.requests, self.router = model, tokenizer, requests, router
         self.device = model.lm_head.weight.device
         self.cache = SlotCache(model.config, min(batch_size, len(requests)), max(map(_reach, requests)),
-                               self.device, model.lm_head.weight.dtype)
+                               self.device, model.lm_head.weight.dtype, model.cache_passes)
         self.stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=self.device)
         self.running: list[_Sequence] = []  # slot i holds running[i]
         fixed = [r.expert is not None for r in requests]

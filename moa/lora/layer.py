@@ -7,7 +7,8 @@ y = W0 x + b + s_i B_i A_i dropout(x). The `active` attribute says which experts
 - ``int`` i: expert i (the fast path, the same arithmetic as PEFT);
 - integer tensor [B]: expert index per sequence (a mixed-task batch in one pass), or [B, T] per token
   (several documents packed into one row);
-- float tensor [N] or [B, N]: weighted sum of all experts' outputs (global or per sequence);
+- float tensor [N], [B, N] or [B, T, N]: weighted sum of all experts' outputs (global, per sequence or per token:
+  the learned token gates of moa.gates);
 - ``Arrow(top_k, temperature)``: Arrow routing (Ostapenko et al. 2024, PEFT's ArrowConfig), training-free and
   per token: each token takes the top-k experts by |x . p_i|, where the prototype p_i is the top right singular
   vector of B_i A_i, weighted by a softmax of those scores over the temperature.
@@ -345,12 +346,12 @@ def check_active(active: Active | Sequence[float], n_experts: int) -> Active:
             raise MoaError(f"expert {active} out of range: the model has {n_experts} LoRA experts")
         return active
     active = active if isinstance(active, Tensor) else torch.tensor(active, dtype=torch.float32)
-    if active.is_floating_point() and active.dim() in (1, 2) and active.shape[-1] == n_experts:
+    if active.is_floating_point() and active.dim() in (1, 2, 3) and active.shape[-1] == n_experts:
         return active
     if active.dtype in (torch.int64, torch.int32) and active.dim() in (1, 2):
         return active.long()
     raise MoaError(
-        f"the active experts must be an expert index, indices [B] or [B, T] (int) or weights [N]/[B, N] "
+        f"the active experts must be an expert index, indices [B] or [B, T] (int) or weights [N]/[B, N]/[B, T, N] "
         f"(float) with N={n_experts}, or Arrow(top_k, temperature); got {active.dtype} {list(active.shape)}"
     )
 

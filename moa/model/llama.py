@@ -130,8 +130,11 @@ class SlotCache:
     shortens the cache when the sequences still to come are shorter."""
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
-        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, max_len, config.dim_per_head)
+                 dtype: torch.dtype = torch.float32, passes: int = 1) -> None:
+        """`passes`: forward passes per step that keep keys and values (X-LoRA's scaling pass is a second one,
+        in cache layers L..2L-1, see pass_view)."""
+        self.n_layers = config.num_hidden_layers
+        shape = (passes * self.n_layers, slots, config.num_key_value_heads, max_len, config.dim_per_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
@@ -203,6 +206,10 @@ class SlotCache:
             out.append(F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, enable_gqa=gqa))
         return torch.cat(out, dim=2)
 
+    def pass_view(self, index: int) -> _PassView:
+        """The cache as pass `index` of each step sees it: its own keys and values, the same plan."""
+        return _PassView(self, index * self.n_layers)
+
     def advance(self) -> None:
         """After the forward: the planned tokens are part of their slots' sequences."""
         plan = self._plan
@@ -225,6 +232,18 @@ class SlotCache:
         Keys first, then values: the old keys are freed before the new values are allocated."""
         self.k = self.k[..., :max_len, :].clone()
         self.v = self.v[..., :max_len, :].clone()
+
+
+@dataclass(frozen=True)
+class _PassView:
+    """A SlotCache for another pass of the same step: layer i attends in cache layer offset + i; the step's main
+    forward advances the cache."""
+
+    cache: SlotCache
+    offset: int
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.cache.attend(self.offset + layer, q, k, v)
 
 
 class Attention(nn.Module):
@@ -302,6 +321,11 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.gradient_checkpointing = False  # training: recompute each block in backward (see block_input)
+        # Called with the embeddings before the blocks run (x, cos, sin, attn_mask, cache): X-LoRA's scaling pass,
+        # which sets every LoRA layer's per-token expert weights (moa.gates); cache_passes: the passes per step
+        # that keep keys and values in a SlotCache.
+        self.before_blocks: Callable[..., None] | None = None
+        self.cache_passes = 1
         self.tie_weights()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Transformer:
@@ -343,6 +367,8 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        if self.before_blocks is not None:
+            self.before_blocks(x, cos, sin, attn_mask, cache)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.model.layers[:layer]:
             if recompute:  # keep only each block's input; backward recomputes the block (dropout masks included)
