@@ -7,14 +7,16 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from moa.compose.merge import tunable
-from moa.compose.registry import LEARNED, METHODS
+from moa.compose.registry import GATED_METHODS, LEARNED, METHODS, settings
 from moa.config import Config, method_params, read_config, schema, validate_schema
 from moa.data.batching import Batching
 from moa.data.prepare import split_sizes
 from moa.data.tasks import get_task
 from moa.errors import MoaError
+from moa.gates import GateKind, GateSpec
 from moa.roles import ORACLE
 from moa.sweep import recomposable, swept_methods
 
@@ -63,6 +65,8 @@ def _check_method(config: Config, name: str, source: str) -> None:
     if method in LEARNED and len(config["tasks"]) < 2 and listed:
         raise MoaError(f"{where}: {method} learns how to combine task LoRAs, and there is one task; add tasks or "
                        "remove it")
+    if method in GATED_METHODS and (listed or len(config["tasks"]) > 1):
+        _check_gate(config, params, where)
     _check_rows(config, where, "shots", params.get("shots", METHODS[method].params.get("shots")), "validation")
     _check_rows(config, where, "prompts", params.get("prompts"), "test")
     _check_rows(config, where, "tune_rows", params.get("tune_rows"), "validation")
@@ -71,6 +75,15 @@ def _check_method(config: Config, name: str, source: str) -> None:
         raise MoaError(f"{where}.weights: {len(weights)} weights for {len(tasks)} tasks; give one per task")
     if isinstance(weights, dict) and weights.keys() != set(tasks):
         raise MoaError(f"{where}.weights: keys must be exactly the tasks ({', '.join(tasks)})")
+
+
+def _check_gate(config: Config, params: dict[str, Any], where: str) -> None:
+    """A gate's settings in range for the config's tasks (the model's shapes do not matter here)."""
+    gate = {key: value for key, value in settings(params).items() if key in GateSpec.__dataclass_fields__}
+    try:
+        GateSpec(GateKind(params["method"]), 1, 1, 1, tuple(config["tasks"]), **gate).check()
+    except MoaError as error:
+        raise MoaError(f"{where}: {error}") from None
 
 
 def _check_rows(config: Config, where: str, key: str, wanted: int | None, split: str) -> None:
@@ -139,6 +152,10 @@ def _check_sweep(config: Config, source: str) -> None:
     if cannot:
         raise MoaError(f"{where}.methods: {cannot[0]} is not a configured method that a sweep recomposes; use some of "
                        f"{', '.join(can) or '(none configured)'}")
+    gated = [m for m in swept_methods(config) if method_params(config, m)["method"] in GATED_METHODS]
+    if gated and 1 in config["sweep"]["n_tasks"]:
+        raise MoaError(f"{where}.n_tasks: a subset of 1 task leaves the {gated[0]} gate nothing to choose; drop 1 "
+                       f"from n_tasks or {gated[0]} from sweep.methods")
     if not swept_methods(config):
         raise MoaError(f"{where}: no configured method is recomposed on a subset (merges, moa, routers over the task "
                        "LoRAs); add one to methods")

@@ -39,8 +39,10 @@ MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 TRAIN_LOG = "train_log.parquet"
 MANIFEST = "composition.json"  # in compositions/{method}/
 MERGE_REPORT = "merge_report.json"  # in compositions/{merge}/
-LEARNED_COEFFICIENTS = "coefficients.safetensors"  # in learned/{merge}/: [modules, tasks] or [tasks]
+LEARNED_COEFFICIENTS = "coefficients.safetensors"  # in learned/{name}/: a merge's [modules, tasks] or [tasks], or a
+# gate's weights
 LEARNED_INFO = "learned.json"  # in learned/{merge}/: the merge they combine by, the data used, the time taken
+GATE_USAGE = "gate_usage.parquet"  # in learned/{gate}/: the mean gate weight per true task, layer and expert
 TUNE = "tune.parquet"  # in compositions/{tuned merge}/: every candidate of its grid on validation
 CENTROIDS = "centroids.safetensors"  # in compositions/centroid/: [layers, tasks, hidden]
 CENTROID_EVAL = "centroid_eval.parquet"  # in compositions/centroid/: each layer's validation accuracy

@@ -177,11 +177,11 @@ def training_memory(config: ModelConfig, lora: LoraShape, dtype: torch.dtype, st
 
 
 def inference_memory(config: ModelConfig, lora: LoraShape | None, dtype: torch.dtype, tokens: int, slots: int = 0,
-                     cache_len: int = 0, logits_rows: int = 0) -> Memory:
-    """Device memory of serving: weights, fp32 LoRA experts, the slot KV cache, and one layer's activations of a
-    forward over `tokens` (nothing is kept across layers without autograd) with `logits_rows` rows of fp32
-    logits."""
-    kv = 2 * config.num_hidden_layers * slots * config.num_key_value_heads * cache_len * config.dim_per_head
+                     cache_len: int = 0, logits_rows: int = 0, passes: int = 1) -> Memory:
+    """Device memory of serving: weights, fp32 LoRA experts, the slot KV cache (of every pass that keeps one:
+    X-LoRA's scaling pass is a second), and one layer's activations of a forward over `tokens` (nothing is kept
+    across layers without autograd) with `logits_rows` rows of fp32 logits."""
+    kv = 2 * passes * config.num_hidden_layers * slots * config.num_key_value_heads * cache_len * config.dim_per_head
     q = config.num_attention_heads * config.dim_per_head
     layer = tokens * (3 * config.hidden_size + 2 * q + 3 * config.intermediate_size) * dtype.itemsize
     return Memory(weights=weight_bytes(config, dtype), lora=4 * lora_numel(config, lora) if lora else 0,
@@ -402,11 +402,14 @@ def serving_plan(config: dict, shapes: ModelConfig, method: str, on_device: bool
     """A composition served: `slots` sequences of up to `reach` tokens in the KV cache, forwards of `tokens` tokens
     with `logits_rows` rows of logits, every task's LoRA beside the weights (but for base), and a merge folded."""
     from moa.config import method_params
+    from moa.gates import GateKind
     from moa.roles import BASE
 
-    experts = 0 if method_params(config, method)["method"] == BASE else len(config["tasks"])
+    params = method_params(config, method)
+    experts = 0 if params["method"] == BASE else len(config["tasks"])
     memory = inference_memory(shapes, _lora(config, experts) if experts else None,
-                              DTYPES[config["evaluation"]["dtype"]], tokens, slots, reach, logits_rows)
+                              DTYPES[config["evaluation"]["dtype"]], tokens, slots, reach, logits_rows,
+                              2 if params["method"] == GateKind.XLORA else 1)
     fold = 2 * 4 * largest_module(shapes)  # one module's fp32 delta and sum while a merge is folded
     memory = replace(memory, workspace=memory.workspace + fold)
     memory = replace(memory, host=_host(config, memory.weights, on_device, memory.device)

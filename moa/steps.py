@@ -105,8 +105,9 @@ STEPS: dict[str, Step] = {
         lambda c, method: _trainer(c) | _all_tasks(c) | {"method": method_params(c, method),
                                                          "prompts_per_task": c["router"]["prompts_per_task"],
                                                          "dtype": c["evaluation"]["dtype"]},
-        "a learned merge's coefficients over the frozen task LoRAs (cat: by gradient on training rows; lorahub: "
-        "gradient-free on validation rows; adamerging: by gradient on the entropy of unlabelled test prompts) -> "
+        "a learned merge's coefficients or a token-level gate's weights over the frozen task LoRAs (cat, xlora, "
+        "loraflow: by gradient on training rows; lorahub: gradient-free on validation rows; adamerging: by gradient "
+        "on the entropy of unlabelled test prompts) -> "
         f"learned/{{method}}/ (--subset: on that sweep subset's tasks -> "
         f"sweep/{{subset}}/learned/{{method}}/). Methods: {', '.join(sorted(LEARNED))}", options=("subset",)),
     "compose": Step(

@@ -155,3 +155,27 @@ def test_the_harness_plan_counts_its_requests_and_names_what_fits(smoke: dict, m
     with pytest.raises(MoaError, match=r"lm_eval:oracle at 8 sequences x 512 tokens needs .* lower "
                                        r"evaluation\.lm_eval\.batch_size or evaluation\.lm_eval\.max_length"):
         preflight(harnessed, "lm_eval", "oracle")
+
+
+def test_xlora_plans_a_second_kv_cache_for_its_scaling_pass(smoke: dict) -> None:
+    """X-LoRA's scaling pass keeps its own keys and values (Transformer.cache_passes 2): twice the KV cache of any
+    other composition served the same way; LoRA-Flow's gates add none."""
+    from moa.gates import FlowGates, XLoraGates, gate_spec
+    from moa.model import DTYPES, random_model
+    from moa.model.llama import SlotCache
+    from moa.plan import serving_plan, shapes_of
+    from tests.conftest import with_random_experts
+
+    shapes = shapes_of(smoke)
+    config = smoke | {"methods": {"xlora": None, "loraflow": None, "oracle": None}}
+    kv = {m: serving_plan(config, shapes, m, False, "evaluate", 8, 300, 2048, 8).memory.kv_cache
+          for m in ("xlora", "loraflow", "oracle")}
+    assert kv["xlora"] == 2 * kv["oracle"] == 2 * kv["loraflow"] > 0
+    model = with_random_experts(random_model("tiny")[0], seed=0)
+    dtype = DTYPES[smoke["evaluation"]["dtype"]]
+    for gates, method in ((XLoraGates(gate_spec("xlora", model, "abc")), "xlora"),
+                          (FlowGates(gate_spec("loraflow", model, "abc")), "loraflow")):
+        gates.attach(model)  # the engine sizes its cache by the model's passes
+        cache = SlotCache(model.config, 8, 300, dtype=dtype, passes=model.cache_passes)
+        assert 2 * cache.k.numel() * cache.k.element_size() == kv[method]
+        gates.detach()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from moa.compose.merge import MERGES, MergeSpec, Update
-from moa.compose.registry import LEARNED, METHODS, Kind, settings
+from moa.compose.registry import GATED_METHODS, LEARNED, METHODS, Kind, settings
 from moa.config import method_params, schema
 from moa.experiment import load_config, validate
 
@@ -22,7 +22,7 @@ KEYS = {key: node for key, node in schema()["$defs"]["method"]["properties"].ite
 
 def shown(value: Any) -> str:
     """A default as the schema's descriptions write it."""
-    return "null" if value is None else str(value)
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def test_the_default_methods_are_every_registered_method_in_its_order() -> None:
@@ -56,7 +56,9 @@ def test_the_defaults_are_valid_settings(tmp_path: Path, method: str) -> None:
 def test_the_merge_entries_come_from_the_merge_table() -> None:
     merges = {name: method for name, method in METHODS.items() if method.kind == Kind.MERGE and name not in LEARNED}
     assert list(merges) == list(MERGES) and all(method.recomposed for method in merges.values())
-    assert LEARNED == {"cat", "lorahub", "adamerging"} and all(METHODS[name].kind == Kind.MERGE for name in LEARNED)
+    assert LEARNED - GATED_METHODS == {"cat", "lorahub", "adamerging"}
+    assert all(METHODS[name].kind == Kind.MERGE for name in LEARNED - GATED_METHODS)
+    assert GATED_METHODS == {"xlora", "loraflow"} and all(METHODS[name].kind == Kind.ROUTE for name in GATED_METHODS)
     assert {name for name, method in METHODS.items() if method.implicit_routing} == {
         name for name, merge in MERGES.items() if merge.update == Update.EXACT} == {"concat", "task_arithmetic"}
     assert {name: method.params.get("density") for name, method in merges.items() if "density" in method.params} \

@@ -15,6 +15,7 @@ from typing import Any
 
 from moa import __version__
 from moa.compose.registry import Applied, method_of, settings
+from moa.gates import TokenGates
 from moa.config import Config, method_params
 from moa.errors import MoaError
 from moa.io import atomic_dir, read_json
@@ -37,6 +38,7 @@ class Composed:
     experts: tuple[str, ...] = ()  # the task each expert index stands for
     by_task: bool = False  # each sequence is served by its task's expert (the oracle)
     router: SequenceRouter | None = None  # MoA, centroid: picks each sequence's expert(s) from its prompt
+    gates: TokenGates | None = None  # xlora, loraflow: each token's expert weights, from hooks on the model
 
     def expert_for(self, task: str | None) -> int | None:
         """The expert that serves a prompt of `task`: its own for the oracle, else None (no LoRA, a merge
@@ -86,4 +88,6 @@ def load_composition(config: Config, method: str, fold: bool = True) -> Composed
     applied: Applied = method_of(manifest).load(config, manifest, model, fold)
     model.to(device(), DTYPES[config["evaluation"]["dtype"]]).eval()
     router = None if applied.router is None else applied.router.to(device())  # float32: it reads float32 features
-    return Composed(model, tokenizer, manifest, applied.experts, applied.by_task, router)
+    if applied.gates is not None:
+        applied.gates.to(device())  # float32, as trained: each hook casts the hidden states it reads
+    return Composed(model, tokenizer, manifest, applied.experts, applied.by_task, router, applied.gates)

@@ -42,6 +42,7 @@ from moa.data.batching import encode_prompts
 from moa.data.splits import read_split
 from moa.data.tasks import Task
 from moa.errors import MoaError
+from moa.gates import GateSpec, TokenGates, load_gates
 from moa.generate import Generation
 from moa.implicit import implicit_routing
 from moa.io import read_json, write_safetensors
@@ -78,7 +79,7 @@ from moa.routing import CentroidRouter, LearnedRouter, SequenceRouter, Strategy,
 class Kind(StrEnum):
     BASE = "base"  # the base model alone
     ADAPTER = "adapter"  # one adapter trained on every task, folded into the weights
-    ROUTE = "route"  # the task adapters as experts, each sequence (arrow: each token) served by its own
+    ROUTE = "route"  # the task adapters as experts, each sequence (arrow, xlora, loraflow: each token) served by its own
     MERGE = "merge"  # the task adapters merged into one adapter, folded into the weights
 
 
@@ -100,6 +101,7 @@ class Applied:
     experts: tuple[str, ...] = ()
     by_task: bool = False
     router: SequenceRouter | None = None
+    gates: TokenGates | None = None  # xlora, loraflow: attached, each token's expert weights from the gate
 
 
 Build = Callable[[Config, str, dict[str, Any], Path], dict[str, Any]]  # (config, name, params, folder) -> entries
@@ -315,6 +317,28 @@ def _load_arrow(config: Config, manifest: Mapping[str, Any], model: Transformer,
     return Applied(tuple(manifest["tasks"]))
 
 
+def _build_gated(config: Config, name: str, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A token-level gate: the task adapters as experts and the gate `moa learn-merge` trained over them."""
+    paths = ExperimentPaths.of(config)
+    learned = read_json(paths.learned(name) / LEARNED_INFO, f"run `moa learn-merge --config ... --method {name}` first")
+    if learned["tasks"] != list(config["tasks"]):
+        raise MoaError(f"{paths.learned(name)}: gate trained over tasks {learned['tasks']}, not the config's; rerun "
+                       f"`moa learn-merge --method {name}`")
+    data = {key: learned[key] for key in ("labelled", "unlabelled", "objective", "seconds")}
+    return _build_oracle(config, name, params, out) | {
+        "gate": str(paths.learned(name).relative_to(paths.root)), "parameters": learned["parameters"],
+        "passes": learned["passes"], "learned": data}
+
+
+def _load_gated(config: Config, manifest: Mapping[str, Any], model: Transformer, fold: bool) -> Applied:
+    """The task adapters as experts, every token's expert weights from the gate (no router, no per-sequence
+    expert: the engine leaves the layers to the gate's hooks)."""
+    root = ExperimentPaths.of(config).root
+    attach(model, [root / path for path in manifest["adapters"]])
+    gates = load_gates(root / manifest["gate"])
+    return Applied(tuple(manifest["tasks"]), gates=gates.attach(model))
+
+
 # --- the table ----------------------------------------------------------------------------------------
 
 _TASK_ADAPTERS = frozenset({Need.TASK_ADAPTERS})
@@ -352,8 +376,19 @@ METHODS: dict[str, Method] = {
                       {"shots": 5, "budget": 40, "combine": "factors", "seed": None}, recomposed=True),
     "adamerging": Method(Kind.MERGE, _build_learned, _load_folded, _TASK_ADAPTERS | {Need.LEARNED},
                          {"init": 0.3, "steps": None, "lr": 0.05, "prompts": None}, recomposed=True),
+} | {
+    # Token-level gates: trained by `moa learn-merge` (moa.train.gates) on the router's rows and steps (None: those),
+    # the task LoRAs served as experts; the sweep trains them again on each subset. X-LoRA's settings are PEFT's.
+    "xlora": Method(Kind.ROUTE, _build_gated, _load_gated, _TASK_ADAPTERS | {Need.LEARNED},
+                    {"examples": None, "steps": None, "lr": 0.05} | {key: getattr(GateSpec, key) for key in (
+                        "xlora_depth", "xlora_size", "xlora_dropout_p", "layerwise_scalings", "enable_softmax",
+                        "enable_softmax_topk", "softmax_temperature", "top_k_lora", "global_scaling_weight")},
+                    recomposed=True),
+    "loraflow": Method(Kind.ROUTE, _build_gated, _load_gated, _TASK_ADAPTERS | {Need.LEARNED},
+                       {"examples": None, "steps": None, "lr": 0.05}, recomposed=True),
 }
 LEARNED = frozenset(name for name, method in METHODS.items() if Need.LEARNED in method.needs)
+GATED_METHODS = frozenset(name for name in LEARNED if METHODS[name].kind == Kind.ROUTE)
 
 
 class Tier(StrEnum):
@@ -361,12 +396,16 @@ class Tier(StrEnum):
 
     REFERENCE = "reference"  # base, the oracle, the mixed-data LoRA
     ROUTED = "routed"  # MoA, centroid, arrow: the task LoRAs as experts
+    GATED = "token-gated"  # xlora, loraflow: learned per-token gates over the task LoRAs
     TRAINING_FREE = "training-free merge"  # a merge at fixed settings, no data
     TUNED = "tuned merge"  # a merge at the setting of its grid best on validation
     LEARNED = "learned merge"  # coefficients learned from data (moa learn-merge)
 
 
+
 def tier_of(params: Mapping[str, Any]) -> Tier:
+    if params["method"] in GATED_METHODS:
+        return Tier.GATED
     method = method_of(params)
     if method.kind != Kind.MERGE:
         return Tier.ROUTED if method.kind == Kind.ROUTE and params["method"] != ORACLE else Tier.REFERENCE

@@ -1,5 +1,6 @@
-"""`moa learn-merge`: the coefficients of a learned merge over the frozen task LoRAs, which `moa compose` then
-folds into one adapter (a static merge: it costs what the base model costs).
+"""`moa learn-merge`: what a composition learns from data over the frozen task LoRAs: the coefficients of a learned
+merge, which `moa compose` then folds into one adapter (a static merge: it costs what the base model costs), or the
+weights of a token-level gate (xlora, loraflow: moa.train.gates), which serve the task LoRAs as experts.
 
 - cat (LoRA Soups' CAT, Prabhakar et al. 2024): a scalar per task and LoRA module on the concatenated task updates,
   dW_m = sum_i c_mi s_i B_i A_i, trained by gradient (moa's trainer: AdamW without decay, the schedule,
@@ -19,7 +20,9 @@ folds into one adapter (a static merge: it costs what the base model costs).
   targets, and learned.json counts them as its unlabelled budget.
 
 learned/{name}/ holds coefficients.safetensors, learned.json (the merge the coefficients weight, the modules of
-their rows, the labelled rows and unlabelled prompts used, the objective, the seconds) and train_log.parquet.
+their rows, the labelled rows and unlabelled prompts used, the objective, the seconds) and train_log.parquet; a
+gate's coefficients.safetensors holds its weights, learned.json its spec, parameters and passes per step, and
+gate_usage.parquet its mean weight per task, block and expert on the validation rows.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import nevergrad as ng
@@ -44,14 +47,16 @@ from moa.config import Config, method_params
 from moa.data.batching import IGNORE, Batch, Example, encode_prompts, lm_loss
 from moa.data.splits import read_split
 from moa.errors import MoaError
+from moa.gates import gate_info
 from moa.generate import score
 from moa.io import atomic_dir, write_safetensors
-from moa.layout import LEARNED_COEFFICIENTS, LEARNED_INFO, TRAIN_LOG, ExperimentPaths, trained_task_adapters
+from moa.layout import GATE_USAGE, LEARNED_COEFFICIENTS, LEARNED_INFO, TRAIN_LOG, ExperimentPaths, trained_task_adapters
 from moa.lora import AdapterConfig, activate, attach_experts, load_adapter, load_adapter_state, lora_layers
 from moa.model import DTYPES, Tokenizer, Transformer
 from moa.model.prepared import base_model, device
 from moa.plan import with_checkpointing
 from moa.step_result import StepResult
+from moa.train.gates import train_gate
 from moa.train.lora import balanced, task_examples
 from moa.train.trainer import Trainer, TrainSettings
 
@@ -62,13 +67,15 @@ BOUND = 1.5  # LoraHub's weight range
 
 @dataclass(frozen=True)
 class Learned:
-    coefficients: Tensor  # [modules, tasks] (per module) or [tasks]
-    merge: MergeMethod  # the merge the coefficients weight: concat (the updates) or linear (the factors)
+    tensors: dict[str, Tensor]  # a merge's {"coefficients": [modules, tasks] or [tasks]}; a gate's weights
+    merge: MergeMethod | None  # the merge the coefficients weight: concat (the updates) or linear (the factors)
     modules: list[str]  # the LoRA modules of the rows; [] for one weight per task
     labelled: int  # labelled rows (prompt and target) learned from, over every task
     objective: float  # the final objective
     log: pd.DataFrame
     unlabelled: int = 0  # prompts without their targets learned from, over every task
+    info: dict[str, Any] = field(default_factory=dict)  # more for learned.json (a gate's spec, parameters, passes)
+    usage: pd.DataFrame | None = None  # a gate's mean weight per task, block and expert (gate_usage.parquet)
 
 
 # --- cat ----------------------------------------------------------------------------------------------
@@ -115,7 +122,8 @@ def learn_cat(config: Config, name: str, params: dict[str, Any]) -> Learned:
                       loss_fn=cat_loss, desc=f"learn {name}")
     log = trainer.run()
     trainer.discard_checkpoints()
-    return Learned(training.coefficients.detach().float().cpu(), MergeMethod.CONCAT, list(lora_layers(model)),
+    return Learned({"coefficients": training.coefficients.detach().float().cpu()}, MergeMethod.CONCAT,
+                   list(lora_layers(model)),
                    sum(map(len, rows)), float(log["loss"].iloc[-1]), log)
 
 
@@ -190,8 +198,8 @@ def learn_adamerging(config: Config, name: str, params: dict[str, Any]) -> Learn
                       loss_fn=entropy_loss, desc=f"learn {name}")
     log = trainer.run()
     trainer.discard_checkpoints()
-    return Learned(training.per_module().detach().float().cpu(), MergeMethod.CONCAT, list(lora_layers(model)), 0,
-                   float(log["loss"].iloc[-1]), log, unlabelled=len(prompts))
+    return Learned({"coefficients": training.per_module().detach().float().cpu()}, MergeMethod.CONCAT,
+                   list(lora_layers(model)), 0, float(log["loss"].iloc[-1]), log, unlabelled=len(prompts))
 
 
 # --- lorahub ------------------------------------------------------------------------------------------
@@ -243,7 +251,8 @@ def learn_lorahub(config: Config, name: str, params: dict[str, Any]) -> Learned:
         weights = lorahub_search(tracked, len(dirs), params["budget"],
                                  params["seed"] if params["seed"] is not None else config["seed"])
     log = pd.DataFrame(history)
-    return Learned(torch.tensor(weights, dtype=torch.float32), MergeMethod.CONCAT if exact else MergeMethod.LINEAR, [],
+    return Learned({"coefficients": torch.tensor(weights, dtype=torch.float32)},
+                   MergeMethod.CONCAT if exact else MergeMethod.LINEAR, [],
                    len(shots), float(objective(np.asarray(weights))), log)
 
 
@@ -262,10 +271,22 @@ def _check_combinable(adapters: Sequence[tuple[AdapterConfig, dict[str, Tensor]]
                        f"over {', '.join(d.name for d in dirs)}); set combine: exact")
 
 
+# --- token-level gates -----------------------------------------------------------------------------------
+
+
+def learn_gate(config: Config, name: str, params: dict[str, Any]) -> Learned:
+    """X-LoRA's classifier or LoRA-Flow's gates (moa.train.gates); learned.json records the gate's spec too."""
+    trained = train_gate(config, name, params)
+    state = {key: value.detach().float().contiguous() for key, value in trained.gates.state_dict().items()}
+    return Learned(state, None, [], trained.labelled, float(trained.log["loss"].iloc[-1]), trained.log,
+                   info=gate_info(trained.gates), usage=trained.usage)
+
+
 # --- the step -------------------------------------------------------------------------------------------
 
 LEARNERS: dict[str, Callable[[Config, str, dict[str, Any]], Learned]] = {
-    "cat": learn_cat, "lorahub": learn_lorahub, "adamerging": learn_adamerging}
+    "cat": learn_cat, "lorahub": learn_lorahub, "adamerging": learn_adamerging, "xlora": learn_gate,
+    "loraflow": learn_gate}
 
 
 def learn_merge(config: Config, method: str) -> StepResult:
@@ -277,11 +298,13 @@ def learn_merge(config: Config, method: str) -> StepResult:
     paths = ExperimentPaths.of(config)
     info = {"method": params["method"], "merge": learned.merge, "modules": learned.modules,
             "tasks": list(config["tasks"]), "labelled": learned.labelled, "unlabelled": learned.unlabelled,
-            "objective": learned.objective, "seconds": round(seconds, 2)}
+            "objective": learned.objective, "seconds": round(seconds, 2)} | learned.info
     with atomic_dir(paths.learned(method)) as tmp:
-        write_safetensors(tmp / LEARNED_COEFFICIENTS, {"coefficients": learned.coefficients.contiguous()})
+        write_safetensors(tmp / LEARNED_COEFFICIENTS, {k: v.contiguous() for k, v in learned.tensors.items()})
         (tmp / LEARNED_INFO).write_text(json.dumps(info, indent=2) + "\n")
         learned.log.to_parquet(tmp / TRAIN_LOG, index=False)
+        if learned.usage is not None:
+            learned.usage.to_parquet(tmp / GATE_USAGE, index=False)
     return StepResult(paths.learned(method), curves=learned.log,
                       metrics={k: info[k] for k in ("labelled", "unlabelled", "objective", "seconds")},
                       artifacts=[paths.learned(method) / LEARNED_INFO, paths.learned(method) / TRAIN_LOG])
