@@ -7,6 +7,7 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.colorbar import Colorbar
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter
@@ -30,18 +31,19 @@ def placeholder(name: str, reason: str) -> Figure:
 
 
 def _heatmap(ax: Axes, values: np.ndarray, rows: Sequence[str], columns: Sequence[str], fmt: str, cmap: str,
-             vmin: float, vmax: float) -> None:
-    """An annotated heatmap; each number is black or white, whichever reads on its cell's colour."""
+             vmin: float, vmax: float, fontsize: float | None = 9) -> Colorbar:
+    """An annotated heatmap (fontsize None: not annotated); each number is black or white, whichever reads on its
+    cell's colour."""
     image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     tilt = len(columns) > 4
     ax.set_xticks(range(len(columns)), columns, rotation=30 if tilt else 0, ha="right" if tilt else "center")
     ax.set_yticks(range(len(rows)), rows)
-    for (i, j), value in np.ndenumerate(values):
+    for (i, j), value in np.ndenumerate(values if fontsize else np.empty((0, 0))):
         r, g, b, _ = image.cmap(image.norm(value))
         dark = not np.isnan(value) and 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # NaN cells are left blank
-        ax.text(j, i, "–" if np.isnan(value) else format(value, fmt), ha="center", va="center", fontsize=9,
+        ax.text(j, i, "–" if np.isnan(value) else format(value, fmt), ha="center", va="center", fontsize=fontsize,
                 color="white" if dark else "black")
-    ax.figure.colorbar(image, ax=ax, shrink=0.8)
+    return ax.figure.colorbar(image, ax=ax, shrink=0.8)
 
 
 def plot_scores(normalized: pd.DataFrame, representative: Mapping[str, str], excluded: Collection[str]) -> Figure:
@@ -262,6 +264,43 @@ def plot_implicit(implicit: pd.DataFrame, tasks: Sequence[str]) -> Figure:
             bar = fig.colorbar(image, ax=ax, shrink=0.8)
             bar.ax.axhline(1 / len(tasks), color="white", linestyle="--", linewidth=1)
     fig.suptitle("Does the merge route itself? Mean share of the true task's component in each layer's update")
+    return fig
+
+
+def plot_gates(gates: pd.DataFrame, tasks: Sequence[str]) -> Figure:
+    """One panel per token-gated composition (report/gates.parquet): true tasks x layers, the mean gate weight on
+    the task's own expert over its validation tokens, the last column their mean over the layers; each row names
+    the expert with the most weight over all layers (in red where it is not the task's own). 1/N (dashed in the
+    colour bar) is no preference."""
+    methods = list(pd.unique(gates["method"]))
+    layers = sorted(int(layer) for layer in gates["layer"].unique() if layer >= 0)
+    columns = [*map(str, layers), "all"]
+    fontsize = 9 if len(columns) <= 12 else 6.5 if len(columns) <= 24 else None  # None: only `all` annotated
+    fig = Figure(figsize=(max(7.0, 0.42 * len(columns) + 3.5), (0.42 * len(tasks) + 1.3) * len(methods) + 0.9),
+                 layout="constrained")
+    for ax, method in zip(fig.subplots(len(methods), 1, squeeze=False)[:, 0], methods):
+        cells = gates[gates["method"] == method]
+        grid = cells.pivot(index="task", columns="layer", values="own_weight").reindex(index=tasks,
+                                                                                    columns=[*layers, -1])
+        top = cells[cells["layer"] < 0].set_index("task")["top_expert"]
+        rows = [f"{task} (most: {top.get(task, '–')})" for task in tasks]
+        bar = _heatmap(ax, grid.to_numpy(dtype=float), rows, columns, ".2f", "viridis", 0.0, 1.0, fontsize)
+        bar.ax.axhline(1 / len(tasks), color="white", linestyle="--", linewidth=1.5)
+        ax.set_xticks(range(len(columns)), columns, rotation=0, ha="center", fontsize=8 if len(columns) > 12 else None)
+        for label, task in zip(ax.get_yticklabels(), tasks):
+            label.set_color("black" if top.get(task) == task else "tab:red")
+        if fontsize is None:
+            for i, value in enumerate(grid[-1].to_numpy(dtype=float)):
+                r, g, b, _ = bar.mappable.cmap(bar.mappable.norm(value))
+                ax.text(len(layers), i, "–" if np.isnan(value) else f"{value:.2f}", ha="center", va="center",
+                        fontsize=8, color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
+        ax.axvline(len(layers) - 0.5, color="white", linewidth=3)  # the layers' mean apart
+        ax.set_title(f"`{method}`", fontsize=10)
+        ax.set_xlabel("layer (all: the mean over the layers)")
+        ax.set_ylabel("true task")
+    fig.suptitle("Token gates: mean weight on the true task's own LoRA per layer (validation tokens)\n"
+                 "most: the expert with the most weight over all layers (red: not the task's own); "
+                 "dashed: 1/N", fontsize=10)
     return fig
 
 

@@ -17,6 +17,7 @@ from moa.report.inputs import (
     parquet,
     read_budgets,
     read_evaluations,
+    read_gates,
     read_implicit,
     read_metrics,
     read_tuning,
@@ -42,7 +43,8 @@ class Evidence:
     routing: pd.DataFrame  # the experts routers chose for the evaluated test prompts (evaluated_routing)
     implicit: pd.DataFrame  # the exact merges' implicit routing (read_implicit)
     tuning: pd.DataFrame  # every tuned merge's candidates on validation (read_tuning)
-    budgets: pd.DataFrame  # each composition's tier, the data it was built from and the seconds (read_budgets)
+    budgets: pd.DataFrame  # each composition's tier, data, build seconds and decoding cost (read_budgets)
+    gates: pd.DataFrame  # the token-gated compositions' mean gate weights per task, layer and expert (read_gates)
     cosine: tuple[list[str], np.ndarray] | None  # the trained task adapters and their cosine matrix
     train_logs: dict[str, pd.DataFrame]
     sweep: Sweep | None  # with a sweep configured
@@ -64,6 +66,6 @@ def gather(config: Config) -> Evidence:
         router_eval=parquet(paths.router_eval), confusion=parquet(paths.router_confusion),
         router_config=router_config(config), routing=evaluated_routing(config, metrics),
         implicit=read_implicit(config), tuning=read_tuning(config), budgets=read_budgets(config),
-        cosine=task_adapter_cosine(config), train_logs=train_logs(config),
+        gates=read_gates(config), cosine=task_adapter_cosine(config), train_logs=train_logs(config),
         sweep=sweep_scores(config, evaluations) if "sweep" in config else None,
         harness=read_harness(config) if config["evaluation"]["lm_eval"] else None)

@@ -8,13 +8,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors import safe_open
 
-from moa.compose.registry import tier_of
+from moa.compose.registry import GATED_METHODS, tier_of
 from moa.config import Config, method_params
 from moa.data.tasks import get_task
 from moa.implicit import summarize
 from moa.io import read_json
-from moa.layout import ADAPTER_WEIGHTS, CENTROID_EVAL, MIXED, ROUTER_CONFIG, TRAIN_LOG, ExperimentPaths
+from moa.layout import (
+    ADAPTER_WEIGHTS,
+    CENTROID_EVAL,
+    CENTROIDS,
+    GATE_USAGE,
+    LEARNED_INFO,
+    MIXED,
+    ROUTER_CONFIG,
+    TRAIN_LOG,
+    ExperimentPaths,
+)
 from moa.lora.peft_io import load_adapter
 from moa.metrics import ROUTER_ACCURACY, read_statistics
 from moa.report.cosine import adapter_cosine
@@ -24,6 +35,7 @@ from moa.stats import Evaluated
 COLUMNS = ["method", "task", "metric", "value", "n"]
 ROUTING_COLUMNS = ["method", "task", "chosen", "count"]
 IMPLICIT_COLUMNS = ["method", "task", "layer", "module", "segment", "share_true", "accuracy", "top_task", "n"]
+GATE_COLUMNS = ["method", "task", "layer", "expert", "weight", "tokens"]
 
 
 def read_metrics(config: Config) -> tuple[pd.DataFrame, list[str]]:
@@ -90,21 +102,39 @@ def read_tuning(config: Config) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["composition", "candidate"])
 
 
-BUDGET_COLUMNS = ["method", "tier", "labelled", "unlabelled", "seconds"]
+def gated(config: Config) -> list[str]:
+    """The compositions that gate the task LoRAs per token (xlora, loraflow)."""
+    return [name for name in config["methods"] if method_params(config, name)["method"] in GATED_METHODS]
+
+
+def read_gates(config: Config) -> pd.DataFrame:
+    """Every gated composition's learned/{name}/gate_usage.parquet, named by `method`: the mean gate weight on
+    each expert per true task and layer over its validation tokens."""
+    paths = ExperimentPaths.of(config)
+    frames = [pd.read_parquet(paths.learned(name) / GATE_USAGE).assign(method=name)
+              for name in gated(config) if (paths.learned(name) / GATE_USAGE).is_file()]
+    empty = pd.DataFrame({c: pd.Series(dtype=int if c in ("layer", "tokens") else float if c == "weight" else str)
+                          for c in GATE_COLUMNS})
+    return pd.concat([empty, *(f[GATE_COLUMNS] for f in frames)], ignore_index=True)
+
+
+BUDGET_COLUMNS = ["method", "tier", "labelled", "unlabelled", "seconds", "parameters", "passes"]
 
 
 def read_budgets(config: Config) -> pd.DataFrame:
     """What each composition was built from beyond the task LoRAs, and how long building it took: its tier, the
     labelled rows (task-labelled prompts for the routers; prompt and target for tuning and learning) and unlabelled
-    prompts it used, and the seconds of compose plus what it was learned by (train-router, learn-merge). NaN where
-    its composition is not there (and labelled for `mixed`, which trains its own LoRA on every training row)."""
+    prompts it used, the seconds of compose plus what it was learned by (train-router, learn-merge), and what it
+    costs at decoding beyond the base model and its LoRAs (_decoding). NaN where its composition is not there (and
+    labelled for `mixed`, which trains its own LoRA on every training row)."""
     paths, rows = ExperimentPaths.of(config), []
     for name in config["methods"]:
         params = method_params(config, name)
         manifest = read_json(paths.manifest(name), "rerun compose") if paths.manifest(name).is_file() else None
-        row = {"method": name, "tier": str(tier_of(params)), "labelled": np.nan, "unlabelled": np.nan, "seconds": np.nan}
+        row = {"method": name, "tier": str(tier_of(params))} | dict.fromkeys(BUDGET_COLUMNS[2:], np.nan)
         if manifest is not None:
             row |= {"unlabelled": 0.0} | _budget(config, params, manifest) | {"seconds": _seconds(config, manifest)}
+            row |= _decoding(config, name, params["method"], manifest)
         rows.append(row)
     return pd.DataFrame(rows, columns=BUDGET_COLUMNS)
 
@@ -127,6 +157,24 @@ def _seconds(config: Config, manifest: dict) -> float:
     learned = manifest.get("learned", {}).get("seconds", 0.0)
     router = router_config(config).get("seconds", 0.0) if manifest["method"] == MOA else 0.0
     return float(manifest.get("build_seconds", np.nan)) + learned + router
+
+
+def _decoding(config: Config, name: str, method: str, manifest: dict) -> dict[str, float]:
+    """The parameters a composition adds at decoding beyond the base model and the task LoRAs (MoA's routers, the
+    centroids of the layer routed at, a gate's; 0 for a folded merge and for arrow, whose prototypes come from the
+    LoRAs), and the model's forward passes per generated token (2 for xlora's scaling pass); NaN where unknown."""
+    paths = ExperimentPaths.of(config)
+    if method in GATED_METHODS:  # as composed, else as learned (learned.json)
+        info = paths.learned(name) / LEARNED_INFO
+        learned = read_json(info, f"rerun `moa learn-merge --method {name}`") if info.is_file() else {}
+        return {key: float(manifest.get(key, learned.get(key, np.nan))) for key in ("parameters", "passes")}
+    if method == MOA:
+        return {"parameters": float(router_config(config).get("parameters", np.nan)), "passes": 1.0}
+    if method == "centroid" and (paths.composition(name) / CENTROIDS).is_file():
+        with safe_open(paths.composition(name) / CENTROIDS, "np") as file:  # [layers, tasks, hidden]: one layer's
+            _, tasks, hidden = file.get_slice("centroids").get_shape()
+        return {"parameters": float(tasks * hidden), "passes": 1.0}
+    return {"parameters": np.nan if method == "centroid" else 0.0, "passes": 1.0}
 
 
 def parquet(path: Path) -> pd.DataFrame | None:

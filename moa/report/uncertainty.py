@@ -20,6 +20,7 @@ from moa.stats import (
     bootstrap,
     comparisons,
     intervals,
+    paired_differences,
     resamples_for,
 )
 
@@ -54,6 +55,7 @@ class Uncertainty:
         self.comparisons = comparisons(self.result, self.references, self.alpha)
         self._figures = self.intervals.set_index(["method", "task", "metric"])
         self._compared = self.comparisons.set_index(["method", "reference", "task", "metric"])
+        self._versus: dict[str, pd.DataFrame] = {}  # multitask comparisons with methods that are no reference
 
     @property
     def confidence(self) -> float:
@@ -83,6 +85,18 @@ class Uncertainty:
                  metric: str = MULTITASK) -> pd.Series | None:
         key = (method, reference, task, metric)
         return self._compared.loc[key] if key in self._compared.index else None
+
+    def versus(self, method: str, other: str) -> pd.Series | None:
+        """`method` minus any `other` on the multitask score: a reference's comparison, else one made as the
+        comparisons are, Holm over every method with a multitask score compared with `other`."""
+        if other in self.references:
+            return self.compared(method, other)
+        if other not in self._versus:
+            by_figure = {(ALL_TASKS, MULTITASK): self.result.multitask}
+            table = paired_differences(by_figure, [other], self.alpha)
+            self._versus[other] = table.set_index(["method", "reference", "task", "metric"])
+        key = (method, other, ALL_TASKS, MULTITASK)
+        return self._versus[other].loc[key] if key in self._versus[other].index else None
 
     def multitask(self) -> pd.DataFrame:
         """Methods with a multitask score, best first: value, lo, hi."""

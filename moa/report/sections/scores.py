@@ -22,7 +22,11 @@ COST_NOTE = ("Each composition serves every task's test prompts as one stream (c
              "was built from beyond the task LoRAs (labelled: task-labelled prompts for the routers, prompt and target "
              "rows for tuning and learning; unlabelled: prompts without labels, adamerging's the test prompts themselves, "
              "transductively) and the seconds of composing it plus "
-             "what it was learned by (train-router, learn-merge); mixed trains its own LoRA on every training row.")
+             "what it was learned by (train-router, learn-merge); mixed trains its own LoRA on every training row. "
+             "Extra parameters: what a composition adds at decoding beyond the base model and the task LoRAs (MoA's "
+             "routers, the N x H centroids of the centroid's layer, a token gate's; 0 for a folded merge and for "
+             "arrow, whose prototypes come from the LoRAs); passes: the model's forward passes per generated token "
+             "(xlora's scaling pass makes 2).")
 
 
 # --- the multitask score -------------------------------------------------------------------------------
@@ -173,7 +177,14 @@ def cost(evidence: Evidence) -> list[str]:
     budgets = evidence.budgets.set_index("method")
     rows = [[method, budgets.loc[method, "tier"],
              *(fmt(budgets.loc[method, key], 0) for key in ("labelled", "unlabelled", "seconds")),
+             _count(budgets.loc[method, "parameters"]), fmt(budgets.loc[method, "passes"], 0),
              *(fmt(means.get((method, m.name)), m.digits) for m in COST_METRICS)]
             for method in evidence.config["methods"]]
-    header = ["method", "tier", "labelled", "unlabelled", "build (s)", *(m.label for m in COST_METRICS)]
+    header = ["method", "tier", "labelled", "unlabelled", "build (s)", "extra parameters", "passes / token",
+              *(m.label for m in COST_METRICS)]
     return ["## Cost", "", *markdown_table(header, rows), "", COST_NOTE]
+
+
+def _count(value: float) -> str:
+    """A count with thousands separators; "–" where there is none."""
+    return "–" if not np.isfinite(value) else f"{int(value):,}"

@@ -32,9 +32,10 @@ def verdict(evidence: Evidence) -> list[str]:
     first = (f"- Multitask score {uncertainty.tasks_used()} ({span} test items per task, {uncertainty.resamples} "
              f"paired resamples); alpha {alpha:g}, Holm-corrected over the methods compared with each reference.")
     if not merges:
-        return [first, "- No merge was evaluated on every task with signal."]
+        return [first, "- No merge was evaluated on every task with signal.", *_routing_or_gating(evidence)]
     best = merges[0]
     return [first, *_merges_vs_references(uncertainty, merges), *_tiers(evidence, merges),
+            *_routing_or_gating(evidence),
             f"- **Best merge**: `{best}`, {with_interval(uncertainty.figure(best, ALL_TASKS, MULTITASK), 3)}"
             + "".join(f"; minus `{r}`: {difference(uncertainty.compared(best, r))}"
                       for r in uncertainty.references if uncertainty.compared(best, r) is not None) + ".",
@@ -83,6 +84,53 @@ def _tiers(evidence: Evidence, merges: Sequence[str]) -> list[str]:
                   "is not significantly worse")
         lines.append(f"- **A merge, or `{reference}`?** {answer} ({difference(row)}).")
     return lines
+
+
+# The ways to compose the task LoRAs, cheapest at decoding first.
+MERGE, ROUTING, GATING = "a merge", "per-sequence routing", "per-token gating"
+GROUPS = {MERGE: (Tier.TRAINING_FREE, Tier.TUNED, Tier.LEARNED), ROUTING: (Tier.ROUTED,), GATING: (Tier.GATED,)}
+
+
+def _routing_or_gating(evidence: Evidence) -> list[str]:
+    """With a token-gated composition configured: the best of each group (merge < per-sequence routing <
+    per-token gating, by cost) minus the best composition evaluated, Holm over the methods compared with it;
+    the cheapest group not significantly worse suffices. The best gate minus MoA beside it."""
+    uncertainty, tiers = evidence.uncertainty, evidence.budgets.set_index("method")["tier"]
+    if Tier.GATED not in set(tiers):
+        return []
+    head = "- **Per-sequence routing, per-token gating or a merge?**"
+    scored = list(uncertainty.multitask().index)  # best first
+    best = {group: next((m for m in scored if tiers[m] in members), None) for group, members in GROUPS.items()}
+    if best[GATING] is None:
+        return [f"{head} No token-gated composition has a multitask score: nothing to decide on gating."]
+    top = next(m for m in scored if m in best.values())
+    rows = {group: uncertainty.versus(m, top) for group, m in best.items() if m is not None and m != top}
+    enough = next(g for g, m in best.items() if m == top or (m is not None and not rows[g]["significant"]))
+    parts = [f"{group} `{m}` {with_interval(uncertainty.figure(m, ALL_TASKS, MULTITASK), 3)}"
+             + (" (the best)" if m == top else f" (minus `{top}`: {difference(rows[group])})")
+             for group, m in best.items() if m is not None]
+    router = MOA if MOA in scored else best[ROUTING]
+    gate = (f" `{best[GATING]}` minus `{router}`: {difference(uncertainty.versus(best[GATING], router))}."
+            if router is not None else "")
+    return [(f"{head} {_suffices(enough, best, top)}. Best of each, cheapest first (minus the best, Holm over "
+             f"the methods compared with it): {'; '.join(parts)}.{gate}")]
+
+
+NAMED = {MERGE: "merge", ROUTING: "per-sequence router", GATING: "token gate"}
+
+
+def _suffices(enough: str, best: dict[str, str | None], top: str) -> str:
+    """The cheapest group not significantly worse than the best composition (`top`), in words."""
+    order = list(GROUPS)
+    cheaper = [f"the best {NAMED[g]}, `{best[g]}`," for g in order[:order.index(enough)] if best[g] is not None]
+    worse = (f"{' and '.join(cheaper)} {'are' if len(cheaper) > 1 else 'is'} significantly worse than `{top}`"
+             if cheaper else f"no cheaper composition than {NAMED[enough]}s was evaluated")
+    held = "is the best composition" if best[enough] == top else f"is not significantly worse than `{top}`"
+    if enough == MERGE:
+        return f"a merge suffices: the best merge, `{best[MERGE]}`, {held}"
+    if enough == ROUTING:
+        return f"per-sequence routing is needed and per-token gating is not: {worse}; `{best[ROUTING]}` {held}"
+    return f"per-token gating is needed: {worse}"
 
 
 def _data(labelled: float) -> str:
