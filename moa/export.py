@@ -4,9 +4,9 @@
   is, in `model.dtype`; and `adapter/`, the PEFT adapter, where the merge is one (an untruncated element-wise merge is
   a dense update: no adapter; give it `k` to export a rank-k one).
 - `base`: `merged/`, the prepared base model.
-- A routed composition (the oracle, MoA, centroid, arrow): `experts/{task}/`, each task's PEFT adapter; MoA's routers
-  (`router/`: routers.safetensors and router_config.json) or centroid's centroids; and README.md saying how they fit
-  together.
+- A routed composition (the oracle, MoA, centroid, arrow, xlora, loraflow): `experts/{task}/`, each task's PEFT
+  adapter; MoA's routers (`router/`: routers.safetensors and router_config.json), centroid's centroids or a token
+  gate's weights and settings (`gate/`); and README.md saying how they fit together.
 
 Every export holds composition.json, the manifest it was made from. OUT is written atomically.
 """
@@ -26,6 +26,8 @@ from moa.layout import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CENTROIDS,
+    LEARNED_COEFFICIENTS,
+    LEARNED_INFO,
     MANIFEST,
     ROUTER_CONFIG,
     ROUTER_WEIGHTS,
@@ -52,6 +54,15 @@ ROUTING = {
     "centroid": ("each prompt served by the task whose centroid it is nearest", "`centroids.safetensors` holds each "
                  "task's centroid of the base model's mean-pooled block inputs; the prompt goes to the nearest "
                  "(cosine) at block {layer}, decided in its prefill."),
+    "xlora": ("each token's expert weights in every LoRA module from X-LoRA's classifier", "`gate/` holds the "
+              "classifier (coefficients.safetensors: PEFT's `internal_xlora_classifier.layers.*` without that prefix) "
+              "and its settings (learned.json `gate`: PEFT's XLoraConfig names). In PEFT: `XLoraConfig(adapters=...)` "
+              "over `experts/` with those settings, then load the classifier's weights; every step runs the base "
+              "model first (adapters off) and the classifier reads its last hidden state."),
+    "loraflow": ("each token's expert weights per block from LoRA-Flow's gates", "`gate/coefficients.safetensors` "
+                 "holds `weight` [blocks, tasks, hidden] and `bias` [blocks, tasks]: every LoRA module of block l "
+                 "weighs the experts by softmax(weight[l] rms(x)) + bias[l], x the block's input at the token, rms "
+                 "a parameter-free RMS norm."),
     "arrow": ("each token routed in every LoRA module (Arrow)", "Load the experts with PEFT's `ArrowConfig` (top_k "
               "{top_k}, router temperature {temperature}): every module routes each token to the experts whose "
               "prototype it aligns with most."),
@@ -97,6 +108,10 @@ def _routed(config: Config, manifest: dict[str, Any], paths: ExperimentPaths, ou
             shutil.copy2(paths.root / manifest["router"] / file, out / "router" / file)
     elif method == "centroid":
         shutil.copy2(paths.composition(manifest["name"]) / CENTROIDS, out / CENTROIDS)
+    elif "gate" in manifest:
+        (out / "gate").mkdir()
+        for file in (LEARNED_COEFFICIENTS, LEARNED_INFO):
+            shutil.copy2(paths.root / manifest["gate"] / file, out / "gate" / file)
     how, routing = ROUTING[method]
     (out / "README.md").write_text(ROUTED.format(name=manifest["name"], how=how, base=config["model"]["source"],
                                                  tasks=", ".join(tasks), routing=routing.format(**details)))

@@ -252,3 +252,38 @@ def test_learning_a_gate_again_gives_the_same_weights(trained: Path, tmp_path: P
     learn_merge(config, "loraflow")
     again = load_file(folder / LEARNED_COEFFICIENTS)
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_export_holds_the_experts_and_the_gate(trained: Path, tmp_path: Path) -> None:
+    from moa.experiment import load_config
+    from moa.export import export
+    from moa.layout import ExperimentPaths
+    from tests.conftest import TINY_FAST
+
+    config = load_config(trained, TINY_FAST)
+    export(config, "xlora", tmp_path / "out")
+    exported, learned = load_gates(tmp_path / "out/gate"), load_gates(ExperimentPaths.of(config).learned("xlora"))
+    assert exported.spec == learned.spec
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), learned.state_dict().values()))
+    assert sorted(p.name for p in (tmp_path / "out/experts").iterdir()) == ["qa", "sentiment"]
+    assert "X-LoRA's classifier" in (tmp_path / "out/README.md").read_text()
+
+
+SMOKE = Path(__file__).resolve().parents[1] / "config/smoke.yaml"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["methods={xlora: {top_k_lora: 4}}"], r"methods.xlora: top_k_lora 4 must be in 1..3 \(the tasks\)"),
+    (["methods={fast: {method: xlora, softmax_temperature: 0}}"], r"methods.fast.softmax_temperature: 0 is less than or equal to the minimum"),
+    (["methods={xlora: {xlora_depth: 0}}"], "xlora_depth"),  # the schema's minimum
+    (["methods={loraflow: null}", "tasks={qa: {source: {type: synthetic}}}"], "there is one task"),
+    (["methods={oracle: null, loraflow: null}", "sweep={n_tasks: [1, 3], methods: [loraflow]}"],
+     "a subset of 1 task leaves the loraflow gate nothing to choose"),
+])
+def test_bad_gate_settings_stop_before_any_job(overrides: list[str], message: str) -> None:
+    """Gate settings out of range and a gate over one task are one line when the config is read."""
+    from moa.experiment import load_config
+
+    with pytest.raises(MoaError, match=message) as error:
+        load_config(SMOKE, overrides)
+    assert "\n" not in str(error.value)

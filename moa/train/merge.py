@@ -306,5 +306,7 @@ def learn_merge(config: Config, method: str) -> StepResult:
         if learned.usage is not None:
             learned.usage.to_parquet(tmp / GATE_USAGE, index=False)
     return StepResult(paths.learned(method), curves=learned.log,
-                      metrics={k: info[k] for k in ("labelled", "unlabelled", "objective", "seconds")},
-                      artifacts=[paths.learned(method) / LEARNED_INFO, paths.learned(method) / TRAIN_LOG])
+                      metrics={k: info[k] for k in ("labelled", "unlabelled", "objective", "seconds", "parameters",
+                                                    "passes") if k in info},
+                      artifacts=[paths.learned(method) / name for name in (LEARNED_INFO, TRAIN_LOG, GATE_USAGE)
+                                 if (paths.learned(method) / name).is_file()])
