@@ -191,7 +191,12 @@ class LoRALinear(nn.Module):
         per_row = active.dim() > (1 if active.is_floating_point() else 0)
         if per_row and active.shape[0] != x.shape[0]:
             raise MoaError(f"per-row experts for {active.shape[0]} rows, but the batch has {x.shape[0]} rows")
-        col = (active[..., owner] if active.is_floating_point() else active[..., None] == owner) * scale
+        # Expert weights spread to their rank columns by a matmul, not a gather: a gate's per-token weights train
+        # through it, and a gather's backward (an accumulating scatter) is several times slower on CPU.
+        if active.is_floating_point():
+            col = active.to(scale.dtype) @ self._spread()
+        else:
+            col = (active[..., None] == owner) * scale
         if per_row and col.dim() == 2:
             col = col.view(col.shape[0], *([1] * (x.dim() - 2)), col.shape[1])  # [B, 1.., R]
         return col.to(dtype)
@@ -228,6 +233,14 @@ class LoRALinear(nn.Module):
             return torch.cat(list(self.lora_A)), torch.cat(list(self.lora_B), dim=1), scale[owner], owner
 
         return self._cached("concat", build)
+
+    def _spread(self) -> Tensor:
+        """[N, R]: expert i's scaling in its rank columns, 0 elsewhere (expert weights @ it = column weights)."""
+        def build() -> tuple[Tensor, ...]:
+            _, _, scale, owner = self._concat()
+            return (F.one_hot(owner, self.n_experts).T.to(scale.dtype) * scale,)
+
+        return self._cached("spread", build)[0]
 
     def _cached(self, name: str, build: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         params = (*self.lora_A, *self.lora_B)
