@@ -42,7 +42,7 @@ SWEEP_METHODS = ["moa", "moa_vote", "moa_per_layer", "centroid", "arrow",
                  "concat", "linear", "avg", "task_arithmetic", "svd", "ties",
                  "dare_linear", "dare_ties", "magnitude_prune",
                  "breadcrumbs", "task_arithmetic_tuned", "ties_tuned", "cat", "lorahub",
-                 "adamerging"]  # of METHODS: those a sweep recomposes
+                 "adamerging", "xlora", "loraflow"]  # of METHODS: those a sweep recomposes
 HARNESS_TASKS = {"moa_sentiment_mc": "sentiment", "moa_qa_gen": "qa"}  # config/lm_eval/'s, -> the moa task
 # Pinned so that the rerun checks see only what each test changes (test_code_change_reruns_everything
 # covers the real code version, moa's version).
