@@ -152,10 +152,6 @@ def _check_sweep(config: Config, source: str) -> None:
     if cannot:
         raise MoaError(f"{where}.methods: {cannot[0]} is not a configured method that a sweep recomposes; use some of "
                        f"{', '.join(can) or '(none configured)'}")
-    gated = [m for m in swept_methods(config) if method_params(config, m)["method"] in GATED_METHODS]
-    if gated and 1 in config["sweep"]["n_tasks"]:
-        raise MoaError(f"{where}.n_tasks: a subset of 1 task leaves the {gated[0]} gate nothing to choose; drop 1 "
-                       f"from n_tasks or {gated[0]} from sweep.methods")
     if not swept_methods(config):
         raise MoaError(f"{where}: no configured method is recomposed on a subset (merges, moa, routers over the task "
                        "LoRAs); add one to methods")

@@ -5,7 +5,7 @@ For each n of `sweep.n_tasks`, up to `sweep.subsets` distinct subsets of n of th
 time by a generator seeded with (sweep.seed, n), repeats skipped: adding an n or raising `subsets` never changes a
 subset drawn before, and where fewer distinct subsets exist, fewer are drawn. The k-th subset of size n is named
 `n{n}-s{k}`; its tasks keep the config's order. On each subset, every method that combines the task LoRAs (merges,
-MoA, any router over the LoRAs: `recomposed`) is built again from the LoRAs already trained (MoA's routers are
+MoA, any router or token gate over the LoRAs: `recomposed`; a gate not on a subset of one task) is built again from the LoRAs already trained (MoA's routers are
 retrained on the subset's tasks; a LoRA never is) and evaluated on the subset's tasks, under sweep/{subset}/.
 
 The subset of every task is the main experiment itself: nothing of it is recomputed, its point of the curve is the
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from moa.compose.registry import method_of
+from moa.compose.registry import GATED_METHODS, method_of
 from moa.config import Config, method_params
 from moa.errors import MoaError
 from moa.io import atomic_file
@@ -83,10 +83,14 @@ def recomposable(config: Config) -> list[str]:
     return [name for name in config["methods"] if recomposed(method_params(config, name))]
 
 
-def swept_methods(config: Config) -> list[str]:
-    """The methods the sweep recomposes, in the config's order: those of `sweep.methods`, or (null) every one it can."""
+def swept_methods(config: Config, subset: Subset | None = None) -> list[str]:
+    """The methods the sweep recomposes, in the config's order: those of `sweep.methods`, or (null) every one it can;
+    on a `subset` of one task, not a token gate (over one expert it has nothing to choose)."""
     chosen = (config.get("sweep") or {}).get("methods")
-    return [name for name in recomposable(config) if chosen is None or name in chosen]
+    swept = [name for name in recomposable(config) if chosen is None or name in chosen]
+    if subset is not None and subset.n_tasks == 1:
+        return [name for name in swept if method_params(config, name)["method"] not in GATED_METHODS]
+    return swept
 
 
 def _restricted_entry(entry: dict[str, Any] | None, tasks: list[str], kept: tuple[str, ...]) -> dict[str, Any] | None:
@@ -105,7 +109,7 @@ def restrict(config: Config, subset: Subset) -> Config:
     by which ExperimentPaths.of puts its routers, compositions, evaluations and checkpoints under sweep/{name}/.
     `config` itself is left as it is."""
     tasks = list(config["tasks"])
-    methods = {m: _restricted_entry(config["methods"][m], tasks, subset.tasks) for m in swept_methods(config)}
+    methods = {m: _restricted_entry(config["methods"][m], tasks, subset.tasks) for m in swept_methods(config, subset)}
     scoped = config | {"tasks": {t: config["tasks"][t] for t in subset.tasks}, "methods": methods}
     return scoped | {SUBSET: subset.name} if subset.n_tasks < len(tasks) else scoped
 

@@ -17,13 +17,14 @@ from safetensors.torch import load_file, save_file
 from moa.cli import main
 from moa.compose.composition import compose, load_composition
 from moa.compose.merge import MergeSpec, default_grid, dense_updates, merge_adapters
-from moa.compose.registry import LEARNED, METHODS, Kind, merge_spec, settings
+from moa.compose.registry import GATED_METHODS, LEARNED, METHODS, Kind, merge_spec, settings
 from moa.config import method_params, schema
 from moa.data.prepare import prepare_task
 from moa.data.splits import read_split
 from moa.data.tasks import get_task
 from moa.evaluate import evaluate, run_scoring
 from moa.experiment import load_config
+from moa.gates import load_gates
 from moa.generate import Request, Sampling, generate
 from moa.layout import MIXED, ExperimentPaths
 from moa.lora import (
@@ -113,6 +114,14 @@ def test_every_method_composes_into_what_it_defines(experiment: Path, method: st
     elif params["method"] == "arrow":  # every task's LoRA, each token routed in every layer: top 3 of 3 by default
         assert composed.experts == tuple(TASKS) and composed.router is None and composed.expert_for("qa") is None
         expected = logits(reference(config, [paths.adapter(t) for t in TASKS], Arrow(3, 1.0)), ids)
+    elif params["method"] in GATED_METHODS:  # every task's LoRA, each token weighted by the gate learn-merge trained
+        assert composed.experts == tuple(TASKS) and composed.router is None and composed.gates is not None
+        every = reference(config, [paths.adapter(t) for t in TASKS])
+        load_gates(paths.learned(method)).eval().attach(every)
+        expected = logits(every, ids)
+        composed.gates.detach()  # the gate matters: without it the experts give other logits
+        assert (logits(composed.model, ids) - expected).abs().max() > 1e-4
+        composed.gates.attach(composed.model)
     elif kind == Kind.ROUTE:  # moa: the experts are the task LoRAs, whichever the router picks
         assert composed.experts == tuple(TASKS)
         chosen = composed.router(composed.model, ids.tolist())

@@ -277,8 +277,6 @@ SMOKE = Path(__file__).resolve().parents[1] / "config/smoke.yaml"
     (["methods={fast: {method: xlora, softmax_temperature: 0}}"], r"methods.fast.softmax_temperature: 0 is less than or equal to the minimum"),
     (["methods={xlora: {xlora_depth: 0}}"], "xlora_depth"),  # the schema's minimum
     (["methods={loraflow: null}", "tasks={qa: {source: {type: synthetic}}}"], "there is one task"),
-    (["methods={oracle: null, loraflow: null}", "sweep={n_tasks: [1, 3], methods: [loraflow]}"],
-     "a subset of 1 task leaves the loraflow gate nothing to choose"),
 ])
 def test_bad_gate_settings_stop_before_any_job(overrides: list[str], message: str) -> None:
     """Gate settings out of range and a gate over one task are one line when the config is read."""

@@ -61,6 +61,16 @@ def test_fewer_subsets_where_fewer_exist(tmp_path: Path) -> None:
     assert {drawn[f"n2-s{k}"] for k in (1, 2, 3)} == {("qa", "sentiment"), ("qa", "math"), ("sentiment", "math")}
 
 
+def test_a_token_gate_is_not_swept_on_a_subset_of_one_task(tmp_path: Path) -> None:
+    """Over one expert a gate has nothing to choose: the n=1 subsets recompose every other method, not the gates."""
+    methods = {"base": None, "oracle": None, "moa": None, "xlora": None, "loraflow": None}
+    config = make_config(tmp_path, ["qa", "sentiment", "math"], methods, n_tasks=[1, 2])
+    one, two = (next(s for s in subsets(config) if s.n_tasks == n) for n in (1, 2))
+    assert swept_methods(config) == swept_methods(config, two) == ["moa", "xlora", "loraflow"]
+    assert swept_methods(config, one) == ["moa"] and list(restrict(config, one)["methods"]) == ["moa"]
+    assert list(restrict(config, two)["methods"]) == ["moa", "xlora", "loraflow"]
+
+
 @pytest.mark.parametrize(("sweep", "message"), [
     ({"n_tasks": [2, 7]}, "sweep.n_tasks: 7 is more than the 6 tasks; use sizes from 1 to 6"),
     ({"n_tasks": [0, 2]}, "sweep.n_tasks.0: 0 is less than the minimum of 1"),

@@ -12,7 +12,8 @@ rule report:
         files(PATHS.router_files) if Need.ROUTERS in NEEDS else [],
         task_adapters(train_log=True) if NEEDS & {Need.TASK_ADAPTERS, Need.ROUTERS} else [],  # routers need them
         [str(PATHS.train_log(MIXED))] if Need.MIXED_ADAPTER in NEEDS else [],
-        [str(PATHS.of_subset(subset).evaluations(method)) for subset in SUBSETS for method in SWEPT],
+        [str(PATHS.of_subset(name).evaluations(method)) for name, subset in SUBSETS.items()
+         for method in swept_methods(config, subset)],
         [str(PATHS.harness_results(method)) for method in harness_methods(config)],
     output:
         # every section's files (moa.report.sections), each plot with its caption workflow/report/{plot}.rst
