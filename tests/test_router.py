@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
+from torch import Tensor
 
 from moa.cli import main
 from moa.data.batching import Example, pack
@@ -25,7 +27,7 @@ from moa.model import random_model
 from moa.model.tokenizer import byte_tokenizer
 from moa.routing import LayerRouters, RouterSpec, choose_experts, fit_centroids, load_routers, router_logits
 from moa.train.lora import train_lora
-from moa.train.router import train_router
+from moa.train.router import fit_routers, router_settings, train_router
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["math", "qa", "sentiment"]  # the config's order (yaml.safe_dump sorts keys): experts 0, 1, 2
@@ -246,3 +248,91 @@ def test_centroids_are_each_tasks_mean_pooled_base_states() -> None:
             expected = F.normalize(torch.stack(alone).mean(0), dim=-1)
             torch.testing.assert_close(centroids[layer, task], expected, atol=1e-5, rtol=1e-5)
     assert accuracy[0] == 1.0  # disjoint vocabularies: the embeddings alone tell the tasks apart
+
+
+def passage_features(seed: int, per_task: int = 48, passages: int = 2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean-pooled prompts of three tasks as a router reads them (H = 64): a direction common to every prompt, the
+    task's template (norm 1) and the prompt's passage (norm 1.5, most of a long prompt's mean). The training prompts
+    ask about `passages` passages per task (as SQuAD asks several questions about each paragraph); the held-out ones,
+    of the same templates, each about a passage of its own. Returns (train, train tasks, held-out, held-out tasks)."""
+    gen = torch.Generator().manual_seed(seed)
+    common = F.normalize(torch.randn(H, generator=gen), dim=0) * 3
+    templates = F.normalize(torch.randn(3, H, generator=gen), dim=-1)
+
+    def prompts(task: int, bank: Tensor) -> Tensor:
+        passage = bank[torch.randint(len(bank), (per_task,), generator=gen)]
+        return common + templates[task] + passage + 0.05 * torch.randn(per_task, H, generator=gen) / H ** 0.5
+
+    def bank(n: int) -> Tensor:
+        return F.normalize(torch.randn(n, H, generator=gen), dim=-1) * 1.5
+
+    train = torch.cat([prompts(task, bank(passages)) for task in range(3)])
+    held_out = torch.cat([prompts(task, bank(per_task)) for task in range(3)])
+    tasks = torch.arange(3).repeat_interleave(per_task)
+    return train, tasks, held_out, tasks
+
+
+def test_routers_route_prompts_on_other_passages_like_the_centroid_rule() -> None:
+    """Routers mode on features of prompts whose passages dominate their mean: the routers (config.yaml's 32 steps
+    at 0.05) are fitted on prompts about two passages per task and route prompts about new passages of the same
+    templates as well as the training-free nearest-centroid rule does. Fitted from a random start to L_cls ~ 0,
+    they separated the training prompts by their passages and routed 92.0% of these right over 8 draws (one
+    draw: 76%), the centroid rule 97.6%, anchored and augmented (fit_routers) 97.6%; every training prompt right
+    either way."""
+    settings = router_settings(load_config(ROOT / "config/config.yaml"))
+    fitted, nearest = [], []
+    for seed in range(8):
+        train, tasks, held_out, truth = passage_features(seed)
+        torch.manual_seed(seed)
+        routers = LayerRouters(RouterSpec("linear", "mean", 1, H, ("qa", "summarization", "dialogue")))
+        fit_routers(routers, [train], tasks, settings, eta=1.0)
+        with torch.no_grad():
+            assert torch.equal(routers([train])[0].argmax(-1), tasks)
+            fitted.append((routers([held_out])[0].argmax(-1) == truth).float().mean())
+        centroids = F.normalize(torch.stack([train[tasks == k].mean(0) for k in range(3)]), dim=-1)
+        nearest.append(((F.normalize(held_out, dim=-1) @ centroids.T).argmax(-1) == truth).float().mean())
+    fitted, nearest = torch.stack(fitted).mean().item(), torch.stack(nearest).mean().item()
+    assert fitted >= nearest - 0.01, (fitted, nearest)
+
+
+def passage_about(prompt: str) -> str:
+    """What a synthetic qa prompt's passage is about (moa.data.synthetic.qa's entities, from its first fact)."""
+    passage = prompt.split("Passage: ", 1)[1]
+    first = passage.split(". ", 1)[0]
+    if " was born in " in first:
+        return "person"
+    if " is a small town " in first:
+        return "town"
+    return "company" if " company founded in " in first else "species"
+
+
+@pytest.fixture(scope="module")
+def qa_on_other_passages(six_tasks: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The six-task experiment with qa's training prompts about people and towns only and its validation prompts
+    about species and companies only: the same template, passages about other things (as SQuAD's test articles)."""
+    root = tmp_path_factory.mktemp("passages")
+    config = yaml.safe_load(six_tasks.read_text())
+    shutil.copytree(config["results_dir"], root / "results", ignore=shutil.ignore_patterns("moa", "checkpoints"))
+    config["results_dir"] = str(root / "results")
+    path = root / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config))
+    data = results(path) / "data/qa"
+    for split, kinds in (("train", {"person", "town"}), ("validation", {"species", "company"})):
+        frame = pd.read_parquet(data / f"{split}.parquet")
+        kept = frame[frame.prompt.map(passage_about).isin(kinds)]
+        assert len(kept) >= 20 and set(kept.prompt.map(passage_about)) == kinds
+        kept.to_parquet(data / f"{split}.parquet", index=False)
+    return path
+
+
+def test_routers_route_qa_prompts_about_other_things(qa_on_other_passages: Path) -> None:
+    """The tiny model's side of the test above: qa's routers learn from passages about people and towns and route
+    passages about species and companies, with every other task's held-out prompts still right. (The random tiny
+    model's mean-pooled states are nearly a bag of the prompt's bytes, in which the template's bytes weigh more than
+    the entity's words: unanchored, 96% of such prompts on its base states already went right, so the mechanism is
+    shown on the constructed features above.)"""
+    out = train_router(load_config(qa_on_other_passages, FAST)).path
+    evaluation = pd.read_parquet(out / "router_eval.parquet")
+    per_task = evaluation[(evaluation.metric == "accuracy") & (evaluation.strategy == "last") & (evaluation.task != "all")]
+    assert len(per_task) == 2 * len(SIX)
+    assert (per_task.value >= 0.95).all(), per_task[per_task.value < 0.95].to_string()
