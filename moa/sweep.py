@@ -5,8 +5,9 @@ For each n of `sweep.n_tasks`, up to `sweep.subsets` distinct subsets of n of th
 time by a generator seeded with (sweep.seed, n), repeats skipped: adding an n or raising `subsets` never changes a
 subset drawn before, and where fewer distinct subsets exist, fewer are drawn. The k-th subset of size n is named
 `n{n}-s{k}`; its tasks keep the config's order. On each subset, every method that combines the task LoRAs (merges,
-MoA, any router or token gate over the LoRAs: `recomposed`; a gate not on a subset of one task) is built again from the LoRAs already trained (MoA's routers are
-retrained on the subset's tasks; a LoRA never is) and evaluated on the subset's tasks, under sweep/{subset}/.
+MoA, any router or token gate over the LoRAs: `recomposed`; a gate not on a subset of one task) is built again from
+the LoRAs already trained (MoA's routers are retrained on the subset's tasks; a LoRA never is) and evaluated on the
+subset's tasks, under sweep/{subset}/.
 
 The subset of every task is the main experiment itself: nothing of it is recomputed, its point of the curve is the
 main compositions' and evaluations'. Base and the oracle serve each task the same whatever else is composed, so

@@ -127,10 +127,10 @@ def task_means(x: Tensor, tasks: Tensor, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def anchor_at_centroids(routers: LayerRouters, features: Sequence[Tensor], tasks: Tensor) -> list[Tensor] | None:
-    """Set every linear router to the nearest-centroid rule of its features (the training-free centroid router's
-    rule, on the RMS-normed features the router reads) and return these parameters: the anchor. mlp routers keep
-    their initialization and have no anchor (None).
+def anchor_at_centroids(routers: LayerRouters, normed: Sequence[Tensor], tasks: Tensor) -> list[Tensor] | None:
+    """Set every linear router to the nearest-centroid rule of its RMS-normed features (the training-free centroid
+    router's rule, on the features as the router reads them) and return these parameters: the anchor. mlp routers
+    keep their initialization and have no anchor (None).
 
     With x RMS-normed (|x| = sqrt(H)) and unit task centroids c_k, weights s * c_k / sqrt(H) and zero biases give
     logits s * cos(x, c_k). s = CENTROID_MARGIN / the mean of 1 - cos(c_j, c_k) over task pairs, whatever the
@@ -140,8 +140,8 @@ def anchor_at_centroids(routers: LayerRouters, features: Sequence[Tensor], tasks
         return None
     n, hidden = routers.spec.n_experts, routers.spec.hidden_size
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=tasks.device)
-    for router, pooled in zip(routers.routers, features):
-        centroids = F.normalize(task_means(F.rms_norm(pooled.float(), (hidden,)), tasks, n), dim=-1)
+    for router, x in zip(routers.routers, normed):
+        centroids = F.normalize(task_means(x, tasks, n), dim=-1)
         separation = (1 - centroids @ centroids.T)[off_diagonal].mean().clamp(min=1e-6) if n > 1 else 1.0
         router.weight.copy_(CENTROID_MARGIN / separation * centroids / math.sqrt(hidden))
         router.bias.zero_()
@@ -169,15 +169,18 @@ def other_task_donors(tasks: Tensor) -> Tensor:
     return torch.where(others > 0, donors, torch.arange(len(tasks), device=tasks.device))
 
 
-def with_other_passages(features: Sequence[Tensor], tasks: Tensor, n: int) -> tuple[list[Tensor], Tensor]:
-    """The RMS-normed features, then each prompt again with the deviation of another task's prompt from its own
-    task's mean added (other_task_donors): the same task with another passage. Returns (L x [2D, H], tasks [2D])."""
-    donors, out = other_task_donors(tasks), []
-    for pooled in features:
-        x = F.rms_norm(pooled.float(), (pooled.shape[-1],))
-        deviation = x - task_means(x, tasks, n)[tasks]
-        out.append(torch.cat([x, x + deviation[donors]]))
-    return out, tasks.repeat(2)
+def passage_deviations(normed: Sequence[Tensor], tasks: Tensor, n: int) -> list[Tensor]:
+    """Each prompt's deviation from its task's mean, per layer (L x [D, H]): what its passage adds."""
+    return [x - task_means(x, tasks, n)[tasks] for x in normed]
+
+
+def with_other_passages(normed: Sequence[Tensor], deviations: Sequence[Tensor],
+                        tasks: Tensor) -> tuple[list[Tensor], Tensor]:
+    """The RMS-normed features, then each prompt again with another task's prompt's deviation from that task's mean
+    added (other_task_donors, drawn anew each call): the same task with another passage. Returns (L x [2D, H],
+    tasks [2D])."""
+    donors = other_task_donors(tasks)
+    return [torch.cat([x, x + deviation[donors]]) for x, deviation in zip(normed, deviations)], tasks.repeat(2)
 
 
 def fit_routers(routers: LayerRouters, features: list[Tensor], tasks: Tensor, settings: TrainSettings,
@@ -198,14 +201,15 @@ def fit_routers(routers: LayerRouters, features: list[Tensor], tasks: Tensor, se
       taken not to tell tasks apart, so no boundary may rest on it."""
     steps = settings.steps or max(1, math.ceil(settings.epochs))  # a step is one pass over the features
     n = routers.spec.n_experts
-    anchor = anchor_at_centroids(routers, features, tasks)
+    normed = [F.rms_norm(x.float(), (x.shape[-1],)) for x in features]  # as the routers read them
+    anchor, deviations = anchor_at_centroids(routers, normed, tasks), passage_deviations(normed, tasks, n)
     params = list(routers.parameters())
     optimizer, scheduler = optimizer_for(params, settings, steps)
     weight = torch.bincount(tasks, minlength=n).clamp(min=1).float().reciprocal()
     routers.train()
     log = []
     for step in range(1, steps + 1):
-        augmented, targets = with_other_passages(features, tasks, n)
+        augmented, targets = with_other_passages(normed, deviations, tasks)
         loss = routing_loss(routers(augmented), targets, weight)
         loss = eta * (loss if anchor is None else loss + anchor_penalty(routers, anchor, len(tasks)))
         if not torch.isfinite(loss):
