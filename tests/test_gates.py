@@ -12,6 +12,7 @@ import torch
 from peft import XLoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
+from moa.data.batching import Example, collate, lm_loss
 from moa.errors import MoaError
 from moa.gates import FlowGates, GateKind, GateSpec, XLoraGates, build_gates, gate_info, gate_spec, load_gates
 from moa.generate import Request, Sampling, generate
@@ -183,6 +184,38 @@ def test_a_gate_for_another_model_is_refused(tiny) -> None:
 
 
 
+def test_every_row_weighs_the_same_in_gate_training(tiny, tmp_path: Path) -> None:
+    """A one-token answer counts as much as a 60-token one: a gate step's loss is the mean of its rows' mean token
+    losses (the token-summed loss would weigh the long row 30 times as much and teach the gate the long-target
+    task), and splitting the step into micro-batches does not change it."""
+    from dataclasses import replace
+
+    from moa.config import read_config
+    from moa.train.gates import GateTraining, gate_loss
+    from moa.train.trainer import Precision, Trainer, TrainSettings
+
+    model = with_random_experts(tiny[0], seed=6, experts=2)
+    eos = tiny[1].eos_token_id
+    rows = [Example(list(range(10, 20)), list(range(30, 89)) + [eos], 0), Example(list(range(50, 60)), [7, eos], 1)]
+    smoke = read_config(Path(__file__).resolve().parents[1] / "config/smoke.yaml")
+    settings = replace(TrainSettings.from_config(smoke["training"]), steps=1, batch_size=2, seq_len=72,
+                       warmup_steps=1, lr=1e-9, precision=Precision.FP32)
+    training = GateTraining(model, build_gates(gate_spec("loraflow", model, ["a", "b"])))
+    with torch.no_grad():
+        per_row = lm_loss(model, collate([[0], [1]], rows), reduction="per_example")
+        by_token = lm_loss(model, collate([[0], [1]], rows), reduction="mean")
+        assert abs(per_row.mean() - by_token) > 0.01  # the two weightings differ here (tolerances below: 1e-5)
+        assert float(gate_loss(training, collate([[0], [1]], rows))) == pytest.approx(float(per_row.sum()), rel=1e-5)
+    for micro in (None, 1):
+        trainer = Trainer(training, rows, [], replace(settings, micro_batch_size=micro), 0, tmp_path / f"c{micro}",
+                          loss_fn=gate_loss, unit="example")
+        assert trainer.run()["loss"].iloc[0] == pytest.approx(float(per_row.mean()), rel=1e-5)
+
+
+# The gated experiment: 64 training rows per task, so the gates' default budget (one epoch) is a dozen steps.
+GATED = ["data.sizes.train=64"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke experiment on two tasks with both gates learned (`moa learn-merge`) and composed."""
@@ -193,11 +226,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from moa.train.merge import learn_merge
     from tests.conftest import TINY_FAST, composed_experiment
 
-    path = composed_experiment(tmp_path_factory.mktemp("gated"), ["qa", "sentiment"], {"oracle": None}, TINY_FAST)
+    path = composed_experiment(tmp_path_factory.mktemp("gated"), ["qa", "sentiment"], {"oracle": None},
+                               TINY_FAST + GATED)
     raw = yaml.safe_load(path.read_text())
     raw["methods"] |= {"xlora": {"layerwise_scalings": True}, "loraflow": None}
     path.write_text(yaml.safe_dump(raw))
-    config = load_config(path, TINY_FAST)
+    config = load_config(path, TINY_FAST + GATED)
     for method in ("xlora", "loraflow"):
         learn_merge(config, method)
         compose(config, method)
@@ -206,30 +240,47 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("method", ["xlora", "loraflow"])
 def test_learned_gate_lowers_the_loss_and_serves(trained: Path, method: str) -> None:
-    """learn-merge trains the gate on the LM loss (it falls), records its usage on validation, and the composition
-    loads with the gate attached and generates through the engine."""
+    """learn-merge trains the gate for one epoch of its rows at 3 / hidden size by default, to a lower loss on them
+    than the gate it started from; records its usage on validation; the composition loads with the gate attached and generates
+    through the engine."""
     import pandas as pd
 
     from moa.compose.composition import load_composition
     from moa.experiment import load_config
     from moa.layout import GATE_USAGE, TRAIN_LOG, ExperimentPaths
+    from moa.train.gates import LR_TIMES_WIDTH
+    from moa.train.lora import balanced, task_examples
     from tests.conftest import TINY_FAST
 
-    config = load_config(trained, TINY_FAST)
+    config = load_config(trained, TINY_FAST + GATED)
     folder = ExperimentPaths.of(config).learned(method)
-    log = pd.read_parquet(folder / TRAIN_LOG)
-    assert log["loss"].iloc[-3:].mean() < log["loss"].iloc[:3].mean()
     info = json.loads((folder / LEARNED_INFO).read_text())
     assert info["passes"] == (2 if method == "xlora" else 1) and info["parameters"] > 0
-    assert info["labelled"] == 2 * min(16, config["router"]["prompts_per_task"])
+    composed = load_composition(config, method)
+    assert composed.gates is not None and composed.model.cache_passes == info["passes"]
+    per_task = min(config["data"]["sizes"]["train"], config["router"]["prompts_per_task"])
+    per_task_rows = [task_examples(config, task, "train", composed.tokenizer, i)[:per_task]
+                     for i, task in enumerate(config["tasks"])]
+    assert info["labelled"] == sum(map(len, per_task_rows))
+    rows = balanced(per_task_rows, config["seed"])  # what the gate learns from
+    log = pd.read_parquet(folder / TRAIN_LOG)
+    assert log["epoch"].eq(0).all() and log["tokens"].sum() == sum(map(len, rows))  # every row read once
+    assert log["lr"].max() == pytest.approx(LR_TIMES_WIDTH / composed.model.config.hidden_size)  # the default rate
     usage = pd.read_parquet(folder / GATE_USAGE)
     assert set(usage.columns) == {"task", "layer", "expert", "weight", "tokens"}
     assert len(usage) == 2 * 2 * 2  # tasks x blocks x experts
     if method == "xlora":  # softmax over the experts: each token's weights sum to 1
         sums = usage.groupby(["task", "layer"])["weight"].sum()
         assert (sums - 1).abs().max() < 1e-5
-    composed = load_composition(config, method)
-    assert composed.gates is not None and composed.model.cache_passes == info["passes"]
+
+    def loss() -> float:  # the gate's objective over all its rows
+        with torch.no_grad():
+            return float(lm_loss(composed.model, collate([[i] for i in range(len(rows))], rows), "per_example").mean())
+
+    learned = loss()
+    torch.manual_seed(config["seed"])
+    composed.gates.load_state_dict(build_gates(composed.gates.spec).state_dict())  # the gate it started from
+    assert learned < loss()
     generated = generate(composed.model, composed.tokenizer, [Request([10, 11, 12, 13], Sampling(4))])
     assert len(generated[0].tokens) > 0
 
@@ -245,7 +296,7 @@ def test_learning_a_gate_again_gives_the_same_weights(trained: Path, tmp_path: P
     from moa.train.merge import learn_merge
     from tests.conftest import TINY_FAST
 
-    config = load_config(trained, TINY_FAST)
+    config = load_config(trained, TINY_FAST + GATED)
     folder = ExperimentPaths.of(config).learned("loraflow")
     first = load_file(folder / LEARNED_COEFFICIENTS)
     shutil.copytree(folder, tmp_path / "first")
@@ -260,7 +311,7 @@ def test_export_holds_the_experts_and_the_gate(trained: Path, tmp_path: Path) ->
     from moa.layout import ExperimentPaths
     from tests.conftest import TINY_FAST
 
-    config = load_config(trained, TINY_FAST)
+    config = load_config(trained, TINY_FAST + GATED)
     export(config, "xlora", tmp_path / "out")
     exported, learned = load_gates(tmp_path / "out/gate"), load_gates(ExperimentPaths.of(config).learned("xlora"))
     assert exported.spec == learned.spec

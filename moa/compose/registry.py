@@ -377,15 +377,16 @@ METHODS: dict[str, Method] = {
     "adamerging": Method(Kind.MERGE, _build_learned, _load_folded, _TASK_ADAPTERS | {Need.LEARNED},
                          {"init": 0.3, "steps": None, "lr": 0.05, "prompts": None}, recomposed=True),
 } | {
-    # Token-level gates: trained by `moa learn-merge` (moa.train.gates) on the router's rows and steps (None: those),
-    # the task LoRAs served as experts; the sweep trains them again on each subset. X-LoRA's settings are PEFT's.
+    # Token-level gates: trained by `moa learn-merge` (moa.train.gates) on the router's rows (examples None) for one
+    # epoch of them (steps None) at 3 / hidden size (lr None: moa.train.gates), the task LoRAs served as experts;
+    # the sweep trains them again on each subset. X-LoRA's settings are PEFT's.
     "xlora": Method(Kind.ROUTE, _build_gated, _load_gated, _TASK_ADAPTERS | {Need.LEARNED},
-                    {"examples": None, "steps": None, "lr": 0.05} | {key: getattr(GateSpec, key) for key in (
+                    {"examples": None, "steps": None, "lr": None} | {key: getattr(GateSpec, key) for key in (
                         "xlora_depth", "xlora_size", "xlora_dropout_p", "layerwise_scalings", "enable_softmax",
                         "enable_softmax_topk", "softmax_temperature", "top_k_lora", "global_scaling_weight")},
                     recomposed=True),
     "loraflow": Method(Kind.ROUTE, _build_gated, _load_gated, _TASK_ADAPTERS | {Need.LEARNED},
-                       {"examples": None, "steps": None, "lr": 0.05}, recomposed=True),
+                       {"examples": None, "steps": None, "lr": None}, recomposed=True),
 }
 LEARNED = frozenset(name for name, method in METHODS.items() if Need.LEARNED in method.needs)
 GATED_METHODS = frozenset(name for name in LEARNED if METHODS[name].kind == Kind.ROUTE)

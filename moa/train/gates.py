@@ -1,8 +1,13 @@
 """`moa learn-merge` for the token-level gates (moa.gates): X-LoRA's classifier and LoRA-Flow's per-block gates,
 trained on the language-modelling loss with every task LoRA frozen, on the data MoA's routers are fitted on: the
-first `examples` (default router.prompts_per_task) training rows of every task, balanced, for `steps` (default
-router.steps, else training.steps) optimizer steps of training.batch_size rows (moa's trainer: AdamW without
-decay, the schedule, checkpoints that resume). LoRA dropout is off: the gate learns the experts as they serve.
+first `examples` (default router.prompts_per_task) training rows of every task, balanced, for `steps` optimizer
+steps of training.batch_size packed rows (default: one epoch, every row read once, as routers mode reads each
+once for its features; moa's trainer: AdamW without decay, the schedule, checkpoints that resume). LoRA dropout
+is off: the gate learns the experts as they serve.
+
+Every row weighs the same in the loss (its mean over its target tokens), as every prompt does in the routers'
+classification loss. The token-summed LM loss would weigh a task by its target length: a 112-token math answer
+outweighs a one-word sentiment label a hundredfold, and the gate learns to serve the long-target tasks.
 
 Afterwards each task's validation rows (prompt and target) are read through the gated model to record the mean
 weight each block gives each expert (learned/{name}/gate_usage.parquet: the report's heatmap).
@@ -29,6 +34,12 @@ from moa.plan import with_checkpointing
 from moa.train.lora import balanced, task_examples
 from moa.train.trainer import Trainer, TrainSettings
 
+# An unset gate learning rate is LR_TIMES_WIDTH / hidden size. Adam's first steps move every weight by about the
+# rate, so a gate logit by up to lr x ||x||_1 ~ lr x H x mean|x_i|: a fixed rate saturates a wide gate's softmax in a
+# step, and an expert it turned off gets no gradient back (0.05 on SmolLM2's H = 576 moves a logit by tens of nats:
+# X-LoRA then gave two of six experts no weight on any task, its own included). 3 / H bounds that move near
+# 3 x mean|x_i| at any width (muP's 1 / fan-in for Adam): 0.0052 for SmolLM2, 0.0007 for a 7B model's 4096.
+LR_TIMES_WIDTH = 3.0
 XLORA_SETTINGS = ("xlora_depth", "xlora_size", "xlora_dropout_p", "layerwise_scalings", "enable_softmax",
                   "enable_softmax_topk", "softmax_temperature", "top_k_lora", "global_scaling_weight")
 
@@ -47,7 +58,8 @@ class GateTraining(nn.Module):
 
 
 def gate_loss(model: GateTraining, batch: Batch) -> Tensor:
-    return lm_loss(model.lm, batch, reduction="sum")
+    """The sum of the batch's examples' mean token losses (the trainer divides by the step's examples)."""
+    return lm_loss(model.lm, batch, reduction="per_example").sum()
 
 
 @dataclass(frozen=True)
@@ -70,12 +82,13 @@ def train_gate(config: Config, name: str, params: dict[str, Any]) -> TrainedGate
     per_task = params["examples"] or config["router"]["prompts_per_task"]
     rows = [task_examples(config, t, "train", tokenizer, i)[:per_task] for i, t in enumerate(tasks)]
     settings = TrainSettings.from_config(config["training"])
-    steps = params["steps"] or config["router"]["steps"] or settings.steps
-    settings = replace(settings, steps=steps, lr=params["lr"], weight_decay=0.0)
+    lr = params["lr"] or LR_TIMES_WIDTH / spec.hidden_size
+    settings = replace(settings, steps=params["steps"], epochs=1.0, lr=lr, weight_decay=0.0)
     settings = with_checkpointing(settings, config, model.config, "learn_merge")
     training = GateTraining(model.to(device()), gates.to(device()))
     trainer = Trainer(training, balanced(rows, config["seed"]), [], settings, config["seed"],
-                      ExperimentPaths.of(config).checkpoint(name), loss_fn=gate_loss, desc=f"learn {name}")
+                      ExperimentPaths.of(config).checkpoint(name), loss_fn=gate_loss, desc=f"learn {name}",
+                      unit="example")
     log = trainer.run()
     trainer.discard_checkpoints()
     usage = gate_usage(model, gates.eval(), config, tokenizer)

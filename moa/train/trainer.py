@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -24,7 +24,8 @@ from moa.errors import MoaError
 from moa.io import atomic_dir
 from moa.model.llama import Transformer
 
-LossFn = Callable[[nn.Module, Batch], Tensor]  # summed loss over the batch's loss tokens
+LossFn = Callable[[nn.Module, Batch], Tensor]  # summed loss over the batch's units (LossUnit)
+LossUnit = Literal["token", "example"]  # what a step's loss is the mean over: target tokens, or examples
 STATE_FILE = "state.pt"
 
 
@@ -124,9 +125,9 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train: Sequence[Example], validation: Sequence[Example],
                  settings: TrainSettings, seed: int, checkpoint_dir: Path, loss_fn: LossFn | None = None,
-                 desc: str = "train", by_task: bool = False) -> None:
+                 desc: str = "train", by_task: bool = False, unit: LossUnit = "token") -> None:
         self.model, self.train_examples, self.settings, self.seed = model, train, settings, seed
-        self.by_task = by_task
+        self.by_task, self.unit = by_task, unit
         self.checkpoint_dir, self.desc = Path(checkpoint_dir), desc
         self.loss_fn = loss_fn or (lambda m, b: lm_loss(m, b, reduction="sum"))
         self.device = next(model.parameters()).device
@@ -144,6 +145,9 @@ class Trainer:
 
     def _batches(self, examples: Sequence[Example], epoch: int) -> list[Batch]:
         return batches_for(examples, self.settings, self.seed, epoch, self.by_task)
+
+    def _units(self, batch: Batch) -> int:
+        return batch.loss_tokens if self.unit == "token" else batch.n_examples
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -185,13 +189,13 @@ class Trainer:
         return batches[self.position - 1], batches
 
     def _optimize(self, micro: list[Batch]) -> tuple[float, float]:
-        """One optimizer step over the batch's micro-batches; the loss is the mean over all their loss tokens,
-        so the update does not depend on how the batch is split."""
-        n_tokens = sum(b.loss_tokens for b in micro)
+        """One optimizer step over the batch's micro-batches; the loss is the mean over all their units (loss
+        tokens or examples), so the update does not depend on how the batch is split."""
+        n_units = sum(map(self._units, micro))
         total = 0.0
         for batch in micro:
             with self.settings.autocast(self.device):
-                loss = self.loss_fn(self.model, batch.to(self.device)) / n_tokens
+                loss = self.loss_fn(self.model, batch.to(self.device)) / n_units
             if not torch.isfinite(loss):
                 raise MoaError(f"{self.desc}: the loss is {loss.item()} at step {self.step + 1}; lower training.lr "
                                f"or use precision fp32 (checkpoints in {self.checkpoint_dir} are intact)")
@@ -201,15 +205,15 @@ class Trainer:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """Mean loss per target token over the fixed validation batches (dropout off)."""
+        """Mean loss per unit (target token or example) over the fixed validation batches (dropout off)."""
         self.model.eval()
-        total, tokens = 0.0, 0
-        for batch in (micro for batch in self.val_batches for micro in micro_batches(batch, self.settings)):
+        total, units = 0.0, 0
+        for micro in (micro for batch in self.val_batches for micro in micro_batches(batch, self.settings)):
             with self.settings.autocast(self.device):
-                total += self.loss_fn(self.model, batch.to(self.device)).item()
-            tokens += batch.loss_tokens
+                total += self.loss_fn(self.model, micro.to(self.device)).item()
+            units += self._units(micro)
         self.model.train()
-        return total / tokens
+        return total / units
 
     # --- checkpoints ----------------------------------------------------------------------------
 
