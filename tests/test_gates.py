@@ -201,11 +201,12 @@ def test_every_row_weighs_the_same_in_gate_training(tiny, tmp_path: Path) -> Non
     settings = replace(TrainSettings.from_config(smoke["training"]), steps=1, batch_size=2, seq_len=72,
                        warmup_steps=1, lr=1e-9, precision=Precision.FP32)
     training = GateTraining(model, build_gates(gate_spec("loraflow", model, ["a", "b"])))
+    batch = collate([[0], [1]], rows)  # a row each
     with torch.no_grad():
-        per_row = lm_loss(model, collate([[0], [1]], rows), reduction="per_example")
-        by_token = lm_loss(model, collate([[0], [1]], rows), reduction="mean")
+        per_row = lm_loss(model, batch, reduction="per_example")
+        by_token = lm_loss(model, batch, reduction="mean")
         assert abs(per_row.mean() - by_token) > 0.01  # the two weightings differ here (tolerances below: 1e-5)
-        assert float(gate_loss(training, collate([[0], [1]], rows))) == pytest.approx(float(per_row.sum()), rel=1e-5)
+        assert float(gate_loss(training, batch)) == pytest.approx(float(per_row.sum()), rel=1e-5)
     for micro in (None, 1):
         trainer = Trainer(training, rows, [], replace(settings, micro_batch_size=micro), 0, tmp_path / f"c{micro}",
                           loss_fn=gate_loss, unit="example")
@@ -241,8 +242,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("method", ["xlora", "loraflow"])
 def test_learned_gate_lowers_the_loss_and_serves(trained: Path, method: str) -> None:
     """learn-merge trains the gate for one epoch of its rows at 3 / hidden size by default, to a lower loss on them
-    than the gate it started from; records its usage on validation; the composition loads with the gate attached and generates
-    through the engine."""
+    than the gate it started from; records its usage on validation; the composition loads with the gate attached
+    and generates through the engine."""
     import pandas as pd
 
     from moa.compose.composition import load_composition
